@@ -1,0 +1,34 @@
+"""vlakit: small, typed PyTorch building blocks for vision-language-action models.
+
+Runtime shape checking: set the environment variable ``VLAKIT_TYPECHECK=1`` *before*
+importing vlakit and every jaxtyping annotation in the package is checked by beartype
+(a wrong shape raises, naming the dimension). It is off by default: checking costs time
+on every call and does not compose with ``torch.compile``. The test suite turns it on.
+"""
+
+import os as _os
+
+__version__ = "0.1.0"
+
+
+def _typecheck_requested() -> bool:
+    return _os.environ.get("VLAKIT_TYPECHECK", "").lower() in ("1", "true", "yes", "on")
+
+
+if _typecheck_requested():
+    from jaxtyping import install_import_hook as _install_import_hook
+
+    # Installed for the rest of the process: every vlakit submodule imported after this
+    # line has its annotated functions wrapped in jaxtyped(typechecker=beartype).
+    _TYPECHECK_HOOK = _install_import_hook("vlakit", "beartype.beartype")
+
+from vlakit import core, decoders  # noqa: E402
+from vlakit.core import TokenRole  # noqa: E402
+
+
+def typecheck_enabled() -> bool:
+    """Whether runtime shape checking was switched on for this process."""
+    return _typecheck_requested()
+
+
+__all__ = ["core", "decoders", "TokenRole", "typecheck_enabled", "__version__"]

@@ -1,0 +1,1 @@
+"""Transformer decoders: the language-model half of every VLA."""

@@ -1,0 +1,75 @@
+"""Multi-head attention with RoPE and any query/key-value head ratio (MHA, GQA, MQA)."""
+
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from vlakit.decoders.cache import KVCache
+from vlakit.decoders.rope import apply_rotary
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    """Self-attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        dim: model width ``d``.
+        num_heads: query heads ``h``.
+        num_kv_heads: key/value heads ``h_kv``; must divide ``num_heads`` (``h_kv == h``: MHA,
+            ``1``: MQA, otherwise GQA).
+        head_dim: per-head width ``hd`` (need not equal ``d / h``; Gemma-2B uses 256).
+        qkv_bias: bias on the q/k/v projections (Qwen2 style).
+        out_bias: bias on the output projection.
+        scale: softmax scale; ``None`` means ``1 / sqrt(head_dim)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}"
+            )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=out_bias)
+
+    def forward(
+        self,
+        x: Float[Tensor, "b q d"],
+        cos: Float[Tensor, "b q hd"],
+        sin: Float[Tensor, "b q hd"],
+        mask: Bool[Tensor, "b q k"],
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> Float[Tensor, "b q d"]:
+        q = rearrange(self.q_proj(x), "b n (h hd) -> b h n hd", h=self.num_heads)
+        k = rearrange(self.k_proj(x), "b n (h hd) -> b h n hd", h=self.num_kv_heads)
+        v = rearrange(self.v_proj(x), "b n (h hd) -> b h n hd", h=self.num_kv_heads)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # [b, h_kv, cached + q, hd]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask[:, None],  # [b, 1, q, k]: broadcast over heads
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(rearrange(out, "b h n hd -> b n (h hd)"))
