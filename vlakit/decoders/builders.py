@@ -1,0 +1,204 @@
+"""Decoder builders: component builders taking every knob, and named sizes.
+
+As in torchtune, a model is a function that calls constructors. ``llama`` and ``gemma``
+take every architectural knob; ``llama2_7b`` and ``gemma_2b`` call them with the published
+sizes. Build on the ``meta`` device to count parameters without allocating::
+
+    with torch.device("meta"):
+        model = llama2_7b()
+"""
+
+from torch import nn
+
+from vlakit.decoders.attention import Attention
+from vlakit.decoders.embedding import TokenEmbedding
+from vlakit.decoders.layer import DecoderLayer
+from vlakit.decoders.mlp import GatedMLP
+from vlakit.decoders.norms import RMSNorm
+from vlakit.decoders.rope import RotaryEmbedding
+from vlakit.decoders.transformer import TransformerDecoder
+
+__all__ = ["transformer_decoder", "llama", "gemma", "llama2_7b", "gemma_2b"]
+
+
+def transformer_decoder(
+    *,
+    vocab_size: int,
+    dim: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    hidden_dim: int,
+    head_dim: int | None = None,
+    activation: nn.Module,
+    norm_eps: float,
+    norm_unit_offset: bool,
+    embed_scale: bool,
+    tie_embeddings: bool,
+    rope_base: float = 10000.0,
+    max_seq_len: int = 4096,
+    qkv_bias: bool = False,
+    attn_scale: float | None = None,
+) -> TransformerDecoder:
+    """Component builder with every knob of a Llama/Gemma-style decoder.
+
+    Args:
+        vocab_size: vocabulary ``V``.
+        dim: model width ``d``.
+        num_layers: number of decoder layers.
+        num_heads: query heads; ``head_dim * num_heads`` need not equal ``dim``.
+        num_kv_heads: key/value heads (divides ``num_heads``).
+        hidden_dim: MLP inner width.
+        head_dim: per-head width; default ``dim // num_heads`` (which must then divide).
+        activation: MLP gate activation (``nn.SiLU()``: SwiGLU; tanh GELU: GeGLU).
+        norm_eps: RMSNorm epsilon.
+        norm_unit_offset: RMSNorm as ``(1 + w) * x`` (Gemma) instead of ``w * x``.
+        embed_scale: multiply token embeddings by ``sqrt(d)`` (Gemma).
+        tie_embeddings: LM head shares the embedding matrix.
+        rope_base: RoPE theta.
+        max_seq_len: positions must be below this.
+        qkv_bias: bias on q/k/v projections.
+        attn_scale: softmax scale, default ``1/sqrt(head_dim)``.
+    """
+    if head_dim is None:
+        if dim % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} does not divide the hidden size dim={dim}; "
+                f"pass head_dim explicitly"
+            )
+        head_dim = dim // num_heads
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+
+    def norm() -> RMSNorm:
+        return RMSNorm(dim, eps=norm_eps, unit_offset=norm_unit_offset)
+
+    layers = [
+        DecoderLayer(
+            attn=Attention(
+                dim, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, scale=attn_scale
+            ),
+            mlp=GatedMLP(dim, hidden_dim, activation),
+            attn_norm=norm(),
+            mlp_norm=norm(),
+        )
+        for _ in range(num_layers)
+    ]
+    return TransformerDecoder(
+        embed=TokenEmbedding(vocab_size, dim, scale_by_sqrt_dim=embed_scale),
+        layers=layers,
+        norm=norm(),
+        rope=RotaryEmbedding(head_dim, base=rope_base),
+        lm_head=None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False),
+        max_seq_len=max_seq_len,
+    )
+
+
+def llama(
+    *,
+    vocab_size: int,
+    dim: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    hidden_dim: int,
+    head_dim: int | None = None,
+    norm_eps: float = 1e-5,
+    rope_base: float = 10000.0,
+    max_seq_len: int = 4096,
+    tie_embeddings: bool = False,
+    qkv_bias: bool = False,
+) -> TransformerDecoder:
+    """Llama-family decoder: SwiGLU, ``w * x`` RMSNorm, unscaled embeddings, untied head."""
+    return transformer_decoder(
+        vocab_size=vocab_size,
+        dim=dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads or num_heads,
+        hidden_dim=hidden_dim,
+        head_dim=head_dim,
+        activation=nn.SiLU(),
+        norm_eps=norm_eps,
+        norm_unit_offset=False,
+        embed_scale=False,
+        tie_embeddings=tie_embeddings,
+        rope_base=rope_base,
+        max_seq_len=max_seq_len,
+        qkv_bias=qkv_bias,
+    )
+
+
+def gemma(
+    *,
+    vocab_size: int,
+    dim: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    hidden_dim: int,
+    norm_eps: float = 1e-6,
+    rope_base: float = 10000.0,
+    max_seq_len: int = 8192,
+    tie_embeddings: bool = True,
+) -> TransformerDecoder:
+    """Gemma-family decoder: GeGLU (tanh GELU), ``(1 + w) * x`` RMSNorm, ``sqrt(d)``-scaled
+    embeddings, tied head."""
+    return transformer_decoder(
+        vocab_size=vocab_size,
+        dim=dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        hidden_dim=hidden_dim,
+        head_dim=head_dim,
+        activation=nn.GELU(approximate="tanh"),
+        norm_eps=norm_eps,
+        norm_unit_offset=True,
+        embed_scale=True,
+        tie_embeddings=tie_embeddings,
+        rope_base=rope_base,
+        max_seq_len=max_seq_len,
+    )
+
+
+def llama2_7b(
+    vocab_size: int = 32000, rms_norm_eps: float = 1e-5, max_seq_len: int = 4096
+) -> TransformerDecoder:
+    """Llama-2-7B: 32 layers, d=4096, 32 heads (MHA), MLP 11008, untied head.
+
+    6,738,415,616 parameters with ``vocab_size=32000``; OpenVLA uses ``vocab_size=32064``
+    (6,738,939,904). Llama-2 was trained with ``rms_norm_eps=1e-5``.
+    """
+    return llama(
+        vocab_size=vocab_size,
+        dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        hidden_dim=11008,
+        norm_eps=rms_norm_eps,
+        max_seq_len=max_seq_len,
+    )
+
+
+def gemma_2b(
+    vocab_size: int = 256000, rms_norm_eps: float = 1e-6, max_seq_len: int = 8192
+) -> TransformerDecoder:
+    """Gemma-2B: 18 layers, d=2048, 8 query heads / 1 kv head of 256, GeGLU 16384, tied.
+
+    2,506,172,416 parameters with ``vocab_size=256000``; PaliGemma's LM uses 257216
+    (2,508,662,784).
+    """
+    return gemma(
+        vocab_size=vocab_size,
+        dim=2048,
+        num_layers=18,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=256,
+        hidden_dim=16384,
+        norm_eps=rms_norm_eps,
+        max_seq_len=max_seq_len,
+    )

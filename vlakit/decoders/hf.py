@@ -1,0 +1,126 @@
+"""Any transformers causal LM behind the vlakit decoder interface."""
+
+import os
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from vlakit.core.masks import check_mask_shape
+
+__all__ = ["HFDecoder", "HFCache"]
+
+
+class HFCache:
+    """A transformers ``DynamicCache`` for :class:`HFDecoder` (append-only).
+
+    transformers' caches always store what a forward computes, so the read-only prefix use
+    (one prefix, many suffixes) is not available here: :meth:`read_only` raises. Use the own
+    :class:`~vlakit.decoders.TransformerDecoder` (``from_transformers`` converts Llama and
+    Gemma) for diffusion and flow-matching heads.
+    """
+
+    def __init__(self, config) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=config)
+
+    def __len__(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    def read_only(self) -> "HFCache":
+        raise RuntimeError(
+            "HFDecoder cannot run suffixes against a read-only prefix cache: transformers' "
+            "caches append on every forward. Use TransformerDecoder (e.g. "
+            "TransformerDecoder.from_transformers(model)) for heads that need it."
+        )
+
+
+class HFDecoder(nn.Module):
+    """Wraps a transformers ``*ForCausalLM`` behind the vlakit decoder interface.
+
+    Embeddings, an explicit boolean mask ``[b, q, k]`` and positions ``[b, q]`` go in; final
+    hidden states ``[b, q, d]`` come out. The mask is handed to the model as a 4D additive
+    mask, which transformers uses as given, so prefix-LM and block masks work with any
+    attention implementation that accepts custom masks (eager, sdpa).
+
+    Limits: append-only cache (no read-only prefix, see :class:`HFCache`); models whose
+    embedding scale lives outside ``get_input_embeddings()`` are embedded as transformers
+    does it for ``inputs_embeds``.
+
+    Args:
+        model: a transformers causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+            raise TypeError(
+                f"HFDecoder needs a causal LM with an output head, got {type(model).__name__}"
+            )
+        self.model = model
+
+    @classmethod
+    def from_config(cls, config, **kwargs) -> "HFDecoder":
+        """Build a randomly initialised causal LM from a transformers config."""
+        from transformers import AutoModelForCausalLM
+
+        return cls(AutoModelForCausalLM.from_config(config, **kwargs))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "HFDecoder":
+        """Load a causal LM from a local directory (or a Hub id where the network allows)."""
+        from transformers import AutoModelForCausalLM
+
+        return cls(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
+        return self.model.get_input_embeddings()(ids)
+
+    def new_cache(self) -> HFCache:
+        return HFCache(self.model.config)
+
+    def forward(
+        self,
+        embeds: Float[Tensor, "b q d"],
+        mask: Bool[Tensor, "b q k"],
+        positions: Int[Tensor, "b q"],
+        cache: HFCache | None = None,
+    ) -> Float[Tensor, "b q d"]:
+        """Final hidden states; same contract as :meth:`TransformerDecoder.forward`."""
+        if cache is not None and not isinstance(cache, HFCache):
+            raise TypeError(
+                f"HFDecoder takes the cache from its own new_cache(), got {type(cache).__name__}"
+            )
+        if embeds.shape[-1] != self.dim:
+            raise ValueError(
+                f"embeddings have width {embeds.shape[-1]}, but the model's hidden size is "
+                f"{self.dim}"
+            )
+        b, q = embeds.shape[:2]
+        check_mask_shape(mask, b, q, (0 if cache is None else len(cache)) + q)
+        additive = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device)
+        additive = additive.masked_fill(~mask, torch.finfo(embeds.dtype).min)[:, None]
+        out = self.model.base_model(
+            inputs_embeds=embeds,
+            attention_mask=additive,
+            position_ids=positions,
+            past_key_values=None if cache is None else cache.cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: Float[Tensor, "b q d"]) -> Float[Tensor, "b q v"]:
+        return self.model.get_output_embeddings()(hidden)
