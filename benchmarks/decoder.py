@@ -1,0 +1,110 @@
+"""vlakit's TransformerDecoder vs transformers' LlamaForCausalLM on the same weights.
+
+Forward latency, tokens/s and peak memory for a Llama-shaped decoder (default d=1024,
+8 layers, 600-token sequences, batch 1 and 8), with the vlakit/transformers ratio.
+
+    python benchmarks/decoder.py                       # fp32 on CPU
+    python benchmarks/decoder.py --dtype bf16
+    python benchmarks/decoder.py --device cuda --dtype bf16 --json out.json
+
+Both models get the same embeddings, a padding-aware causal mask (transformers: the 2D
+attention mask it builds its own mask from; vlakit: the explicit boolean mask) and the
+same positions. Peak memory is the growth over one forward: allocator peak on CUDA,
+sampled resident-set size on CPU.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_name, measure, print_table, write_json  # noqa: E402
+
+from vlakit.core import causal_mask, positions_from_valid  # noqa: E402
+from vlakit.decoders import TransformerDecoder  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=600)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--attn", default="sdpa", help="transformers attn_implementation")
+    p.add_argument("--json", default=None, help="write results to this path")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=args.dim, intermediate_size=args.dim * 11008 // 4096,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        attn_implementation=args.attn,
+    )
+    reference = LlamaForCausalLM(config).to(args.device, dtype).eval()
+    ours = TransformerDecoder.from_transformers(reference).eval()
+
+    rows = []
+    for b in args.batch_sizes:
+        n = args.seq_len
+        embeds = torch.randn(b, n, args.dim, device=args.device, dtype=dtype)
+        valid = torch.ones(b, n, dtype=torch.bool, device=args.device)
+        mask, positions = causal_mask(valid), positions_from_valid(valid)
+        attention_mask = valid.long()
+
+        def run_ref():
+            with torch.inference_mode():
+                return reference.model(
+                    inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+                ).last_hidden_state
+
+        def run_ours():
+            with torch.inference_mode():
+                return ours(embeds, mask, positions)
+
+        max_diff = (run_ours().float() - run_ref().float()).abs().max().item()
+        r = measure(run_ref, args.device, args.warmup, args.repeats)
+        o = measure(run_ours, args.device, args.warmup, args.repeats)
+        rows.append({
+            "batch": b,
+            "seq_len": n,
+            "vlakit_ms": o["latency_ms"],
+            "hf_ms": r["latency_ms"],
+            "latency_ratio": o["latency_ms"] / r["latency_ms"],
+            "vlakit_tok_s": b * n / o["latency_ms"] * 1000,
+            "hf_tok_s": b * n / r["latency_ms"] * 1000,
+            "vlakit_mem_mib": o["peak_mem_mib"],
+            "hf_mem_mib": r["peak_mem_mib"],
+            "mem_ratio": o["peak_mem_mib"] / max(r["peak_mem_mib"], 1e-9),
+            "max_abs_diff": max_diff,
+        })
+
+    print(f"machine: {machine_name(args.device)}; torch {torch.__version__}; dtype {args.dtype}; "
+          f"d={args.dim}, layers={args.layers}, heads={args.heads}, transformers attn={args.attn}")
+    print_table(rows, [
+        ("batch", "batch", "d"), ("seq_len", "tokens", "d"),
+        ("vlakit_ms", "vlakit ms", ".1f"), ("hf_ms", "transformers ms", ".1f"),
+        ("latency_ratio", "latency ratio", ".3f"),
+        ("vlakit_tok_s", "vlakit tok/s", ".0f"), ("hf_tok_s", "transformers tok/s", ".0f"),
+        ("vlakit_mem_mib", "vlakit peak MiB", ".1f"), ("hf_mem_mib", "transformers peak MiB", ".1f"),
+        ("mem_ratio", "memory ratio", ".3f"), ("max_abs_diff", "max |diff|", ".1e"),
+    ])
+    write_json(args.json, {
+        "benchmark": "decoder", "machine": machine_name(args.device), "device": args.device,
+        "dtype": args.dtype, "torch": torch.__version__, "args": vars(args), "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()
