@@ -1,4 +1,7 @@
-"""Core: token roles and attention-mask policies. Imports nothing else of vlakit."""
+"""Core: token roles, the token sequence, mask builders and mask policies.
+
+Imports nothing else of vlakit.
+"""
 
 from vlakit.core.masks import (
     bidirectional_mask,
@@ -8,14 +11,29 @@ from vlakit.core.masks import (
     prefix_lm_mask,
     segment_mask,
 )
+from vlakit.core.policies import (
+    BidirectionalMask,
+    CausalMask,
+    MaskPolicy,
+    PrefixLMMask,
+    RoleBlockMask,
+)
 from vlakit.core.roles import TokenRole
+from vlakit.core.sequence import IGNORE_ID, TokenSequence
 
 __all__ = [
     "TokenRole",
+    "TokenSequence",
+    "IGNORE_ID",
     "segment_mask",
     "causal_mask",
     "bidirectional_mask",
     "prefix_lm_mask",
     "positions_from_valid",
     "check_mask_shape",
+    "MaskPolicy",
+    "CausalMask",
+    "BidirectionalMask",
+    "PrefixLMMask",
+    "RoleBlockMask",
 ]
