@@ -45,6 +45,8 @@ def _pack(pieces: list[_Piece], position_offset: int) -> TokenSequence:
     Real tokens keep their relative order, so text padding in the middle of the concatenation
     (prompts of different lengths followed by action slots) moves to the end of the row.
     """
+    dtype = pieces[0].embeds.dtype  # the decoder's embedding dtype (first piece is text)
+    pieces = [dataclasses.replace(p, embeds=p.embeds.to(dtype)) for p in pieces]
     cat = {
         f.name: torch.cat([getattr(p, f.name) for p in pieces], 1)
         for f in dataclasses.fields(_Piece)
