@@ -47,9 +47,14 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=args.dim, intermediate_size=args.dim * 11008 // 4096,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        vocab_size=32000,
+        hidden_size=args.dim,
+        intermediate_size=args.dim * 11008 // 4096,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
         attn_implementation=args.attn,
     )
     reference = LlamaForCausalLM(config).to(args.device, dtype).eval()
@@ -63,47 +68,67 @@ def main() -> None:
         mask, positions = causal_mask(valid), positions_from_valid(valid)
         attention_mask = valid.long()
 
-        def run_ref():
+        def run_ref(embeds=embeds, attention_mask=attention_mask, positions=positions):
             with torch.inference_mode():
                 return reference.model(
                     inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
                 ).last_hidden_state
 
-        def run_ours():
+        def run_ours(embeds=embeds, mask=mask, positions=positions):
             with torch.inference_mode():
                 return ours(embeds, mask, positions)
 
         max_diff = (run_ours().float() - run_ref().float()).abs().max().item()
         r = measure(run_ref, args.device, args.warmup, args.repeats)
         o = measure(run_ours, args.device, args.warmup, args.repeats)
-        rows.append({
-            "batch": b,
-            "seq_len": n,
-            "vlakit_ms": o["latency_ms"],
-            "hf_ms": r["latency_ms"],
-            "latency_ratio": o["latency_ms"] / r["latency_ms"],
-            "vlakit_tok_s": b * n / o["latency_ms"] * 1000,
-            "hf_tok_s": b * n / r["latency_ms"] * 1000,
-            "vlakit_mem_mib": o["peak_mem_mib"],
-            "hf_mem_mib": r["peak_mem_mib"],
-            "mem_ratio": o["peak_mem_mib"] / max(r["peak_mem_mib"], 1e-9),
-            "max_abs_diff": max_diff,
-        })
+        rows.append(
+            {
+                "batch": b,
+                "seq_len": n,
+                "vlakit_ms": o["latency_ms"],
+                "hf_ms": r["latency_ms"],
+                "latency_ratio": o["latency_ms"] / r["latency_ms"],
+                "vlakit_tok_s": b * n / o["latency_ms"] * 1000,
+                "hf_tok_s": b * n / r["latency_ms"] * 1000,
+                "vlakit_mem_mib": o["peak_mem_mib"],
+                "hf_mem_mib": r["peak_mem_mib"],
+                "mem_ratio": o["peak_mem_mib"] / max(r["peak_mem_mib"], 1e-9),
+                "max_abs_diff": max_diff,
+            }
+        )
 
-    print(f"machine: {machine_name(args.device)}; torch {torch.__version__}; dtype {args.dtype}; "
-          f"d={args.dim}, layers={args.layers}, heads={args.heads}, transformers attn={args.attn}")
-    print_table(rows, [
-        ("batch", "batch", "d"), ("seq_len", "tokens", "d"),
-        ("vlakit_ms", "vlakit ms", ".1f"), ("hf_ms", "transformers ms", ".1f"),
-        ("latency_ratio", "latency ratio", ".3f"),
-        ("vlakit_tok_s", "vlakit tok/s", ".0f"), ("hf_tok_s", "transformers tok/s", ".0f"),
-        ("vlakit_mem_mib", "vlakit peak MiB", ".1f"), ("hf_mem_mib", "transformers peak MiB", ".1f"),
-        ("mem_ratio", "memory ratio", ".3f"), ("max_abs_diff", "max |diff|", ".1e"),
-    ])
-    write_json(args.json, {
-        "benchmark": "decoder", "machine": machine_name(args.device), "device": args.device,
-        "dtype": args.dtype, "torch": torch.__version__, "args": vars(args), "rows": rows,
-    })
+    print(
+        f"machine: {machine_name(args.device)}; torch {torch.__version__}; dtype {args.dtype}; "
+        f"d={args.dim}, layers={args.layers}, heads={args.heads}, transformers attn={args.attn}"
+    )
+    print_table(
+        rows,
+        [
+            ("batch", "batch", "d"),
+            ("seq_len", "tokens", "d"),
+            ("vlakit_ms", "vlakit ms", ".1f"),
+            ("hf_ms", "transformers ms", ".1f"),
+            ("latency_ratio", "latency ratio", ".3f"),
+            ("vlakit_tok_s", "vlakit tok/s", ".0f"),
+            ("hf_tok_s", "transformers tok/s", ".0f"),
+            ("vlakit_mem_mib", "vlakit peak MiB", ".1f"),
+            ("hf_mem_mib", "transformers peak MiB", ".1f"),
+            ("mem_ratio", "memory ratio", ".3f"),
+            ("max_abs_diff", "max |diff|", ".1e"),
+        ],
+    )
+    write_json(
+        args.json,
+        {
+            "benchmark": "decoder",
+            "machine": machine_name(args.device),
+            "device": args.device,
+            "dtype": args.dtype,
+            "torch": torch.__version__,
+            "args": vars(args),
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

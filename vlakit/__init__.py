@@ -22,8 +22,20 @@ if _typecheck_requested():
     # line has its annotated functions wrapped in jaxtyped(typechecker=beartype).
     _TYPECHECK_HOOK = _install_import_hook("vlakit", "beartype.beartype")
 
-from vlakit import core, decoders  # noqa: E402
-from vlakit.core import TokenRole  # noqa: E402
+from vlakit import (  # noqa: E402
+    actions,
+    core,
+    decoders,
+    heads,
+    interleave,
+    models,
+    processors,
+    projectors,
+    vision,
+)
+from vlakit.core import TokenRole, TokenSequence  # noqa: E402
+from vlakit.model import VLA, VLAInputs, VLAOutput  # noqa: E402
+from vlakit.summary import count_parameters, parameter_table  # noqa: E402
 
 
 def typecheck_enabled() -> bool:
@@ -31,4 +43,23 @@ def typecheck_enabled() -> bool:
     return _typecheck_requested()
 
 
-__all__ = ["core", "decoders", "TokenRole", "typecheck_enabled", "__version__"]
+__all__ = [
+    "VLA",
+    "VLAInputs",
+    "VLAOutput",
+    "TokenRole",
+    "TokenSequence",
+    "actions",
+    "core",
+    "decoders",
+    "heads",
+    "interleave",
+    "models",
+    "processors",
+    "projectors",
+    "vision",
+    "count_parameters",
+    "parameter_table",
+    "typecheck_enabled",
+    "__version__",
+]

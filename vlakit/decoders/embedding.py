@@ -18,6 +18,7 @@ class TokenEmbedding(nn.Embedding):
         dim: width ``d``.
         scale_by_sqrt_dim: multiply by ``sqrt(d)`` (Gemma).
         padding_idx: passed to :class:`torch.nn.Embedding`.
+        init_std: standard deviation of the random initialisation.
     """
 
     def __init__(
@@ -26,9 +27,17 @@ class TokenEmbedding(nn.Embedding):
         dim: int,
         scale_by_sqrt_dim: bool = False,
         padding_idx: int | None = None,
+        init_std: float = 0.02,
     ) -> None:
+        self.init_std = init_std
         super().__init__(vocab_size, dim, padding_idx=padding_idx)
         self.scale_by_sqrt_dim = scale_by_sqrt_dim
+
+    def reset_parameters(self) -> None:
+        # N(0, init_std) as transformers initialises Llama/Gemma (torch's default is N(0, 1),
+        # which with a tied, sqrt(d)-scaled head gives huge initial logits).
+        nn.init.normal_(self.weight, std=self.init_std)
+        self._fill_padding_idx_with_zero()
 
     def forward(self, ids: Int[Tensor, "*batch"]) -> Float[Tensor, "*batch d"]:
         out = super().forward(ids)

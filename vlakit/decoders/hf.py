@@ -122,5 +122,5 @@ class HFDecoder(nn.Module):
         )
         return out.last_hidden_state
 
-    def logits(self, hidden: Float[Tensor, "b q d"]) -> Float[Tensor, "b q v"]:
+    def logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
         return self.model.get_output_embeddings()(hidden)

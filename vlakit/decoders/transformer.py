@@ -105,7 +105,7 @@ class TransformerDecoder(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         return self.norm(x)
 
-    def logits(self, hidden: Float[Tensor, "b q d"]) -> Float[Tensor, "b q v"]:
+    def logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
         """Project hidden states to vocabulary logits."""
         if self.lm_head is None:
             return F.linear(hidden, self.embed.weight)

@@ -79,8 +79,8 @@ class DiscreteActionHead(nn.Module):
         """Generated ids ``[b, chunk*a]`` to normalised actions ``[b, chunk, a]`` (float32)."""
         if ids.shape[1] != self.num_tokens:
             raise ValueError(f"expected {self.num_tokens} action tokens, got {ids.shape[1]}")
-        actions = self.tokenizer.decode(ids).to(torch.float32)
-        return rearrange(actions, "b (c a) -> b c a", c=self.chunk_size)
+        ids = rearrange(ids, "b (c a) -> b c a", c=self.chunk_size)
+        return self.tokenizer.decode(ids).to(torch.float32)
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, action_dim={self.action_dim}"

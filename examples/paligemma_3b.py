@@ -1,0 +1,65 @@
+"""PaliGemma-3B: the full-size model on the meta device, then the same recipe at tiny size.
+
+python examples/paligemma_3b.py
+"""
+
+import torch
+
+from vlakit import VLAInputs, parameter_table
+from vlakit.decoders import gemma
+from vlakit.models import paligemma, paligemma_3b
+from vlakit.projectors import LinearProjector
+from vlakit.vision import vit
+
+
+def main() -> None:
+    print("PaliGemma-3B (pt-224) on the meta device:")
+    print(parameter_table(paligemma_3b(device="meta"), depth=2))
+
+    # The same recipe at tiny size: SigLIP-style ViT -> linear projector -> Gemma, prefix-LM.
+    torch.manual_seed(0)
+    image_token_id, bos, eos = 500, 2, 1
+    encoder = vit(
+        img_size=56,
+        patch_size=14,
+        dim=64,
+        depth=2,
+        num_heads=4,
+        mlp_dim=128,
+        gelu_approximate="tanh",
+        final_norm=True,
+    )
+    model = paligemma(
+        encoder=encoder,
+        projector=LinearProjector(64, 128, bias=True),
+        decoder=gemma(
+            vocab_size=512,
+            dim=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=1,
+            head_dim=32,
+            hidden_dim=256,
+        ),
+        image_token_id=image_token_id,
+        bos_id=bos,
+        eos_id=eos,
+    ).eval()
+    n_img = encoder.patches_per_image
+    image = encoder.preprocess(torch.rand(1, 3, 80, 80))  # any size in: resized to 56 px
+    prompt = [image_token_id] * n_img + [bos, 17, 42, 99]  # <image>*16 <bos> "caption en\n"
+    inputs = VLAInputs(
+        input_ids=torch.tensor([prompt]),
+        text_valid=torch.ones(1, len(prompt), dtype=torch.bool),
+        pixels=image[:, None],
+        token_type_ids=torch.zeros(1, len(prompt), dtype=torch.long),
+    )
+    tokens = model.generate(inputs, max_new_tokens=6)
+    print(
+        f"\ntiny PaliGemma recipe: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{n_img} image tokens; generated {tokens.tolist()[0]}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Vision encoders: pixels → patch tokens, for one or several camera views.
+
+Every encoder is a :class:`VisionEncoder`: it declares its token width ``dim``, its patch
+count (``num_patches(image_size)``, ``patches_per_image``) and its preprocessing
+(``preprocessing``: size, mean, std, interpolation; ``preprocess(images)`` applies it), and
+maps preprocessed pixels ``[b, c, h, w]`` or ``[b, v, c, h, w]`` to tokens ``[b, v·p, d]``,
+optionally FiLM-conditioned on a vector ``[b, k]``.
+
+Imports only :mod:`vlakit.core` of vlakit (and timm / transformers / open_clip).
+"""
+
+from vlakit.vision.base import VisionEncoder, stack_views
+from vlakit.vision.builders import dinov2_large_reg4, openvla_fused_encoder, siglip_so400m, vit
+from vlakit.vision.film import FiLM, FiLMTimmBlock, add_film
+from vlakit.vision.fused import FusedEncoder
+from vlakit.vision.preprocess import PreprocessConfig, images_to_tensor, preprocess_images
+from vlakit.vision.vit import (
+    LayerScale,
+    MAPHead,
+    PatchEmbed,
+    ViT,
+    ViTAttention,
+    ViTBlock,
+    ViTMLP,
+)
+from vlakit.vision.weights import (
+    CheckpointError,
+    load_checked,
+    load_openvla_vision,
+    openvla_vision_state_dicts,
+    timm_to_vit,
+    transformers_siglip_to_vit,
+)
+from vlakit.vision.wrappers import HFVisionEncoder, OpenClipEncoder, TimmEncoder
+
+__all__ = [
+    "VisionEncoder",
+    "stack_views",
+    "PreprocessConfig",
+    "preprocess_images",
+    "images_to_tensor",
+    "ViT",
+    "ViTBlock",
+    "ViTAttention",
+    "ViTMLP",
+    "LayerScale",
+    "PatchEmbed",
+    "MAPHead",
+    "vit",
+    "siglip_so400m",
+    "dinov2_large_reg4",
+    "openvla_fused_encoder",
+    "FusedEncoder",
+    "TimmEncoder",
+    "OpenClipEncoder",
+    "HFVisionEncoder",
+    "FiLM",
+    "FiLMTimmBlock",
+    "add_film",
+    "CheckpointError",
+    "load_checked",
+    "load_openvla_vision",
+    "openvla_vision_state_dicts",
+    "timm_to_vit",
+    "transformers_siglip_to_vit",
+]
