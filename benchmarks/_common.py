@@ -25,6 +25,24 @@ def machine_name(device: str) -> str:
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def cpu_memory_probe(extra_args: list[str]) -> dict:
+    """Re-run this script in a child process for CPU peak-memory figures only.
+
+    glibc keeps freed blocks resident and raises its mmap threshold after large frees, so
+    in a process that has already run a forward, resident-set growth says nothing. The child
+    runs with the threshold fixed at 64 KiB (every large tensor mmapped and unmapped), so
+    its resident-set growth tracks live tensor memory; its page faults would distort timing,
+    which is why latency is measured in the parent. The child prints one JSON line.
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, *sys.argv, *extra_args], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -55,6 +73,21 @@ class _RssSampler:
         return self.peak - self.base
 
 
+def peak_memory_mib(fn, device: str) -> float:
+    """Peak memory growth (MiB) over one call of ``fn()`` (CUDA allocator or sampled RSS)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with _RssSampler() as sampler:
+        fn()
+    return sampler.growth / 2**20
+
+
 def measure(fn, device: str, warmup: int, repeats: int) -> dict:
     """Median latency (ms) and peak memory growth (MiB) of ``fn()``."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -67,18 +100,7 @@ def measure(fn, device: str, warmup: int, repeats: int) -> dict:
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1000)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with _RssSampler() as sampler:
-            fn()
-        peak = sampler.growth
-    return {"latency_ms": statistics.median(times), "peak_mem_mib": peak / 2**20}
+    return {"latency_ms": statistics.median(times), "peak_mem_mib": peak_memory_mib(fn, device)}
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

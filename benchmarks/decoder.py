@@ -9,11 +9,13 @@ Forward latency, tokens/s and peak memory for a Llama-shaped decoder (default d=
 
 Both models get the same embeddings, a padding-aware causal mask (transformers: the 2D
 attention mask it builds its own mask from; vlakit: the explicit boolean mask) and the
-same positions. Peak memory is the growth over one forward: allocator peak on CUDA,
-sampled resident-set size on CPU.
+same positions. Peak memory is the growth over one forward: allocator peak on CUDA;
+on CPU, sampled resident-set growth in a child process whose glibc returns every large
+block to the OS (see ``_common.cpu_memory_probe``).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +23,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_name, measure, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    cpu_memory_probe,
+    machine_name,
+    measure,
+    peak_memory_mib,
+    print_table,
+    write_json,
+)  # noqa: E402
 
 from vlakit.core import causal_mask, positions_from_valid  # noqa: E402
 from vlakit.decoders import TransformerDecoder  # noqa: E402
@@ -42,6 +51,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--attn", default="sdpa", help="transformers attn_implementation")
     p.add_argument("--json", default=None, help="write results to this path")
+    p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -78,9 +88,16 @@ def main() -> None:
             with torch.inference_mode():
                 return ours(embeds, mask, positions)
 
+        if args.memory_probe:  # child process: memory only (see cpu_memory_probe)
+            print(json.dumps({"ours": peak_memory_mib(run_ours, args.device),
+                              "ref": peak_memory_mib(run_ref, args.device)}))
+            return
         max_diff = (run_ours().float() - run_ref().float()).abs().max().item()
         r = measure(run_ref, args.device, args.warmup, args.repeats)
         o = measure(run_ours, args.device, args.warmup, args.repeats)
+        if args.device == "cpu":
+            mem = cpu_memory_probe(["--batch-sizes", str(b), "--memory-probe"])
+            o["peak_mem_mib"], r["peak_mem_mib"] = mem["ours"], mem["ref"]
         rows.append(
             {
                 "batch": b,
