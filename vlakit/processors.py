@@ -173,7 +173,9 @@ class PaliGemmaProcessor(_Processor):
         preprocess: the encoder's ``preprocess``.
         image_token_id: placeholder id (PaliGemma: 257152).
         num_image_tokens: image tokens per view (``encoder.patches_per_image``).
-        bos_id, eos_id, pad_id: override the tokenizer's.
+        bos_id: overrides the tokenizer's ``bos_token_id``.
+        eos_id: overrides the tokenizer's ``eos_token_id``.
+        pad_id: overrides the tokenizer's ``pad_token_id``.
         max_length: longest allowed sequence (prompt, suffix and action slots).
         num_action_tokens: tokens the action slots take (for the ``max_length`` check).
     """
