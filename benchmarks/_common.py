@@ -88,6 +88,30 @@ def peak_memory_mib(fn, device: str) -> float:
     return sampler.growth / 2**20
 
 
+def measure_pair(fn_a, fn_b, device: str, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Median latency (ms) and peak memory (MiB) of two functions, timed in turns.
+
+    The two take turns run by run, so that load from other processes and clock changes fall
+    on both alike.
+    """
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    sync()
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for fn, bucket in zip((fn_a, fn_b), times):
+            start = time.perf_counter()
+            fn()
+            sync()
+            bucket.append((time.perf_counter() - start) * 1000)
+    return tuple(
+        {"latency_ms": statistics.median(t), "peak_mem_mib": peak_memory_mib(fn, device)}
+        for fn, t in zip((fn_a, fn_b), times)
+    )
+
+
 def measure(fn, device: str, warmup: int, repeats: int) -> dict:
     """Median latency (ms) and peak memory growth (MiB) of ``fn()``."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     cpu_memory_probe,
     machine_name,
-    measure,
+    measure_pair,
     peak_memory_mib,
     print_table,
     write_json,
@@ -93,8 +93,7 @@ def main() -> None:
                               "ref": peak_memory_mib(run_ref, args.device)}))
             return
         max_diff = (run_ours().float() - run_ref().float()).abs().max().item()
-        r = measure(run_ref, args.device, args.warmup, args.repeats)
-        o = measure(run_ours, args.device, args.warmup, args.repeats)
+        o, r = measure_pair(run_ours, run_ref, args.device, args.warmup, args.repeats)
         if args.device == "cpu":
             mem = cpu_memory_probe(["--batch-sizes", str(b), "--memory-probe"])
             o["peak_mem_mib"], r["peak_mem_mib"] = mem["ours"], mem["ref"]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 from timm.models.vision_transformer import VisionTransformer
 
 from vlakit import vision as V
@@ -142,5 +143,16 @@ def test_condition_errors():
         vit(x, torch.randn(3, 16))
     with pytest.raises(ValueError, match="condition of width 16, got 8"):
         vit(x, torch.randn(2, 8))
-    with pytest.raises(TypeError, match="does not support FiLM"):
-        V.add_film(V.HFVisionEncoder.__new__(V.HFVisionEncoder), 16)
+    config = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    hf = V.HFVisionEncoder(
+        transformers.SiglipVisionModel(config), V.PreprocessConfig(28, (0.5,) * 3, (0.5,) * 3)
+    )
+    with pytest.raises(TypeError, match="HFVisionEncoder does not support FiLM"):
+        V.add_film(hf, 16)

@@ -6,7 +6,7 @@ count (``num_patches(image_size)``, ``patches_per_image``) and its preprocessing
 maps preprocessed pixels ``[b, c, h, w]`` or ``[b, v, c, h, w]`` to tokens ``[b, v·p, d]``,
 optionally FiLM-conditioned on a vector ``[b, k]``.
 
-Imports only :mod:`vlakit.core` of vlakit (and timm / transformers / open_clip).
+Imports nothing else of vlakit (the wrappers use timm / transformers / open_clip).
 """
 
 from vlakit.vision.base import VisionEncoder, stack_views

@@ -25,8 +25,6 @@ from torch import Tensor
 
 __all__ = ["PreprocessConfig", "preprocess_images", "images_to_tensor"]
 
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
-
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -58,10 +56,9 @@ class PreprocessConfig:
             raise ValueError(f"mean has {len(mean)} values but std has {len(std)}")
         if len(mean) == 0 or len(mean) % 3:
             raise ValueError(f"mean/std need 3 values per normalisation, got {len(mean)}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {_INTERPOLATIONS}, got {self.interpolation!r}"
-            )
+        modes = ("nearest", "bilinear", "bicubic", "area")
+        if self.interpolation not in modes:
+            raise ValueError(f"interpolation must be one of {modes}, got {self.interpolation!r}")
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)

@@ -408,11 +408,8 @@ class ViT(VisionEncoder):
         from vlakit.vision.weights import load_checked, timm_to_vit
 
         spec = _timm_spec(model)
-        device = next(model.parameters()).device
-        with torch.device(device):
-            vit = _build_from_spec(spec, output_layer=output_layer)
-        dtype = next(model.parameters()).dtype
-        vit = vit.to(dtype)
+        param = next(model.parameters())
+        vit = _build_uninitialised(spec, output_layer, param.device, param.dtype)
         load_checked(vit, timm_to_vit(model.state_dict(), has_attn_pool=vit.attn_pool is not None))
         return vit
 
@@ -468,13 +465,19 @@ class ViT(VisionEncoder):
             or PreprocessConfig(size=size, mean=(0.5,) * 3, std=(0.5,) * 3),
         )
         param = next(model.parameters())
-        with torch.device(param.device):
-            vit = _build_from_spec(spec, output_layer=output_layer)
-        vit = vit.to(param.dtype)
-        load_checked(
-            vit, transformers_siglip_to_vit(model.state_dict(), num_heads=spec["num_heads"])
-        )
+        vit = _build_uninitialised(spec, output_layer, param.device, param.dtype)
+        load_checked(vit, transformers_siglip_to_vit(model.state_dict()))
         return vit
+
+
+def _build_uninitialised(
+    spec: dict, output_layer: int, device: torch.device, dtype: torch.dtype
+) -> ViT:
+    """Build on the meta device (no initialisation cost), then allocate on ``device``; every
+    parameter is overwritten by the checkpoint that follows."""
+    with torch.device("meta"):
+        vit = _build_from_spec(spec, output_layer=output_layer)
+    return vit.to_empty(device=device).to(dtype)
 
 
 def _build_from_spec(spec: dict, output_layer: int) -> ViT:

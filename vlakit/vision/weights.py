@@ -105,19 +105,17 @@ def timm_to_vit(state_dict: Mapping[str, Tensor], has_attn_pool: bool = True) ->
 
 
 def transformers_siglip_to_vit(
-    state_dict: Mapping[str, Tensor], num_heads: int | None = None, prefix: str = ""
+    state_dict: Mapping[str, Tensor], prefix: str = ""
 ) -> dict[str, Tensor]:
     """transformers ``SiglipVisionModel`` state dict → own ViT keys.
 
     Args:
         state_dict: the vision model's state dict (transformers 5.x names:
             ``embeddings.*``, ``encoder.layers.*``, ``post_layernorm.*``, ``head.*``).
-        num_heads: unused (q/k/v rows are already head-major); kept for symmetry.
         prefix: only keys starting with it are converted, with it stripped (e.g.
             ``"vision_model."`` for Hub SigLIP files, ``"vision_tower.vision_model."`` for
             Hub PaliGemma files, ``"model.vision_tower."`` for transformers 5.x PaliGemma).
     """
-    del num_heads
     if prefix:
         state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not state_dict:
