@@ -4,6 +4,7 @@ python examples/openvla_7b.py
 """
 
 import torch
+from _tokenizer import local_word_tokenizer
 
 from vlakit import parameter_table
 from vlakit.actions import ActionNormalizer, ActionTokenizer
@@ -12,18 +13,6 @@ from vlakit.models import openvla, openvla_7b
 from vlakit.processors import OpenVLAProcessor
 from vlakit.projectors import MLPProjector
 from vlakit.vision import FusedEncoder, vit
-
-
-class _WordTokenizer:
-    """A stand-in for a transformers tokenizer (no download): one id per distinct word."""
-
-    def __init__(self) -> None:
-        self.vocab: dict[str, int] = {}
-        self.pad_token_id = 0
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        ids = [self.vocab.setdefault(w, 3 + len(self.vocab)) for w in text.split()]
-        return {"input_ids": ids}
 
 
 def main() -> None:
@@ -60,7 +49,9 @@ def main() -> None:
         action_tokenizer=ActionTokenizer(vocab_end=300, action_dim=7),
         action_normalizer=ActionNormalizer(stats),
     ).eval()
-    processor = OpenVLAProcessor(_WordTokenizer(), model.encoder.preprocess, append_token_id=None)
+    processor = OpenVLAProcessor(
+        local_word_tokenizer(), model.encoder.preprocess, append_token_id=None
+    )
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # two robots' cameras
     batch = processor(images, ["pick up the red block", "open the drawer"])
     actions = model.predict_action(batch)

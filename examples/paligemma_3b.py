@@ -4,10 +4,12 @@ python examples/paligemma_3b.py
 """
 
 import torch
+from _tokenizer import local_word_tokenizer
 
-from vlakit import VLAInputs, parameter_table
+from vlakit import parameter_table
 from vlakit.decoders import gemma
 from vlakit.models import paligemma, paligemma_3b
+from vlakit.processors import PaliGemmaProcessor
 from vlakit.projectors import LinearProjector
 from vlakit.vision import vit
 
@@ -46,14 +48,11 @@ def main() -> None:
         eos_id=eos,
     ).eval()
     n_img = encoder.patches_per_image
-    image = encoder.preprocess(torch.rand(1, 3, 80, 80))  # any size in: resized to 56 px
-    prompt = [image_token_id] * n_img + [bos, 17, 42, 99]  # <image>*16 <bos> "caption en\n"
-    inputs = VLAInputs(
-        input_ids=torch.tensor([prompt]),
-        text_valid=torch.ones(1, len(prompt), dtype=torch.bool),
-        pixels=image[:, None],
-        token_type_ids=torch.zeros(1, len(prompt), dtype=torch.long),
+    processor = PaliGemmaProcessor(
+        local_word_tokenizer(), encoder.preprocess, image_token_id, n_img
     )
+    # <image> x 16, <bos>, prompt, "\n"; the image may be any size (resized to 56 px)
+    inputs = processor(torch.rand(1, 3, 80, 80), "caption the image")
     tokens = model.generate(inputs, max_new_tokens=6)
     print(
         f"\ntiny PaliGemma recipe: {sum(p.numel() for p in model.parameters()):,} parameters, "

@@ -4,13 +4,15 @@ python examples/quickstart.py
 """
 
 import torch
+from _tokenizer import local_word_tokenizer
 
-from vlakit import VLA, VLAInputs, count_parameters
+from vlakit import VLA, count_parameters
 from vlakit.actions import ActionNormalizer, ActionTokenizer
 from vlakit.core import CausalMask
 from vlakit.decoders import llama
 from vlakit.heads import DiscreteActionHead
 from vlakit.interleave import PrefixInterleaver
+from vlakit.processors import OpenVLAProcessor
 from vlakit.projectors import MLPProjector
 from vlakit.vision import vit
 
@@ -34,18 +36,18 @@ def main() -> None:
         f"{model.encoder.patches_per_image} image tokens per view"
     )
 
-    # Two robot observations: camera images (any size, uint8), prompt ids, target actions.
-    images = torch.randint(0, 256, (2, 1, 3, 64, 64), dtype=torch.uint8)
-    prompt = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 0, 0]])  # right-padded
+    # What a robot loop has: camera images (any size, uint8), instructions, target actions.
+    # The processor tokenizes OpenVLA's prompt, pads, and preprocesses the images.
+    processor = OpenVLAProcessor(
+        local_word_tokenizer(), model.encoder.preprocess, append_token_id=None
+    )
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    instructions = ["pick up the red block", "open the drawer"]
     actions = torch.tensor(
         [[[0.01, -0.02, 0.0, 0.03, 0.0, -0.01, 1.0]], [[-0.04, 0.01, 0.02, 0.0, 0.05, 0.0, 0.0]]]
     )
-    batch = VLAInputs(
-        input_ids=prompt,
-        text_valid=prompt != 0,
-        pixels=model.encoder.preprocess(images),
-        actions=actions,
-    )
+    batch = processor(images, instructions, actions=actions)
+    print(f"batch: prompt ids {tuple(batch.input_ids.shape)}, pixels {tuple(batch.pixels.shape)}")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss = model(batch).loss
@@ -54,7 +56,7 @@ def main() -> None:
     print(f"one training step: loss {loss.item():.3f}")
 
     model.eval()
-    predicted = model.predict_action(batch)
+    predicted = model.predict_action(processor(images, instructions))
     print(f"predicted unnormalised actions {tuple(predicted.shape)}:")
     print(predicted.squeeze(1))
 

@@ -4,11 +4,13 @@ python examples/swap_components.py
 """
 
 import torch
+from _tokenizer import local_word_tokenizer
 
-from vlakit import VLAInputs, count_parameters
+from vlakit import count_parameters
 from vlakit.actions import ActionTokenizer
 from vlakit.decoders import gemma, llama
 from vlakit.models import openvla
+from vlakit.processors import OpenVLAProcessor
 from vlakit.projectors import MLPProjector
 from vlakit.vision import FusedEncoder, vit
 
@@ -22,14 +24,16 @@ def tiny_openvla(encoder, decoder):
     ).eval()
 
 
+TOKENIZER = local_word_tokenizer()
+
+
 def run(name, model):
-    pixels = model.encoder.preprocess(torch.rand(2, 3, 56, 56))[:, None]  # [b, v=1, c, h, w]
-    ids = torch.tensor([[11, 12, 13, 14], [21, 22, 0, 0]])
-    inputs = VLAInputs(
-        input_ids=ids, text_valid=ids != 0, pixels=pixels, actions=torch.rand(2, 1, 7) * 2 - 1
-    )
+    processor = OpenVLAProcessor(TOKENIZER, model.encoder.preprocess, append_token_id=None)
+    images = torch.rand(2, 3, 56, 56)
+    instructions = ["put the cup in the box", "open the drawer"]
+    inputs = processor(images, instructions, actions=torch.rand(2, 1, 7) * 2 - 1)
     loss = model(inputs).loss
-    actions = model.predict_action(inputs)
+    actions = model.predict_action(processor(images, instructions))
     print(
         f"{name:<34} {count_parameters(model):>10,} params  encoder width {model.encoder.dim:>3}"
         f"  loss {loss.item():.3f}  actions {tuple(actions.shape)}"
