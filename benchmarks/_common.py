@@ -112,21 +112,6 @@ def measure_pair(fn_a, fn_b, device: str, warmup: int, repeats: int) -> tuple[di
     )
 
 
-def measure(fn, device: str, warmup: int, repeats: int) -> dict:
-    """Median latency (ms) and peak memory growth (MiB) of ``fn()``."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return {"latency_ms": statistics.median(times), "peak_mem_mib": peak_memory_mib(fn, device)}
-
-
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format)."""
     header = " | ".join(h for _, h, _ in columns)

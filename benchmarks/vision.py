@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,6 +50,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import machine_name  # noqa: E402
 
 from vlakit.vision import FusedEncoder, ViT  # noqa: E402
 
@@ -269,19 +271,6 @@ def cpu_peaks(group: str, batches: list[int], quick: bool, dtype_name: str) -> d
 
 
 # ---------------------------------------------------------------- main
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -362,7 +351,8 @@ def main() -> None:
             entry["mem_ratio"] = entry["vlakit_mem_mib"] / entry["timm_mem_mib"]
 
     header = (
-        f"machine: {machine(args.device)}; torch {torch.__version__}, timm {timm.__version__}; "
+        f"machine: {machine_name(args.device)}; torch {torch.__version__}, "
+        f"timm {timm.__version__}; "
         f"{args.device} {args.dtype}; median of {args.runs} after {args.warmup} warmup"
         + ("; QUICK (tiny models)" if args.quick else "")
     )

@@ -356,3 +356,18 @@ def test_mismatched_checkpoint_key_is_named():
     bad = {"model.layers.0.self_attn.qq_proj.weight": torch.zeros(1)}
     with pytest.raises(KeyError, match="qq_proj"):
         load_hf_decoder_state_dict(model, bad)
+
+
+def test_decoder_checkpoint_missing_and_misshaped_keys_are_named():
+    from vlakit.core import CheckpointError
+    from vlakit.decoders import load_hf_decoder_state_dict
+
+    hf = _tiny_llama()
+    ours = TransformerDecoder.from_transformers(hf)
+    state = dict(hf.state_dict())
+    del state["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match="'layers.1.mlp.up_proj.weight'"):
+        load_hf_decoder_state_dict(ours, state)
+    state = {**hf.state_dict(), "model.norm.weight": torch.zeros(3)}
+    with pytest.raises(KeyError, match=r"'norm.weight' has shape \(3,\)"):
+        load_hf_decoder_state_dict(ours, state)

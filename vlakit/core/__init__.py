@@ -3,6 +3,7 @@
 Imports nothing else of vlakit.
 """
 
+from vlakit.core.checkpoint import CheckpointError, load_checked
 from vlakit.core.masks import (
     bidirectional_mask,
     causal_mask,
@@ -22,6 +23,8 @@ from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import IGNORE_ID, TokenSequence
 
 __all__ = [
+    "CheckpointError",
+    "load_checked",
     "TokenRole",
     "TokenSequence",
     "IGNORE_ID",

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from vlakit.core.checkpoint import CheckpointError, load_checked
 from vlakit.decoders.builders import transformer_decoder
 from vlakit.decoders.transformer import TransformerDecoder
 
@@ -40,7 +41,8 @@ def hf_decoder_key_to_vlakit(key: str) -> str | None:
 
     Accepts keys with or without the ``model.`` prefix (``model.layers.0.self_attn.q_proj.weight``
     or ``layers.0...``) and ``lm_head.weight``. Returns ``None`` for buffers that carry no
-    weights (``rotary_emb.inv_freq``). Raises ``KeyError`` naming the key if it is unknown.
+    weights (``rotary_emb.inv_freq``). Raises :class:`~vlakit.core.CheckpointError` (a
+    ``KeyError``) naming the key if it is unknown.
     """
     if _IGNORED.search(key):
         return None
@@ -54,7 +56,7 @@ def hf_decoder_key_to_vlakit(key: str) -> str | None:
     m = _LAYER_KEY.match(inner)
     if m and m.group(2) in _LAYER_RENAMES:
         return f"layers.{m.group(1)}.{_LAYER_RENAMES[m.group(2)]}.{m.group(3)}"
-    raise KeyError(f"unknown transformers decoder key {key!r}")
+    raise CheckpointError(f"unknown transformers decoder key {key!r}")
 
 
 def convert_hf_decoder_state_dict(
@@ -80,29 +82,14 @@ def load_hf_decoder_state_dict(
 ) -> None:
     """Load a transformers-layout state dict into ``decoder``, strictly.
 
-    A tied decoder accepts and drops a ``lm_head.weight`` equal in shape to the embedding.
-    Raises ``KeyError`` naming missing or unexpected keys, ``ValueError`` naming a key whose
-    shape differs.
+    A tied decoder accepts and drops a ``lm_head.weight``. Missing or unexpected keys and
+    shape mismatches raise :class:`~vlakit.core.CheckpointError` (a ``KeyError`` and a
+    ``ValueError``) naming the key; see :func:`~vlakit.core.load_checked`.
     """
     converted = convert_hf_decoder_state_dict(state_dict, prefix)
     if decoder.tied_embeddings:
         converted.pop("lm_head.weight", None)
-    own = decoder.state_dict()
-    missing = sorted(set(own) - set(converted))
-    unexpected = sorted(set(converted) - set(own))
-    if missing or unexpected:
-        raise KeyError(
-            f"checkpoint does not match the decoder: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}"
-        )
-    for key, value in converted.items():
-        if own[key].shape != value.shape:
-            raise ValueError(
-                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, "
-                f"decoder {tuple(own[key].shape)}"
-            )
-    decoder.load_state_dict(converted, strict=True, assign=own[next(iter(own))].is_meta)
+    load_checked(decoder, converted, source="transformers decoder checkpoint")
 
 
 def _rope_theta(config) -> float:

@@ -23,10 +23,12 @@ and shape mismatches in :func:`load_checked`.
 """
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from vlakit.core.checkpoint import CheckpointError, load_checked
 
 __all__ = [
     "CheckpointError",
@@ -39,10 +41,6 @@ __all__ = [
 ]
 
 Rules = Sequence[tuple[str, str | None]]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint key is unknown, missing, or has the wrong shape."""
 
 
 def rename_keys(
@@ -206,41 +204,6 @@ def openvla_vision_state_dicts(
         _openvla_tower_to_vit(towers["featurizer."], f"OpenVLA ({prefix}featurizer.)"),
         _openvla_tower_to_vit(towers["fused_featurizer."], f"OpenVLA ({prefix}fused_featurizer.)"),
     )
-
-
-def load_checked(
-    module: nn.Module,
-    state_dict: Mapping[str, Tensor],
-    ignore_prefixes: Iterable[str] = (),
-    source: str = "checkpoint",
-) -> None:
-    """``load_state_dict`` that names the offending key on any mismatch.
-
-    Keys under ``module.dropped_prefixes`` (parts removed by ``ViT.truncate()``) and under
-    ``ignore_prefixes`` are skipped. Raises :class:`CheckpointError` for an unexpected key,
-    a missing key, or a shape mismatch.
-    """
-    own = module.state_dict()
-    skip = tuple(getattr(module, "dropped_prefixes", ())) + tuple(ignore_prefixes)
-    unexpected = [k for k in state_dict if k not in own and not (skip and k.startswith(skip))]
-    if unexpected:
-        raise CheckpointError(
-            f"unexpected {source} key {unexpected[0]!r} for {type(module).__name__} "
-            f"({len(unexpected)} unexpected: {unexpected[:5]})"
-        )
-    missing = [k for k in own if k not in state_dict]
-    if missing:
-        raise CheckpointError(
-            f"{source} lacks key {missing[0]!r} needed by {type(module).__name__} "
-            f"({len(missing)} missing: {missing[:5]})"
-        )
-    for key, tensor in own.items():
-        if tuple(state_dict[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{source} key {key!r} has shape {tuple(state_dict[key].shape)}, expected "
-                f"{tuple(tensor.shape)}"
-            )
-    module.load_state_dict({k: state_dict[k] for k in own}, strict=True)
 
 
 def load_openvla_vision(
