@@ -4,6 +4,8 @@ Imports nothing else of vlakit.
 """
 
 from vlakit.core.checkpoint import CheckpointError, load_checked
+from vlakit.core.init import init_parameters
+from vlakit.core.linear import LinearFactory
 from vlakit.core.masks import (
     bidirectional_mask,
     causal_mask,
@@ -23,6 +25,8 @@ from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import IGNORE_ID, TokenSequence
 
 __all__ = [
+    "LinearFactory",
+    "init_parameters",
     "CheckpointError",
     "load_checked",
     "TokenRole",
