@@ -7,9 +7,11 @@ Forward latency, tokens/s and peak memory for a Llama-shaped decoder (default d=
     python benchmarks/decoder.py --dtype bf16
     python benchmarks/decoder.py --device cuda --dtype bf16 --json out.json
 
-Both models get the same embeddings, a padding-aware causal mask (transformers: the 2D
-attention mask it builds its own mask from; vlakit: the explicit boolean mask) and the
-same positions. Peak memory is the growth over one forward: allocator peak on CUDA;
+Both models get the same embeddings, a causal mask and the same positions. transformers
+gets the 2D attention mask it builds its own mask from; vlakit gets, per ``--masks``, the
+mask spec a ``CausalMask`` policy gives for a right-padded sequence (``spec``: the decoder
+takes SDPA's ``is_causal`` path) or the dense boolean ``[b, n, n]`` mask (``dense``).
+Peak memory is the growth over one forward: allocator peak on CUDA;
 on CPU, sampled resident-set growth in a child process whose glibc returns every large
 block to the OS (see ``_common.cpu_memory_probe``).
 """
@@ -32,8 +34,8 @@ from _common import (  # noqa: E402
     write_json,
 )  # noqa: E402
 
-from vlakit.core import causal_mask, positions_from_valid  # noqa: E402
-from vlakit.decoders import TransformerDecoder  # noqa: E402
+from vlakit.convert import decoder_from_transformers  # noqa: E402
+from vlakit.core import MaskSpec, causal_mask, positions_from_valid  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,6 +52,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--attn", default="sdpa", help="transformers attn_implementation")
+    p.add_argument("--masks", nargs="+", default=["spec", "dense"], choices=["spec", "dense"],
+                   help="how vlakit receives the causal mask (one row per choice)")
     p.add_argument("--json", default=None, help="write results to this path")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -68,14 +72,19 @@ def main() -> None:
         attn_implementation=args.attn,
     )
     reference = LlamaForCausalLM(config).to(args.device, dtype).eval()
-    ours = TransformerDecoder.from_transformers(reference).eval()
+    ours = decoder_from_transformers(reference).eval()
 
     rows = []
-    for b in args.batch_sizes:
+    for b, mask_kind in [(b, m) for b in args.batch_sizes for m in args.masks]:
         n = args.seq_len
         embeds = torch.randn(b, n, args.dim, device=args.device, dtype=dtype)
         valid = torch.ones(b, n, dtype=torch.bool, device=args.device)
-        mask, positions = causal_mask(valid), positions_from_valid(valid)
+        positions = positions_from_valid(valid)
+        if mask_kind == "spec":  # what CausalMask().spec(seq) gives for a right-padded seq
+            segments = torch.arange(n, device=args.device).expand(b, n)
+            mask = MaskSpec(segments, valid, is_causal=True)
+        else:
+            mask = causal_mask(valid)
         attention_mask = valid.long()
 
         def run_ref(embeds=embeds, attention_mask=attention_mask, positions=positions):
@@ -95,12 +104,15 @@ def main() -> None:
         max_diff = (run_ours().float() - run_ref().float()).abs().max().item()
         o, r = measure_pair(run_ours, run_ref, args.device, args.warmup, args.repeats)
         if args.device == "cpu":
-            mem = cpu_memory_probe(["--batch-sizes", str(b), "--memory-probe"])
+            mem = cpu_memory_probe(
+                ["--batch-sizes", str(b), "--masks", mask_kind, "--memory-probe"]
+            )
             o["peak_mem_mib"], r["peak_mem_mib"] = mem["ours"], mem["ref"]
         rows.append(
             {
                 "batch": b,
                 "seq_len": n,
+                "mask": mask_kind,
                 "vlakit_ms": o["latency_ms"],
                 "hf_ms": r["latency_ms"],
                 "latency_ratio": o["latency_ms"] / r["latency_ms"],
@@ -122,6 +134,7 @@ def main() -> None:
         [
             ("batch", "batch", "d"),
             ("seq_len", "tokens", "d"),
+            ("mask", "vlakit mask", "s"),
             ("vlakit_ms", "vlakit ms", ".1f"),
             ("hf_ms", "transformers ms", ".1f"),
             ("latency_ratio", "latency ratio", ".3f"),

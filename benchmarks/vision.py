@@ -1,6 +1,6 @@
 """Vision encoders: vlakit's own ViT against timm on the same weights.
 
-Two groups of models, each built once (every vlakit model is ``ViT.from_timm`` of the
+Two groups of models, each built once (every vlakit model is ``vit_from_timm`` of the
 timm model it is compared with, so outputs must agree: see the ``max |diff|`` column):
 
 ``so400m`` (SigLIP So400m/14, 224 px, batch of 3-channel images)
@@ -54,7 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import machine_name  # noqa: E402
 
-from vlakit.vision import FusedEncoder, ViT  # noqa: E402
+from vlakit.convert import vit_from_timm  # noqa: E402
+from vlakit.vision import FusedEncoder  # noqa: E402
 
 
 def dtypes() -> dict[str, torch.dtype]:
@@ -120,7 +121,7 @@ def build_group(group: str, quick: bool, device: str, dtype: torch.dtype) -> dic
     """``{"channels": c, "fns": {name: fn(x)}, "rows": [(row, vlakit, timm, full)]}``."""
     if group == "so400m":
         ref = timm_siglip(quick, device).to(dtype)
-        own = ViT.from_timm(ref).eval()
+        own = vit_from_timm(ref).eval()
         last = len(ref.blocks) - 1
 
         def timm_stop(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +151,7 @@ def build_group(group: str, quick: bool, device: str, dtype: torch.dtype) -> dic
 
     dino, siglip = timm_dino(quick, device).to(dtype), timm_siglip(quick, device).to(dtype)
     fused = FusedEncoder(
-        [ViT.from_timm(dino, output_layer=-2), ViT.from_timm(siglip, output_layer=-2)]
+        [vit_from_timm(dino, output_layer=-2), vit_from_timm(siglip, output_layer=-2)]
     ).eval()
     n_dino, n_siglip = len(dino.blocks), len(siglip.blocks)
 

@@ -4,13 +4,12 @@ python examples/openvla_7b.py
 """
 
 import torch
-from _tokenizer import local_word_tokenizer
 
 from vlakit import parameter_table
 from vlakit.actions import ActionNormalizer, ActionTokenizer
 from vlakit.decoders import llama
 from vlakit.models import openvla, openvla_7b
-from vlakit.processors import OpenVLAProcessor
+from vlakit.processors import OPENVLA_PROMPT, OpenVLAProcessor, word_tokenizer
 from vlakit.projectors import MLPProjector
 from vlakit.vision import FusedEncoder, vit
 
@@ -45,15 +44,18 @@ def main() -> None:
     model = openvla(
         encoder=FusedEncoder([dino, siglip]),
         projector=MLPProjector([80, 320, 128, 128]),
-        decoder=llama(vocab_size=320, dim=128, num_layers=2, num_heads=4, hidden_dim=256),
+        decoder=llama(vocab_size=320, dim=128, num_layers=2, num_heads=4, mlp_dim=256),
         action_tokenizer=ActionTokenizer(vocab_end=300, action_dim=7),
         action_normalizer=ActionNormalizer(stats),
     ).eval()
-    processor = OpenVLAProcessor(
-        local_word_tokenizer(), model.encoder.preprocess, append_token_id=None
-    )
+    # A real model's tokenizer: AutoTokenizer.from_pretrained(path). Here a tiny one that
+    # knows only these words (built in memory; nothing is downloaded).
+    instructions = ["pick up the red block", "open the drawer"]
+    tokenizer = word_tokenizer([OPENVLA_PROMPT, *instructions])
+    # from_model: the encoder's preprocessing and the head's action token count
+    processor = OpenVLAProcessor.from_model(tokenizer, model)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # two robots' cameras
-    batch = processor(images, ["pick up the red block", "open the drawer"])
+    batch = processor(images, instructions)
     actions = model.predict_action(batch)
     print(
         f"\ntiny OpenVLA recipe: {sum(p.numel() for p in model.parameters()):,} parameters; "

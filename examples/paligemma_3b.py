@@ -4,12 +4,11 @@ python examples/paligemma_3b.py
 """
 
 import torch
-from _tokenizer import local_word_tokenizer
 
 from vlakit import parameter_table
 from vlakit.decoders import gemma
 from vlakit.models import paligemma, paligemma_3b
-from vlakit.processors import PaliGemmaProcessor
+from vlakit.processors import PaliGemmaProcessor, word_tokenizer
 from vlakit.projectors import LinearProjector
 from vlakit.vision import vit
 
@@ -20,7 +19,7 @@ def main() -> None:
 
     # The same recipe at tiny size: SigLIP-style ViT -> linear projector -> Gemma, prefix-LM.
     torch.manual_seed(0)
-    image_token_id, bos, eos = 500, 2, 1
+    image_token_id, bos, eos = 500, 1, 2  # word_tokenizer: <s> 1, </s> 2
     encoder = vit(
         img_size=56,
         patch_size=14,
@@ -41,16 +40,17 @@ def main() -> None:
             num_heads=4,
             num_kv_heads=1,
             head_dim=32,
-            hidden_dim=256,
+            mlp_dim=256,
         ),
         image_token_id=image_token_id,
         bos_id=bos,
         eos_id=eos,
     ).eval()
     n_img = encoder.patches_per_image
-    processor = PaliGemmaProcessor(
-        local_word_tokenizer(), encoder.preprocess, image_token_id, n_img
-    )
+    # A real model's tokenizer: AutoTokenizer.from_pretrained(path); here a tiny one
+    # built in memory. from_model takes the preprocessing, the image token count and the
+    # placeholder, <bos> and <eos> ids from the model.
+    processor = PaliGemmaProcessor.from_model(word_tokenizer("caption the image"), model)
     # <image> x 16, <bos>, prompt, "\n"; the image may be any size (resized to 56 px)
     inputs = processor(torch.rand(1, 3, 80, 80), "caption the image")
     tokens = model.generate(inputs, max_new_tokens=6)

@@ -4,13 +4,12 @@ python examples/swap_components.py
 """
 
 import torch
-from _tokenizer import local_word_tokenizer
 
 from vlakit import count_parameters
 from vlakit.actions import ActionTokenizer
 from vlakit.decoders import gemma, llama
 from vlakit.models import openvla
-from vlakit.processors import OpenVLAProcessor
+from vlakit.processors import OPENVLA_PROMPT, OpenVLAProcessor, word_tokenizer
 from vlakit.projectors import MLPProjector
 from vlakit.vision import FusedEncoder, vit
 
@@ -24,13 +23,14 @@ def tiny_openvla(encoder, decoder):
     ).eval()
 
 
-TOKENIZER = local_word_tokenizer()
+INSTRUCTIONS = ["put the cup in the box", "open the drawer"]
+TOKENIZER = word_tokenizer([OPENVLA_PROMPT, *INSTRUCTIONS])  # tiny, in memory
 
 
 def run(name, model):
-    processor = OpenVLAProcessor(TOKENIZER, model.encoder.preprocess, append_token_id=None)
+    processor = OpenVLAProcessor.from_model(TOKENIZER, model)
     images = torch.rand(2, 3, 56, 56)
-    instructions = ["put the cup in the box", "open the drawer"]
+    instructions = INSTRUCTIONS
     inputs = processor(images, instructions, actions=torch.rand(2, 1, 7) * 2 - 1)
     loss = model(inputs).loss
     actions = model.predict_action(processor(images, instructions))
@@ -64,7 +64,7 @@ def main() -> None:
         gelu_approximate="tanh",
         output_layer=-2,
     )
-    llama_lm = llama(vocab_size=320, dim=128, num_layers=2, num_heads=4, hidden_dim=256)
+    llama_lm = llama(vocab_size=320, dim=128, num_layers=2, num_heads=4, mlp_dim=256)
     run(
         "OpenVLA recipe (DINOv2+SigLIP, Llama)",
         tiny_openvla(FusedEncoder([dino, siglip]), llama_lm),
@@ -88,7 +88,7 @@ def main() -> None:
         num_heads=4,
         num_kv_heads=1,
         head_dim=32,
-        hidden_dim=256,
+        mlp_dim=256,
     )
     run("swapped (SigLIP only, Gemma)", tiny_openvla(siglip_only, gemma_lm))
 

@@ -57,10 +57,10 @@ def tiny_encoder(name: str) -> V.VisionEncoder:
 def tiny_decoder(name: str, dim: int = 64):
     if name == "own_llama":
         return llama(vocab_size=VOCAB_SIZE, dim=dim, num_layers=2, num_heads=4,
-                     num_kv_heads=2, hidden_dim=128)
+                     num_kv_heads=2, mlp_dim=128)
     if name == "own_gemma":
         return gemma(vocab_size=VOCAB_SIZE, dim=dim, num_layers=2, num_heads=4,
-                     num_kv_heads=1, head_dim=16, hidden_dim=128)
+                     num_kv_heads=1, head_dim=16, mlp_dim=128)
     if name == "hf":
         return HFDecoder.from_config(transformers.LlamaConfig(
             vocab_size=VOCAB_SIZE, hidden_size=dim, intermediate_size=128, num_hidden_layers=2,

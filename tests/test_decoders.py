@@ -9,12 +9,15 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from vlakit.convert import (
+    convert_hf_decoder_state_dict,
+    decoder_from_transformers,
+    load_hf_decoder_state_dict,
+)
 from vlakit.core import causal_mask, positions_from_valid, prefix_lm_mask, segment_mask
 from vlakit.decoders import (
     HFDecoder,
     KVCache,
-    TransformerDecoder,
-    convert_hf_decoder_state_dict,
     gemma_2b,
     greedy_generate,
     llama,
@@ -97,7 +100,7 @@ BOTH_FAMILIES = pytest.mark.parametrize("make", [_tiny_llama, _tiny_gemma], ids=
 @BOTH_FAMILIES
 def test_causal_logits_match_transformers_with_padding(make):
     hf = _randomize_norms(make())
-    ours = TransformerDecoder.from_transformers(hf).eval()
+    ours = decoder_from_transformers(hf).eval()
     ids = torch.randint(0, 90, (2, 11))
     valid = torch.ones(2, 11, dtype=torch.bool)
     valid[1, :3] = False  # left padding in the second row
@@ -112,7 +115,7 @@ def test_causal_logits_match_transformers_with_padding(make):
 @BOTH_FAMILIES
 def test_prefix_lm_logits_match_transformers(make):
     hf = _randomize_norms(make())
-    ours = TransformerDecoder.from_transformers(hf).eval()
+    ours = decoder_from_transformers(hf).eval()
     ids = torch.randint(0, 90, (2, 10))
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[0, -2:] = False  # right padding
@@ -135,7 +138,7 @@ def test_prefix_lm_logits_match_transformers(make):
 @BOTH_FAMILIES
 def test_append_cache_equals_full_forward(make):
     hf = _randomize_norms(make())
-    ours = TransformerDecoder.from_transformers(hf).eval()
+    ours = decoder_from_transformers(hf).eval()
     ids = torch.randint(0, 90, (2, 12))
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, :2] = False
@@ -155,7 +158,7 @@ def test_append_cache_equals_full_forward(make):
 
 @BOTH_FAMILIES
 def test_read_only_prefix_cache_serves_many_suffixes(make):
-    ours = TransformerDecoder.from_transformers(_randomize_norms(make())).eval()
+    ours = decoder_from_transformers(_randomize_norms(make())).eval()
     b, n_prefix, n_suffix = 2, 7, 4
     prefix = torch.randn(b, n_prefix, ours.dim)
     valid = torch.ones(b, n_prefix + n_suffix, dtype=torch.bool)
@@ -180,7 +183,7 @@ def test_read_only_prefix_cache_serves_many_suffixes(make):
 
 
 def test_expand_batch_shares_one_prefix():
-    ours = TransformerDecoder.from_transformers(_tiny_llama()).eval()
+    ours = decoder_from_transformers(_tiny_llama()).eval()
     prefix = torch.randn(1, 5, ours.dim)
     valid = torch.ones(1, 5, dtype=torch.bool)
     with torch.no_grad():
@@ -201,7 +204,7 @@ def test_expand_batch_shares_one_prefix():
 @BOTH_FAMILIES
 def test_greedy_generation_matches_transformers_generate(make):
     hf = make()
-    ours = TransformerDecoder.from_transformers(hf).eval()
+    ours = decoder_from_transformers(hf).eval()
     ids = torch.randint(1, 90, (2, 6))
     valid = torch.ones(2, 6, dtype=torch.bool)
     valid[1, :2] = False
@@ -219,7 +222,7 @@ def test_greedy_generation_matches_transformers_generate(make):
 
 
 def test_generation_with_right_padding_equals_unpadded_rows():
-    ours = TransformerDecoder.from_transformers(_tiny_llama()).eval()
+    ours = decoder_from_transformers(_tiny_llama()).eval()
     a, b_ = torch.randint(1, 90, (1, 6)), torch.randint(1, 90, (1, 4))
     batch = torch.zeros(2, 6, dtype=torch.long)
     batch[0], batch[1, :4] = a[0], b_[0]
@@ -263,7 +266,7 @@ def test_hf_decoder_matches_wrapped_model_with_and_without_cache(make):
 
 def test_hf_decoder_honours_custom_prefix_lm_mask():
     hf = _tiny_llama(attn_implementation="sdpa")
-    wrapped, ours = HFDecoder(hf).eval(), TransformerDecoder.from_transformers(hf).eval()
+    wrapped, ours = HFDecoder(hf).eval(), decoder_from_transformers(hf).eval()
     emb = torch.randn(2, 8, 64)
     valid = torch.ones(2, 8, dtype=torch.bool)
     is_suffix = torch.arange(8).expand(2, -1) >= 5
@@ -295,7 +298,7 @@ def test_hf_decoder_loads_from_local_directory(tmp_path):
 
 
 def test_gemma_embedding_scale_is_applied():
-    ours = TransformerDecoder.from_transformers(_tiny_gemma())
+    ours = decoder_from_transformers(_tiny_gemma())
     ids = torch.tensor([[3]])
     torch.testing.assert_close(ours.embed_tokens(ids)[0, 0], ours.embed.weight[3] * 8.0)
 
@@ -304,7 +307,7 @@ def test_gemma_embedding_scale_is_applied():
 
 
 def _small():
-    return llama(vocab_size=50, dim=32, num_layers=1, num_heads=4, hidden_dim=64, max_seq_len=16)
+    return llama(vocab_size=50, dim=32, num_layers=1, num_heads=4, mlp_dim=64, max_seq_len=16)
 
 
 def test_wrong_hidden_size_names_the_width():
@@ -315,9 +318,9 @@ def test_wrong_hidden_size_names_the_width():
 
 def test_heads_not_dividing_width_names_values():
     with pytest.raises(ValueError, match="num_heads=5.*dim=32"):
-        llama(vocab_size=10, dim=32, num_layers=1, num_heads=5, hidden_dim=8)
+        llama(vocab_size=10, dim=32, num_layers=1, num_heads=5, mlp_dim=8)
     with pytest.raises(ValueError, match="num_kv_heads=3.*num_heads=4"):
-        llama(vocab_size=10, dim=32, num_layers=1, num_heads=4, num_kv_heads=3, hidden_dim=8)
+        llama(vocab_size=10, dim=32, num_layers=1, num_heads=4, num_kv_heads=3, mlp_dim=8)
 
 
 def test_mask_of_wrong_shape_names_dimension():
@@ -340,7 +343,7 @@ def test_runtime_shape_check_names_the_dimension():
 
 def test_wrong_family_in_from_transformers():
     with pytest.raises(TypeError, match="Qwen2ForCausalLM"):
-        TransformerDecoder.from_transformers(_tiny_qwen2())
+        decoder_from_transformers(_tiny_qwen2())
 
 
 def test_position_beyond_max_seq_len():
@@ -350,8 +353,6 @@ def test_position_beyond_max_seq_len():
 
 
 def test_mismatched_checkpoint_key_is_named():
-    from vlakit.decoders import load_hf_decoder_state_dict
-
     model = _small()
     bad = {"model.layers.0.self_attn.qq_proj.weight": torch.zeros(1)}
     with pytest.raises(KeyError, match="qq_proj"):
@@ -360,10 +361,9 @@ def test_mismatched_checkpoint_key_is_named():
 
 def test_decoder_checkpoint_missing_and_misshaped_keys_are_named():
     from vlakit.core import CheckpointError
-    from vlakit.decoders import load_hf_decoder_state_dict
 
     hf = _tiny_llama()
-    ours = TransformerDecoder.from_transformers(hf)
+    ours = decoder_from_transformers(hf)
     state = dict(hf.state_dict())
     del state["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(CheckpointError, match="'layers.1.mlp.up_proj.weight'"):
@@ -371,3 +371,72 @@ def test_decoder_checkpoint_missing_and_misshaped_keys_are_named():
     state = {**hf.state_dict(), "model.norm.weight": torch.zeros(3)}
     with pytest.raises(KeyError, match=r"'norm.weight' has shape \(3,\)"):
         load_hf_decoder_state_dict(ours, state)
+
+
+# --- builders: linear factory, conversion rules ---------------------------------------
+
+
+class _RecordingLinear(torch.nn.Linear):
+    """A stand-in for a LoRA / quantised linear: records every construction."""
+
+    built: list = []
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
+        _RecordingLinear.built.append((in_features, out_features, bias))
+
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_builders_pass_the_linear_factory_to_every_projection(family):
+    from vlakit.decoders import gemma
+
+    _RecordingLinear.built = []
+    kw = dict(vocab_size=50, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+              mlp_dim=48, linear=_RecordingLinear)
+    model = (llama if family == "llama" else gemma)(**kw)
+    attn, mlp = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+    projections = attn + mlp
+    for layer in model.layers:
+        for owner, names in ((layer.attn, attn), (layer.mlp, mlp)):
+            for name in names:
+                assert isinstance(getattr(owner, name), _RecordingLinear), name
+    assert len(_RecordingLinear.built) == 7 * 2
+    assert _RecordingLinear.built[:7] == [
+        (32, 32, False), (32, 16, False), (32, 16, False), (32, 32, False),
+        (32, 48, False), (32, 48, False), (48, 32, False),
+    ]
+    assert not isinstance(model.lm_head, _RecordingLinear)  # the head stays a plain linear
+    # PEFT-style name targeting still finds the usual names
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, _RecordingLinear)}
+    assert names == set(projections)
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    out = model(torch.randn(1, 4, 32), causal_mask(valid), positions_from_valid(valid))
+    assert out.shape == (1, 4, 32)
+
+
+def test_hf_rules_rename_a_prefixed_vla_checkpoint_and_drop_buffers():
+    from vlakit.convert import HF_DECODER_RULES, rename_keys
+
+    hf = _tiny_llama()
+    state = {f"language_model.{k}": v for k, v in hf.state_dict().items()}
+    state["vision_backbone.featurizer.cls_token"] = torch.zeros(1)
+    state["language_model.model.rotary_emb.inv_freq"] = torch.zeros(1)
+    converted = convert_hf_decoder_state_dict(state, prefix="language_model.")
+    ours = decoder_from_transformers(hf)
+    assert set(converted) == set(ours.state_dict())
+    load_hf_decoder_state_dict(ours, state, prefix="language_model.")
+    renamed = rename_keys({"model.layers.3.post_attention_layernorm.weight": torch.zeros(1)},
+                          HF_DECODER_RULES, source="t")
+    assert list(renamed) == ["layers.3.mlp_norm.weight"]
+
+
+def test_decoder_from_transformers_keeps_the_head_tied_and_the_dtype():
+    hf = _tiny_gemma().to(torch.bfloat16)
+    ours = decoder_from_transformers(hf)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert ours.tied_embeddings and ours.lm_head.weight is ours.embed.weight
+    torch.testing.assert_close(ours.embed.weight, hf.model.embed_tokens.weight, atol=0, rtol=0)

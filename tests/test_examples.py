@@ -1,5 +1,6 @@
 """The examples run and print what the README promises (they must not rot)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,17 +10,37 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+def _run(script: str) -> str:
+    result = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True,
+                            text=True, timeout=300, cwd=EXAMPLES)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 @pytest.mark.parametrize(
     "script, expected",
     [
-        ("quickstart.py", "predicted unnormalised actions (2, 1, 7)"),
         ("paligemma_3b.py", "2,923,466,480"),
         ("openvla_7b.py", "7,541,237,184"),
         ("swap_components.py", "swapped (SigLIP only, Gemma)"),
     ],
 )
 def test_example_runs(script, expected):
-    result = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True,
-                            text=True, timeout=300, cwd=EXAMPLES)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert expected in result.stdout
+    assert expected in _run(script)
+
+
+def test_quickstart_overfits_and_predicts_the_targets():
+    """The quickstart memorises one batch: the loss falls and the predicted actions come
+    back within half an action bin of the targets (seeded, so the numbers are stable)."""
+    out = _run("quickstart.py")
+    assert "predicted unnormalised actions (2, 1, 7) vs targets:" in out
+    losses = [float(x) for x in re.findall(r"^step +\d+ +loss ([0-9.]+)$", out, re.M)]
+    assert len(losses) >= 3 and losses[-1] < losses[0] / 10, out
+    predicted = [eval(x) for x in re.findall(r"predicted (\[.*\])", out)]
+    target = [eval(x) for x in re.findall(r"target +(\[.*\])", out)]
+    assert len(predicted) == len(target) == 2, out
+    for p, t in zip(predicted, target):
+        # bins: 0.0004 wide for the arm, 0.0078 for the (unnormalised) gripper
+        assert max(abs(a - b) for a, b in zip(p, t)) < 0.005, out
+    difference = float(re.search(r"largest difference: ([0-9.]+)", out).group(1))
+    assert difference < 0.005, out

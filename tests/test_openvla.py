@@ -9,12 +9,12 @@ from timm.models.vision_transformer import VisionTransformer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlakit.actions import ActionNormalizer, ActionTokenizer
+from vlakit.convert import decoder_from_transformers, vit_from_timm
 from vlakit.core import TokenRole
-from vlakit.decoders import TransformerDecoder
 from vlakit.model import VLAInputs
 from vlakit.models import openvla, openvla_7b
 from vlakit.projectors import MLPProjector
-from vlakit.vision import FusedEncoder, ViT
+from vlakit.vision import FusedEncoder
 
 BOS, EOS, VOCAB_END, ACTION_DIM = 1, 2, 320, 3
 STATS = {"q01": [-0.5, 0.0, -2.0], "q99": [0.5, 1.0, 2.0], "mask": [True, True, False]}
@@ -46,12 +46,12 @@ def _llama():
 def _build():
     dino, siglip = _towers()
     hf = _llama()
-    encoder = FusedEncoder([ViT.from_timm(dino, output_layer=-2),
-                            ViT.from_timm(siglip, output_layer=-2)])
+    encoder = FusedEncoder([vit_from_timm(dino, output_layer=-2),
+                            vit_from_timm(siglip, output_layer=-2)])
     model = openvla(
         encoder=encoder,
         projector=MLPProjector([72, 288, 64, 64]),
-        decoder=TransformerDecoder.from_transformers(hf),
+        decoder=decoder_from_transformers(hf),
         action_tokenizer=ActionTokenizer(vocab_end=VOCAB_END, action_dim=ACTION_DIM),
         action_normalizer=ActionNormalizer(STATS),
     ).eval()

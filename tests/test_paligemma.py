@@ -7,7 +7,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from vlakit.core import TokenRole
+from vlakit.core import IGNORE_ID, TokenRole
 from vlakit.model import VLAInputs
 from vlakit.models import paligemma_3b, paligemma_from_transformers
 
@@ -83,7 +83,7 @@ def test_paligemma_suffix_loss_matches_transformers_labels():
     ours = paligemma_from_transformers(hf).eval()
     ids, tt, valid = _rows([[10, 11], [20, 21, 22]], [[30, 31, EOS], [40, EOS]])
     pixels = torch.randn(2, 3, 28, 28)
-    labels = torch.where((tt == 1) & valid, ids, -100)
+    labels = torch.where((tt == 1) & valid, ids, IGNORE_ID)
     positions = (valid.long().cumsum(-1) - 1).clamp_min(0) + 1
     with torch.no_grad():
         expected = hf(input_ids=ids, pixel_values=pixels, attention_mask=valid.long(),

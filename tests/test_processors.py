@@ -1,10 +1,17 @@
+import re
+
 import numpy as np
 import pytest
 import torch
-from _tiny import IMAGE_TOKEN_ID, tiny_encoder, tiny_tokenizer
+from _tiny import IMAGE_TOKEN_ID, VOCAB_SIZE, tiny_encoder, tiny_tokenizer
 from PIL import Image
+from transformers import AutoTokenizer
 
-from vlakit.processors import OpenVLAProcessor, PaliGemmaProcessor
+from vlakit.actions import ActionTokenizer
+from vlakit.decoders import llama
+from vlakit.models import openvla, paligemma
+from vlakit.processors import OpenVLAProcessor, PaliGemmaProcessor, word_tokenizer
+from vlakit.projectors import LinearProjector, MLPProjector
 from vlakit.vision import stack_views
 
 
@@ -70,10 +77,93 @@ def test_bad_actions_and_proprio(tokenizer):
         processor(image, "open drawer", proprio=[[float("nan"), 0.0]])
     with pytest.raises(ValueError, match="3 dims"):
         processor(image, "open drawer", actions=[0.0, 1.0])
-    with pytest.raises(ValueError, match="2 images .* for 1 prompts"):
+    with pytest.raises(ValueError, match="one image .* per prompt, but got 2 images .* for 1"):
         processor(torch.rand(2, 3, 28, 28), "open drawer")
 
 
 def test_batch_elements_with_different_view_counts():
     with pytest.raises(ValueError, match="view"):
         stack_views([torch.rand(2, 3, 28, 28), torch.rand(1, 3, 28, 28)])
+
+
+# -- from_model, word_tokenizer, messages ------------------------------------------------
+
+
+def _tiny_openvla(vocab_size=VOCAB_SIZE):
+    encoder = tiny_encoder("vit")
+    decoder = llama(vocab_size=vocab_size, dim=64, num_layers=1, num_heads=4, mlp_dim=128)
+    return openvla(encoder=encoder, projector=MLPProjector([encoder.dim, 64, 64]),
+                   decoder=decoder, action_tokenizer=ActionTokenizer(vocab_end=300, action_dim=7),
+                   chunk_size=2)
+
+
+def test_openvla_from_model_takes_preprocessing_and_action_count(tokenizer):
+    model = _tiny_openvla()
+    processor = OpenVLAProcessor.from_model(tokenizer, model, max_length=64)
+    assert processor.preprocess == model.encoder.preprocess
+    assert processor.num_action_tokens == 2 * 7  # chunk 2 x 7 dims, read from the head
+    # the default append token is the tokenizer's "▁" piece (OpenVLA's 29871 in Llama-2)
+    assert processor.append_token_id == tokenizer.convert_tokens_to_ids("▁")
+    images = torch.randint(0, 256, (2, 3, 40, 30), dtype=torch.uint8)
+    batch = processor(images, ["pick up the cup", "open drawer"])
+    manual = OpenVLAProcessor(tokenizer, model.encoder.preprocess)(images, ["pick up the cup",
+                                                                           "open drawer"])
+    assert torch.equal(batch.input_ids, manual.input_ids)
+    assert torch.equal(batch.pixels, manual.pixels)
+    assert model.predict_action(batch).shape == (2, 2, 7)
+
+
+def test_from_model_rejects_ids_outside_the_vocabulary(tokenizer):
+    model = _tiny_openvla()
+    with pytest.raises(ValueError, match=r"append_token_id=29871 is outside the decoder's "
+                                         r"vocabulary: ids must lie in 0\.\.319"):
+        OpenVLAProcessor.from_model(tokenizer, model, append_token_id=29871)
+    model = paligemma(encoder=tiny_encoder("vit"), projector=LinearProjector(48, 64),
+                      decoder=llama(vocab_size=VOCAB_SIZE, dim=64, num_layers=1, num_heads=4,
+                                    mlp_dim=128), image_token_id=IMAGE_TOKEN_ID)
+    with pytest.raises(ValueError, match=r"pad_id=400 is outside"):
+        PaliGemmaProcessor.from_model(tokenizer, model, pad_id=400)
+
+
+def test_paligemma_from_model_takes_image_count_and_placeholder(tokenizer):
+    encoder = tiny_encoder("vit")
+    model = paligemma(encoder=encoder, projector=LinearProjector(48, 64),
+                      decoder=llama(vocab_size=VOCAB_SIZE, dim=64, num_layers=1, num_heads=4,
+                                    mlp_dim=128),
+                      image_token_id=IMAGE_TOKEN_ID, bos_id=1, eos_id=2)
+    processor = PaliGemmaProcessor.from_model(tokenizer, model)
+    assert processor.num_image_tokens == encoder.patches_per_image
+    assert processor.image_token_id == IMAGE_TOKEN_ID
+    assert (processor.bos_id, processor.eos_id) == (1, 2)
+    images = torch.rand(1, 2, 3, 28, 28)
+    manual = PaliGemmaProcessor(tokenizer, encoder.preprocess, IMAGE_TOKEN_ID,
+                                encoder.patches_per_image)
+    got = processor(images, "describe image", suffixes="a red cup")
+    want = manual(images, "describe image", suffixes="a red cup")
+    assert torch.equal(got.input_ids, want.input_ids)
+    assert torch.equal(got.token_type_ids, want.token_type_ids)
+    with pytest.raises(ValueError, match="PlaceholderInterleaver"):
+        PaliGemmaProcessor.from_model(tokenizer, _tiny_openvla())
+
+
+def test_word_tokenizer_is_local_and_round_trips(tmp_path):
+    tok = word_tokenizer(["pick up the red block", "open the drawer"])
+    assert tok("open the red drawer")["input_ids"] == [1, 9, 6, 7, 10, 2]
+    assert tok("open the box", add_special_tokens=False)["input_ids"] == [9, 6, 3]  # <unk>
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("open the red drawer")["input_ids"] == [1, 9, 6, 7, 10, 2]
+    # no "▁" piece: the OpenVLA processor appends nothing
+    processor = OpenVLAProcessor(tok, tiny_encoder("vit").preprocess)
+    assert processor.append_token_id is None
+
+
+def test_length_message_says_what_was_expected_and_found(tokenizer):
+    processor = OpenVLAProcessor(tokenizer, tiny_encoder("vit").preprocess,
+                                 num_action_tokens=7, max_length=20)
+    n = len(processor.prompt_ids("pick up the cup"))
+    message = (f"prompt 0 is {n} tokens long; with <s> (1), action slots (7) and </s> (1) the "
+               f"sequence would be {n + 9} tokens, over max_length=20")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        processor(torch.rand(1, 3, 28, 28), "pick up the cup")

@@ -1,13 +1,12 @@
 """Encoder wrappers, fused encoders, camera views, preprocessing and bad input."""
 
-import numpy as np
 import pytest
 import torch
 import transformers
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
-from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
+from vlakit import convert as C
 from vlakit import projectors as P
 from vlakit import vision as V
 
@@ -94,7 +93,7 @@ def test_timm_encoder_matches_timm_and_own_vit():
     enc = V.TimmEncoder(ref)
     assert enc.preprocessing.mean == (0.485, 0.456, 0.406)
     assert_close(enc(x), ref.forward_features(x)[:, 5:])
-    own = V.ViT.from_timm(ref)
+    own = C.vit_from_timm(ref)
     assert_close(own(x), enc(x))
     mid = V.TimmEncoder(ref, output_layer=-2)
     expected = ref.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")[
@@ -199,32 +198,6 @@ def test_fused_encoder_rejects_mismatched_patch_counts():
         V.FusedEncoder([tiny_vit(), tiny_vit(patch_size=28)])
 
 
-# ---------------------------------------------------------------- preprocessing
-def test_preprocess_uint8_float_pil_numpy_agree():
-    pre = V.PreprocessConfig(28, mean=(0.5,) * 3, std=(0.5,) * 3)
-    array = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
-    as_uint8 = torch.from_numpy(array).permute(2, 0, 1)[None]
-    from_uint8 = V.preprocess_images(as_uint8, pre)
-    assert from_uint8.shape == (1, 3, 28, 28) and from_uint8.dtype == torch.float32
-    assert_close(V.preprocess_images(as_uint8.float() / 255, pre), from_uint8)
-    assert_close(V.preprocess_images(array, pre), from_uint8)  # numpy, channels-last
-    assert_close(V.preprocess_images(Image.fromarray(array), pre), from_uint8)
-    # a list of differently sized images: each resized, then stacked
-    batch = V.preprocess_images([Image.fromarray(array), torch.rand(3, 64, 64)], pre)
-    assert batch.shape == (2, 3, 28, 28)
-    # normalisation: 0.5 grey → 0 for mean = std = 0.5; size already right → no resize
-    grey = V.preprocess_images(torch.full((1, 3, 28, 28), 0.5), pre)
-    assert_close(grey, torch.zeros_like(grey))
-
-
-def test_preprocess_bad_input():
-    pre = V.PreprocessConfig(28, mean=(0.5,) * 3, std=(0.5,) * 3)
-    with pytest.raises(ValueError, match="3 .RGB. channels, got 4"):
-        V.preprocess_images(torch.rand(1, 4, 28, 28), pre)
-    with pytest.raises(ValueError, match="mean has 3 values but std has 2"):
-        V.PreprocessConfig(28, mean=(0.5,) * 3, std=(0.5,) * 2)
-
-
 # ---------------------------------------------------------------- bad input
 def test_wrong_channel_count_names_expected_and_actual():
     with pytest.raises(ValueError, match="expects 3 input channels, got 4"):
@@ -235,14 +208,25 @@ def test_wrong_channel_count_names_expected_and_actual():
 
 def test_image_size_not_divisible_or_not_the_built_size():
     vit = tiny_vit()
-    with pytest.raises(ValueError, match=r"\(30, 28\) is not divisible by the patch size 14"):
+    # not divisible: the message still names the size the model expects
+    with pytest.raises(
+        ValueError,
+        match=r"image size 30x28 \(height x width\) is not divisible by the patch size 14x14; "
+        r"this encoder expects exactly 28x28",
+    ):
         vit(torch.randn(1, 3, 30, 28))
-    with pytest.raises(ValueError, match=r"expected image size \(28, 28\).*got \(42, 42\)"):
+    with pytest.raises(
+        ValueError, match=r"expected image size 28x28 \(height x width; .* 2x2 patches\), got 42x42"
+    ):
         vit(torch.randn(1, 3, 42, 42))
-    with pytest.raises(ValueError, match=r"expected image size \(28, 28\), got \(42, 42\)"):
+    with pytest.raises(ValueError, match=r"expected image size 28x28 .*got 42x42"):
         V.TimmEncoder(tiny_timm())(torch.randn(1, 3, 42, 42))
+    with pytest.raises(ValueError, match=r"not divisible .* expects exactly 28x28"):
+        V.TimmEncoder(tiny_timm())(torch.randn(1, 3, 29, 28))
     dynamic = tiny_vit(dynamic_img_size=True)
     assert dynamic(torch.randn(1, 3, 42, 56)).shape == (1, 12, 48)
+    with pytest.raises(ValueError, match=r"expects a multiple of the patch size 14x14"):
+        dynamic(torch.randn(1, 3, 43, 56))
 
 
 def test_mismatched_views_name_the_counts():

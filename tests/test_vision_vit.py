@@ -7,6 +7,7 @@ import transformers
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from vlakit import convert as C
 from vlakit import vision as V
 from vlakit.vision import CheckpointError
 
@@ -112,7 +113,7 @@ def test_from_timm_siglip_family(act):
     ref = tiny_siglip_timm(act_layer=act)
     randomise_norms_and_scales(ref)
     x = torch.randn(2, 3, 28, 28)
-    vit = V.ViT.from_timm(ref).eval()
+    vit = C.vit_from_timm(ref).eval()
     assert vit.blocks[0].mlp.act.approximate == ("tanh" if act else "none")
     tokens = vit(x)
     assert_close(tokens, ref.forward_features(x))
@@ -128,7 +129,7 @@ def test_from_timm_dinov2_family_with_prefix_tokens():
     ref = tiny_dinov2_timm()
     randomise_norms_and_scales(ref)
     x = torch.randn(2, 3, 28, 28)
-    vit = V.ViT.from_timm(ref, output_layer=-2).eval()
+    vit = C.vit_from_timm(ref, output_layer=-2).eval()
     assert vit.num_prefix_tokens == 5 and vit.preprocessing.mean == (0.485, 0.456, 0.406)
     ((mid, prefix),) = ref.get_intermediate_layers(x, n=[1], return_prefix_tokens=True)
     all_tokens = vit.encode(x)
@@ -144,7 +145,7 @@ def test_from_timm_classic_vit_pos_embed_covers_class_token():
         img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=4, num_classes=0
     ).eval()
     randomise_norms_and_scales(ref)
-    vit = V.ViT.from_timm(ref)
+    vit = C.vit_from_timm(ref)
     assert vit.pos_embed_prefix and vit.pos_embed.shape == (1, 5, 48)
     x = torch.randn(2, 3, 28, 28)
     assert_close(vit.encode(x), ref.forward_features(x))
@@ -154,7 +155,7 @@ def test_from_timm_classic_vit_pos_embed_covers_class_token():
 def test_dynamic_img_size_matches_timm():
     ref = tiny_dinov2_timm(dynamic_img_size=True)
     randomise_norms_and_scales(ref)
-    vit = V.ViT.from_timm(ref)
+    vit = C.vit_from_timm(ref)
     x = torch.randn(1, 3, 42, 56)
     assert vit.num_patches((42, 56)) == 12
     assert_close(vit.encode(x), ref.forward_features(x))
@@ -162,13 +163,13 @@ def test_dynamic_img_size_matches_timm():
 
 def test_from_timm_refuses_unsupported_options():
     with pytest.raises(ValueError, match="pre_norm"):
-        V.ViT.from_timm(
+        C.vit_from_timm(
             VisionTransformer(
                 img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2, pre_norm=True
             )
         )
     with pytest.raises(ValueError, match="qk-norm"):
-        V.ViT.from_timm(
+        C.vit_from_timm(
             VisionTransformer(
                 img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2, qk_norm=True
             )
@@ -194,7 +195,7 @@ def test_from_transformers_siglip():
     randomise_norms_and_scales(ref)
     x = torch.randn(2, 3, 28, 28)
     out = ref(pixel_values=x, output_hidden_states=True)
-    vit = V.ViT.from_transformers(ref).eval()
+    vit = C.vit_from_transformers(ref).eval()
     assert vit.blocks[0].mlp.act.approximate == "tanh"
     tokens = vit(x)
     assert_close(tokens, out.last_hidden_state)
@@ -207,12 +208,12 @@ def test_from_transformers_siglip():
 def test_transformers_mapping_handles_prefix_and_reports_bad_keys():
     sd = {f"vision_tower.vision_model.{k}": v for k, v in tiny_hf_siglip().state_dict().items()}
     sd["language_model.x"] = torch.zeros(1)  # outside the prefix: ignored
-    mapped = V.transformers_siglip_to_vit(sd, prefix="vision_tower.vision_model.")
+    mapped = C.transformers_siglip_to_vit(sd, prefix="vision_tower.vision_model.")
     assert mapped["blocks.0.attn.qkv.weight"].shape == (144, 48)
     assert mapped["attn_pool.kv.weight"].shape == (96, 48)
     sd["vision_tower.vision_model.encoder.layers.0.self_attn.rope.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match=r"encoder\.layers\.0\.self_attn\.rope\.weight"):
-        V.transformers_siglip_to_vit(sd, prefix="vision_tower.vision_model.")
+        C.transformers_siglip_to_vit(sd, prefix="vision_tower.vision_model.")
 
 
 # ---------------------------------------------------------------- truncation
@@ -242,12 +243,16 @@ def test_output_layer_stops_early_and_truncate_drops_unused_parts():
     assert vit.dropped_prefixes == ["blocks.3.", "norm.", "attn_pool."]
     # a full checkpoint still loads: the dropped parts are skipped
     V.load_checked(vit, full_state)
-    with pytest.raises(ValueError, match="removed by truncate"):
+    with pytest.raises(
+        ValueError, match=r"output_layer -1 is block 3, which truncate\(\) removed; blocks 0 to 2"
+    ):
         vit.set_output_layer(-1)
 
 
 def test_output_layer_out_of_range():
-    with pytest.raises(ValueError, match=r"\[-4, 4\), got 4"):
+    with pytest.raises(
+        ValueError, match=r"block index from -4 to 3 \(the encoder has 4 blocks; .*got 4"
+    ):
         tiny_vit(output_layer=4)
 
 
@@ -266,7 +271,7 @@ def test_load_checked_names_the_offending_key():
     ):
         V.load_checked(vit, {**sd, "pos_embed": torch.zeros(1, 9, 48)})
     with pytest.raises(CheckpointError, match="'blocks.0.attn.qkv.scale'"):
-        V.timm_to_vit({**sd, "blocks.0.attn.qkv.scale": torch.zeros(1)})
+        C.timm_to_vit({**sd, "blocks.0.attn.qkv.scale": torch.zeros(1)})
 
 
 # ---------------------------------------------------------------- OpenVLA naming
@@ -309,7 +314,7 @@ def test_openvla_vision_mapping_loads_into_a_truncated_pair():
     dino, siglip = tiny_openvla_pair(output_layer=-2)
     dino.truncate()
     siglip.truncate()
-    V.load_openvla_vision(dino, siglip, sd)
+    C.load_openvla_vision(dino, siglip, sd)
     fused = V.FusedEncoder([dino, siglip])
     x = torch.randn(2, 6, 28, 28)
     expected = torch.cat([src_dino(x[:, :3]), src_siglip_full(x[:, 3:])], dim=-1)
@@ -321,17 +326,17 @@ def test_openvla_mapping_errors_name_the_key():
     sd = openvla_state_dict(dino, siglip)
     bad = {**sd, "vision_backbone.extra_tower.w": torch.zeros(1)}
     with pytest.raises(CheckpointError, match="'vision_backbone.extra_tower.w'"):
-        V.openvla_vision_state_dicts(bad)
+        C.openvla_vision_state_dicts(bad)
     bad = {**sd, "vision_backbone.featurizer.blocks.0.ls3.scale_factor": torch.zeros(48)}
     with pytest.raises(CheckpointError, match="'blocks.0.ls3.scale_factor'"):
-        V.openvla_vision_state_dicts(bad)
+        C.openvla_vision_state_dicts(bad)
     # a tower with a shallower depth than the checkpoint: unexpected key named
     shallow_dino, shallow_siglip = (
         tiny_vit(depth=2, layer_scale_init=1e-5, class_token=True, reg_tokens=4),
         tiny_vit(depth=3, gelu_approximate="tanh"),
     )
     with pytest.raises(CheckpointError, match="'blocks.2.norm1.weight'"):
-        V.load_openvla_vision(shallow_dino, shallow_siglip, sd)
+        C.load_openvla_vision(shallow_dino, shallow_siglip, sd)
 
 
 @torch.no_grad()
@@ -345,6 +350,6 @@ def test_openvla_oft_film_keys_map_onto_film_blocks():
     new_dino, new_siglip = tiny_openvla_pair()
     for vit in (new_dino, new_siglip):
         vit.add_film(cond_dim=16)
-    V.load_openvla_vision(new_dino, new_siglip, sd)
+    C.load_openvla_vision(new_dino, new_siglip, sd)
     x, c = torch.randn(1, 3, 28, 28), torch.randn(1, 16)
     assert_close(new_dino(x, c), dino(x, c))

@@ -34,7 +34,9 @@ from vlakit import (  # noqa: E402
     vision,
 )
 from vlakit.core import TokenRole, TokenSequence  # noqa: E402
+from vlakit.core.checks import set_validation, validation, validation_enabled  # noqa: E402
 from vlakit.model import VLA, VLAInputs, VLAOutput  # noqa: E402
+from vlakit.runner import VLAPrefix, VLARunner  # noqa: E402
 from vlakit.summary import count_parameters, parameter_table  # noqa: E402
 
 
@@ -47,6 +49,11 @@ __all__ = [
     "VLA",
     "VLAInputs",
     "VLAOutput",
+    "VLARunner",
+    "VLAPrefix",
+    "set_validation",
+    "validation",
+    "validation_enabled",
     "TokenRole",
     "TokenSequence",
     "actions",

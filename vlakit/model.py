@@ -1,8 +1,11 @@
 """The VLA model: plumbing from pixels and prompts to actions.
 
-``encoder -> projector -> interleaver (+ extras, action slots) -> pruner -> mask policy ->
-decoder -> head``. Every block is a constructor argument; builders in :mod:`vlakit.models`
-call this constructor with the published blocks.
+``encoder -> projector -> interleaver (+ extras, head tokens) -> pruner -> mask policy ->
+decoder -> head``. Every block is a constructor argument; builders in
+[`vlakit.models`][vlakit.models] call this constructor with the published blocks. The
+head owns its loss and its prediction loop (see [`vlakit.heads`][vlakit.heads]); the model
+only does the plumbing and hands the head a [VLARunner][vlakit.runner.VLARunner] to
+predict through.
 """
 
 import dataclasses
@@ -12,8 +15,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from vlakit.core import MaskPolicy, TokenRole, TokenSequence
-from vlakit.decoders import greedy_generate
-from vlakit.heads import next_token_loss
+from vlakit.heads import HeadTokens, NextTokenHead
+from vlakit.runner import VLARunner
 
 __all__ = ["VLA", "VLAInputs", "VLAOutput"]
 
@@ -51,13 +54,14 @@ class VLAInputs:
 
 @dataclasses.dataclass
 class VLAOutput:
-    """What :meth:`VLA.forward` returns.
+    """What [`VLA.forward`][vlakit.VLA.forward] returns.
 
     Attributes:
-        loss: scalar training loss when targets were given (actions for a model with a head,
-            suffix text for a VLM), else ``None``.
+        loss: scalar training loss when the inputs carry the head's targets (actions for an
+            action head, a suffix for [NextTokenHead][vlakit.heads.NextTokenHead]), else
+            ``None``.
         hidden: ``[b, n, d]`` final hidden states.
-        sequence: the :class:`~vlakit.core.TokenSequence` the decoder ran on.
+        sequence: the [`TokenSequence`][vlakit.core.TokenSequence] the decoder ran on.
         logits: ``[b, n, V]`` when asked for (``return_logits=True``), else ``None``.
     """
 
@@ -72,22 +76,32 @@ class VLA(nn.Module):
 
     Args:
         encoder: pixels ``[b, v, c, h, w]`` -> ``[b, v·p, d_vis]`` (a
-            :class:`~vlakit.vision.VisionEncoder`).
+            [`VisionEncoder`][vlakit.vision.VisionEncoder]). An encoder with FiLM
+            (``encoder.has_film``) is conditioned on the mean of the prompt's input
+            embeddings (OpenVLA-OFT).
         projector: ``[.., d_vis] -> [.., d]``.
-        interleaver: builds the :class:`~vlakit.core.TokenSequence`
-            (:class:`~vlakit.interleave.PrefixInterleaver`,
-            :class:`~vlakit.interleave.PlaceholderInterleaver`).
-        decoder: :class:`~vlakit.decoders.TransformerDecoder` or
-            :class:`~vlakit.decoders.HFDecoder`.
+        interleaver: builds the [`TokenSequence`][vlakit.core.TokenSequence]
+            ([`PrefixInterleaver`][vlakit.interleave.PrefixInterleaver],
+            [`PlaceholderInterleaver`][vlakit.interleave.PlaceholderInterleaver]).
+        decoder: [`TransformerDecoder`][vlakit.decoders.TransformerDecoder] or
+            [`HFDecoder`][vlakit.decoders.HFDecoder].
         mask_policy: the attention mask as a function of the sequence
-            (:class:`~vlakit.core.CausalMask`, :class:`~vlakit.core.PrefixLMMask`, ...).
-        head: action head (e.g. :class:`~vlakit.heads.DiscreteActionHead`); ``None`` makes a
-            VLM (PaliGemma use).
+            ([`CausalMask`][vlakit.core.CausalMask], [`PrefixLMMask`][vlakit.core.PrefixLMMask],
+            ...); the decoder receives its [`MaskSpec`][vlakit.core.MaskSpec].
+        head: the head ([Head][vlakit.heads.Head]): an action head (e.g.
+            [`DiscreteActionHead`][vlakit.heads.DiscreteActionHead]) or, for a
+            vision-language model, [`NextTokenHead`][vlakit.heads.NextTokenHead].
         proprio_projector: ``[b, p] -> [b, d]``, placed as one ``PROPRIO`` token; optional.
         pruner: ``TokenSequence -> TokenSequence`` before the decoder; default identity.
         action_normalizer: normalises target actions and unnormalises predictions
-            (:class:`~vlakit.actions.ActionNormalizer`); optional.
-        proprio_normalizer: normalises proprio; optional.
+            ([`ActionNormalizer`][vlakit.actions.ActionNormalizer]); optional.
+        proprio_normalizer: normalises proprio before the projector; optional.
+
+    Token ids that can be checked when the model is built are: the head's vocabulary ids
+    (an action tokenizer's range) and the interleaver's ``<s>`` and ``</s>`` ids must lie
+    inside the decoder's vocabulary, else a ``ValueError`` names the id. (Placeholder ids are
+    replaced before embedding and may lie outside it.) Ids that reach the embedding at run
+    time are checked there (see [`validation`][vlakit.core.validation]).
     """
 
     def __init__(
@@ -109,12 +123,15 @@ class VLA(nn.Module):
         self.interleaver = interleaver
         self.decoder = decoder
         self.mask_policy = mask_policy
-        self.head = head
+        self.head = NextTokenHead() if head is None else head
         self.proprio_projector = proprio_projector
         self.pruner = pruner if pruner is not None else nn.Identity()
         self.action_normalizer = action_normalizer
         self.proprio_normalizer = proprio_normalizer
         self._check_widths()
+        self._check_vocabulary()
+
+    # -- build-time checks -----------------------------------------------------------------
 
     def _check_widths(self) -> None:
         enc, proj, dec = (
@@ -128,11 +145,54 @@ class VLA(nn.Module):
         if out is not None and dec is not None and out != dec:
             raise ValueError(f"projector gives width {out} but the decoder's hidden size is {dec}")
 
+    def _check_vocabulary(self) -> None:
+        vocab = getattr(self.decoder, "vocab_size", None)
+        if vocab is None:
+            return
+        ids = getattr(self.head, "token_ids", None)
+        if ids is not None and len(ids) and (ids[0] < 0 or ids[-1] >= vocab):
+            raise ValueError(
+                f"{type(self.head).__name__} uses token ids {ids[0]}..{ids[-1]} (its action "
+                f"tokenizer's range), but the decoder's vocabulary has {vocab} tokens (ids "
+                f"0..{vocab - 1}): build the tokenizer with vocab_end <= {vocab}, or a decoder "
+                f"with a larger vocabulary"
+            )
+        # A placeholder id (PaliGemma's image token) is replaced before embedding, so it may
+        # lie outside the vocabulary (pi0's PaliGemma: vocab 257152, placeholder 257152).
+        for name in ("bos_id", "eos_id"):
+            value = getattr(self.interleaver, name, None)
+            if value is not None and not 0 <= value < vocab:
+                raise ValueError(
+                    f"{type(self.interleaver).__name__}.{name}={value} is outside the decoder's "
+                    f"vocabulary of {vocab} tokens (ids 0..{vocab - 1})"
+                )
+
     # -- pieces ----------------------------------------------------------------------------
 
-    def encode_images(self, pixels: Tensor) -> Float[Tensor, "b p d"]:
-        """Preprocessed pixels -> projected image tokens ``[b, v·p, d]``."""
-        return self.projector(self.encoder(pixels))
+    def encode_images(
+        self, pixels: Tensor, condition: Float[Tensor, "b c"] | None = None
+    ) -> Float[Tensor, "b p d"]:
+        """Preprocessed pixels -> projected image tokens ``[b, v·p, d]``; ``condition``
+        is the FiLM language vector for encoders with FiLM."""
+        if condition is None:
+            return self.projector(self.encoder(pixels))
+        return self.projector(self.encoder(pixels, condition=condition))
+
+    def film_condition(self, inputs: VLAInputs) -> Float[Tensor, "b d"]:
+        """FiLM's language vector: the mean of the prompt's input embeddings over its real
+        tokens ``[b, d]`` (OpenVLA-OFT conditions both vision towers on it)."""
+        embeds = self.decoder.embed_tokens(inputs.input_ids)  # [b, t, d]
+        weights = inputs.text_valid.to(embeds.dtype)[..., None]  # [b, t, 1]
+        return (embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def image_tokens(self, inputs: VLAInputs) -> Float[Tensor, "b p d"]:
+        """Projected image tokens of ``inputs`` (FiLM-conditioned when the encoder has it)."""
+        if inputs.pixels is None:
+            raise ValueError("inputs.pixels is required (preprocessed images)")
+        condition = None
+        if getattr(self.encoder, "has_film", False):
+            condition = self.film_condition(inputs)
+        return self.encode_images(inputs.pixels, condition)
 
     def _extras(self, inputs: VLAInputs) -> list[tuple[Tensor, TokenRole]]:
         if inputs.proprio is None:
@@ -144,26 +204,36 @@ class VLA(nn.Module):
             proprio = self.proprio_normalizer.normalize(proprio)
         return [(self.proprio_projector(proprio)[:, None], TokenRole.PROPRIO)]
 
-    def build_sequence(self, inputs: VLAInputs, with_actions: bool) -> TokenSequence:
-        """Run encoder, projector, extras and interleaver (and the pruner)."""
-        if inputs.pixels is None:
-            raise ValueError("inputs.pixels is required")
-        embed = self.decoder.embed_tokens
-        image_tokens = self.encode_images(inputs.pixels)
-        action_embeds = action_ids = None
-        if with_actions:
-            actions = inputs.actions
-            if self.action_normalizer is not None:
-                actions = self.action_normalizer.normalize(actions)
-            action_embeds, action_ids = self.head.action_slots(actions, embed)
+    def place_head_tokens(self, inputs: VLAInputs, with_targets: bool) -> HeadTokens:
+        """The head's tokens: for training (normalised target actions) or prediction."""
+        actions = inputs.actions if with_targets else None
+        if actions is not None and self.action_normalizer is not None:
+            actions = self.action_normalizer.normalize(actions)
+        return self.head.place(actions, self.decoder.embed_tokens)
+
+    def build_sequence(
+        self,
+        inputs: VLAInputs,
+        tokens: HeadTokens,
+        image_tokens: Tensor | None = None,
+    ) -> TokenSequence:
+        """Run encoder, projector, extras and interleaver (and the pruner).
+
+        Args:
+            inputs: the batch.
+            tokens: the head's tokens (from [place_head_tokens][vlakit.VLA.place_head_tokens]).
+            image_tokens: projected image tokens computed earlier, to reuse.
+        """
+        if image_tokens is None:
+            image_tokens = self.image_tokens(inputs)
         seq = self.interleaver(
-            embed,
+            self.decoder.embed_tokens,
             image_tokens,
             inputs.input_ids,
             inputs.text_valid,
-            extras=self._extras(inputs),
-            action_embeds=action_embeds,
-            action_ids=action_ids,
+            extras=self._extras(inputs) + tokens.extras,
+            action_embeds=tokens.action_embeds,
+            action_ids=tokens.action_ids,
             token_type_ids=inputs.token_type_ids,
         )
         return self.pruner(seq)
@@ -171,47 +241,45 @@ class VLA(nn.Module):
     # -- training / scoring ----------------------------------------------------------------
 
     def forward(self, inputs: VLAInputs, return_logits: bool = False) -> VLAOutput:
-        """Run the model; the loss is computed when targets are present.
+        """Run the model; the head's loss is computed when the inputs carry its targets.
 
-        With a head and ``inputs.actions``: the head's loss. Without a head: next-token loss
-        on the suffix text (``token_type_ids == 1``) if there is any. ``return_logits``
-        also returns ``[b, n, V]`` logits.
+        ``return_logits`` also returns ``[b, n, V]`` logits.
         """
-        with_actions = self.head is not None and inputs.actions is not None
-        seq = self.build_sequence(inputs, with_actions)
-        hidden = self.decoder(seq.embeds, self.mask_policy(seq), seq.positions)
+        with_targets = self.head.has_targets(inputs)
+        tokens = self.place_head_tokens(inputs, with_targets)
+        seq = self.build_sequence(inputs, tokens)
+        hidden = self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions)
         loss = None
-        if with_actions:
-            loss = self.head.loss(hidden, seq, self.decoder.logits)
-        elif self.head is None and inputs.token_type_ids is not None:
-            targets = seq.is_suffix & seq.role_mask(TokenRole.TEXT, TokenRole.EOS)
-            if bool(targets[:, 1:].any()):
-                loss = next_token_loss(hidden, seq.token_ids, targets, self.decoder.logits)
+        if with_targets:
+            loss = self.head.loss(hidden, seq, tokens, self.decoder.logits)
         logits = self.decoder.logits(hidden) if return_logits else None
         return VLAOutput(loss=loss, hidden=hidden, sequence=seq, logits=logits)
 
     # -- inference -------------------------------------------------------------------------
 
+    def runner(self, inputs: VLAInputs) -> VLARunner:
+        """The [VLARunner][vlakit.runner.VLARunner] a head predicts through."""
+        return VLARunner(self, inputs)
+
     @torch.no_grad()
     def generate(self, inputs: VLAInputs, max_new_tokens: int) -> Int[Tensor, "b m"]:
         """Greedy text generation after the prompt (VLM use), with the KV cache."""
-        seq = self.build_sequence(inputs, with_actions=False)
-        return greedy_generate(
-            self.decoder,
-            seq.embeds,
-            self.mask_policy(seq),
-            seq.positions,
-            seq.valid,
-            max_new_tokens,
-        )
+        return self.runner(inputs).generate(max_new_tokens)
 
     @torch.no_grad()
     def predict_action(self, inputs: VLAInputs) -> Float[Tensor, "b chunk a"]:
-        """Unnormalised actions ``[b, chunk, a]`` for every example of the batch."""
-        if self.head is None:
-            raise ValueError("this model has no action head (a VLM); use generate()")
-        ids = self.generate(inputs, self.head.num_tokens)
-        actions = self.head.decode_tokens(ids)
+        """Unnormalised actions ``[b, chunk, a]`` for every example of the batch.
+
+        Head-agnostic: the head predicts normalised actions through a runner (generation,
+        one pass with slots, or suffix passes against a cached prefix); the model
+        unnormalises them.
+        """
+        if not callable(getattr(self.head, "predict", None)):
+            raise TypeError(
+                f"this model's head ({type(self.head).__name__}) predicts no actions; use "
+                f"generate() for text"
+            )
+        actions = self.head.predict(self.runner(inputs))
         if self.action_normalizer is not None:
             actions = self.action_normalizer.unnormalize(actions)
         return actions

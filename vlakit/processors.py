@@ -2,10 +2,14 @@
 
 Any transformers tokenizer works (load one from a local folder with
 ``AutoTokenizer.from_pretrained(path)``); images go through the encoder's own
-``preprocess`` (tensors, numpy arrays or PIL images).
+``preprocess`` (tensors, numpy arrays or PIL images). Build a processor with
+``from_model(tokenizer, model)`` so that the preprocessing and the image and action token
+counts come from the model rather than being typed in a second time.
+[`word_tokenizer`][vlakit.processors.word_tokenizer] builds a small tokenizer in memory for
+examples, tests and documentation.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +18,7 @@ from torch import Tensor
 
 from vlakit.model import VLAInputs
 
-__all__ = ["OpenVLAProcessor", "PaliGemmaProcessor", "OPENVLA_PROMPT"]
+__all__ = ["OpenVLAProcessor", "PaliGemmaProcessor", "OPENVLA_PROMPT", "word_tokenizer"]
 
 OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 """OpenVLA's prompt template (the instruction is lower-cased by OpenVLA's callers)."""
@@ -24,10 +28,17 @@ def _as_float_tensor(x: Any, what: str, dims: int) -> Tensor:
     t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
     t = t.to(torch.float32)
     if t.dim() != dims:
-        raise ValueError(f"{what} must have {dims} dims, got shape {tuple(t.shape)}")
+        layout = "[batch, chunk, action_dim]" if dims == 3 else "[batch, proprio_dim]"
+        raise ValueError(
+            f"{what} must have {dims} dims {layout}, but got shape {tuple(t.shape)} "
+            f"({t.dim()} dims)"
+        )
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
-        raise ValueError(f"{what} contains {int(bad.sum())} NaN or infinite values")
+        raise ValueError(
+            f"{what} must be finite, but {int(bad.sum())} of its {t.numel()} values are NaN "
+            f"or infinite"
+        )
     return t
 
 
@@ -43,6 +54,85 @@ def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def _as_list(text: str | Sequence[str]) -> list[str]:
     return [text] if isinstance(text, str) else list(text)
+
+
+def _model_counts(model: Any) -> tuple[Callable[[Any], Tensor], int, int, int | None]:
+    """(preprocess, image tokens per view, action tokens, decoder vocabulary) of a model."""
+    encoder = model.encoder
+    per_view = getattr(encoder, "patches_per_image", None)
+    if per_view is None:
+        per_view = encoder.num_patches()
+    head = getattr(model, "head", None)
+    actions = getattr(head, "num_action_tokens", getattr(head, "num_tokens", 0))
+    vocab = getattr(model.decoder, "vocab_size", None)
+    return encoder.preprocess, int(per_view), int(actions or 0), vocab
+
+
+def _check_ids_in_vocab(ids: dict[str, int | None], vocab: int | None, hint: str = "") -> None:
+    if vocab is None:
+        return
+    for name, value in ids.items():
+        if value is not None and not 0 <= value < vocab:
+            raise ValueError(
+                f"{name}={value} is outside the decoder's vocabulary: ids must lie in "
+                f"0..{vocab - 1} (vocab_size={vocab}){hint}"
+            )
+
+
+def _token_id(tokenizer: Any, token: int | str | None) -> int | None:
+    """An id as given, or the id of a token string in the tokenizer (``None`` if absent)."""
+    if token is None or isinstance(token, int):
+        return token
+    return tokenizer.get_vocab().get(token)
+
+
+def word_tokenizer(
+    texts: str | Iterable[str],
+    specials: Sequence[str] = ("<pad>", "<s>", "</s>", "<unk>"),
+) -> Any:
+    """A small word-level transformers tokenizer built in memory, for examples and tests.
+
+    Nothing is downloaded: the vocabulary is ``specials`` (ids ``0..len(specials) - 1``;
+    by default ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3) followed by every distinct
+    word and punctuation mark of ``texts``, in the order first seen. Text is split on
+    whitespace and punctuation; words it was not built from become ``<unk>``. It is a
+    ``PreTrainedTokenizerFast`` and can be saved with ``save_pretrained`` and loaded back
+    with ``AutoTokenizer.from_pretrained``. With a real model, load the model's tokenizer
+    with ``AutoTokenizer.from_pretrained(path)`` instead.
+
+    Args:
+        texts: one string or several, e.g. the instructions and
+            [`OPENVLA_PROMPT`][vlakit.processors.OPENVLA_PROMPT].
+        specials: pad, bos, eos and unknown tokens, in that order.
+
+    Example:
+        ```python
+        from vlakit.processors import word_tokenizer
+
+        tokenizer = word_tokenizer(["pick up the red block", "open the drawer"])
+        tokenizer("open the red drawer")["input_ids"]   # [1, 9, 6, 7, 10, 2]: <s> ... </s>
+        ```
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for text in _as_list(texts) if isinstance(texts, str) else texts:
+        for word, _ in pre.pre_tokenize_str(text):
+            vocab.setdefault(word, len(vocab))
+    pad, bos, eos, unk = specials
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
+        special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk
+    )
 
 
 class _Processor:
@@ -67,17 +157,29 @@ class _Processor:
         if pixels.dim() == 4:
             pixels = pixels[:, None]  # one view
         if pixels.shape[0] != batch:
-            raise ValueError(f"got {pixels.shape[0]} images (or image sets) for {batch} prompts")
+            raise ValueError(
+                f"expected one image (or one stack of views) per prompt, but got "
+                f"{pixels.shape[0]} images (or image sets) for {batch} prompts"
+            )
         return pixels
 
-    def _check_length(self, rows: list[list[int]], extra: int, what: str) -> None:
+    def _check_length(
+        self, rows: list[list[int]], extras: list[tuple[str, int]], row_name: str = "prompt {i}"
+    ) -> None:
+        """``extras``: what follows each row, as (name, token count) pairs."""
         if self.max_length is None:
             return
+        extra = sum(n for _, n in extras)
+        parts = [f"{name} ({n})" for name, n in extras if n]
+        listed = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)
         for i, r in enumerate(rows):
             if len(r) + extra > self.max_length:
                 raise ValueError(
-                    f"prompt {i} has {len(r)} tokens; with {extra} {what} it exceeds "
-                    f"max_length={self.max_length}: no room for the action slots"
+                    f"{row_name.format(i=i)} is {len(r)} tokens long"
+                    + (f"; with {listed} the sequence would be {len(r) + extra} tokens" if parts
+                       else "")
+                    + f", over max_length={self.max_length}: no room for the action slots "
+                    f"(shorten the prompt or raise max_length)"
                 )
 
     def _actions_and_proprio(self, actions: Any, proprio: Any, batch: int):
@@ -85,27 +187,41 @@ class _Processor:
         if actions is not None:
             a = _as_float_tensor(actions, "actions", 3)
             if a.shape[0] != batch:
-                raise ValueError(f"got actions for {a.shape[0]} examples, prompts for {batch}")
+                raise ValueError(
+                    f"expected actions for each of the {batch} prompts, but got actions for "
+                    f"{a.shape[0]} examples"
+                )
         if proprio is not None:
             p = _as_float_tensor(proprio, "proprio", 2)
             if p.shape[0] != batch:
-                raise ValueError(f"got proprio for {p.shape[0]} examples, prompts for {batch}")
+                raise ValueError(
+                    f"expected proprio for each of the {batch} prompts, but got proprio for "
+                    f"{p.shape[0]} examples"
+                )
         return a, p
 
 
 class OpenVLAProcessor(_Processor):
-    """Batches for the OpenVLA family (:class:`~vlakit.interleave.PrefixInterleaver`).
+    """Batches for the OpenVLA family ([`PrefixInterleaver`][vlakit.interleave.PrefixInterleaver]).
 
     Each instruction is formatted with ``prompt_template``, tokenized without special
     tokens (the interleaver adds ``<s>``; the ``</s>`` follows the action slots in
-    training), and ``append_token_id`` (OpenVLA: 29871, the empty ``"▁"`` piece) is
-    appended when the prompt does not already end with it. Prompts are right-padded.
+    training), and ``append_token_id`` is appended when the prompt does not already end
+    with it: by default the id of the empty ``"▁"`` piece when the tokenizer has one
+    (OpenVLA's Llama-2 tokenizer: 29871), else nothing. Prompts are right-padded.
+
+    With a model at hand, build it with
+    [`from_model`][vlakit.processors.OpenVLAProcessor.from_model], which takes the
+    preprocessing and the action token count from the model and checks the ids against the
+    decoder's vocabulary.
 
     Args:
         tokenizer: a transformers tokenizer.
         preprocess: the encoder's ``preprocess`` (e.g. ``model.encoder.preprocess``).
         prompt_template: with an ``{instruction}`` field.
-        append_token_id: appended to every prompt unless already last; ``None``: never.
+        append_token_id: appended to every prompt unless already last: an id, a token
+            string looked up in the tokenizer (default ``"▁"``; nothing is appended if the
+            tokenizer lacks it), or ``None`` for never.
         num_action_tokens: tokens the action slots take (for the ``max_length`` check).
         max_length: longest allowed sequence of prompt + action slots + ``</s>``.
         pad_id: padding id (default: the tokenizer's pad token, else 0).
@@ -116,15 +232,41 @@ class OpenVLAProcessor(_Processor):
         tokenizer: Any,
         preprocess: Callable[[Any], Tensor],
         prompt_template: str = OPENVLA_PROMPT,
-        append_token_id: int | None = 29871,
+        append_token_id: int | str | None = "▁",
         num_action_tokens: int = 0,
         max_length: int | None = None,
         pad_id: int | None = None,
     ) -> None:
         super().__init__(tokenizer, preprocess, pad_id, max_length)
         self.prompt_template = prompt_template
-        self.append_token_id = append_token_id
+        self.append_token_id = _token_id(tokenizer, append_token_id)
         self.num_action_tokens = num_action_tokens
+
+    @classmethod
+    def from_model(cls, tokenizer: Any, model: Any, **kwargs: Any) -> "OpenVLAProcessor":
+        """A processor for ``model``: its encoder's ``preprocess`` and its head's action
+        token count (for the ``max_length`` check), with the appended and padding ids
+        checked against the decoder's vocabulary.
+
+        Args:
+            tokenizer: a transformers tokenizer.
+            model: a [`VLA`][vlakit.VLA] (anything with ``encoder.preprocess``, ``head``
+                and ``decoder.vocab_size``).
+            **kwargs: the constructor's other arguments (``prompt_template``,
+                ``append_token_id``, ``max_length``, ``pad_id``); ``preprocess`` and
+                ``num_action_tokens`` may be given to override the model's.
+        """
+        preprocess, _, actions, vocab = _model_counts(model)
+        kwargs.setdefault("preprocess", preprocess)
+        kwargs.setdefault("num_action_tokens", actions)
+        processor = cls(tokenizer, **kwargs)
+        _check_ids_in_vocab(
+            {"append_token_id": processor.append_token_id, "pad_id": processor.pad_id},
+            vocab,
+            "; pass append_token_id=None to append nothing, or the id of a token the "
+            "decoder has",
+        )
+        return processor
 
     def prompt_ids(self, instruction: str) -> list[int]:
         ids = self._tokenize(self.prompt_template.format(instruction=instruction))
@@ -139,7 +281,7 @@ class OpenVLAProcessor(_Processor):
         actions: Any = None,
         proprio: Any = None,
     ) -> VLAInputs:
-        """Build :class:`~vlakit.model.VLAInputs`.
+        """Build [`VLAInputs`][vlakit.VLAInputs].
 
         Args:
             images: ``[b, 3, H, W]`` / ``[b, v, 3, H, W]`` tensors or arrays, or PIL images.
@@ -148,7 +290,9 @@ class OpenVLAProcessor(_Processor):
             proprio: raw ``[b, p]`` state, optional.
         """
         rows = [self.prompt_ids(text) for text in _as_list(instructions)]
-        self._check_length(rows, 1 + self.num_action_tokens + 1, "BOS + action tokens + EOS")
+        self._check_length(
+            rows, [("<s>", 1), ("action slots", self.num_action_tokens), ("</s>", 1)]
+        )
         ids, valid = _pad_right(rows, self.pad_id)
         a, p = self._actions_and_proprio(actions, proprio, len(rows))
         return VLAInputs(
@@ -161,7 +305,8 @@ class OpenVLAProcessor(_Processor):
 
 
 class PaliGemmaProcessor(_Processor):
-    """Batches for the PaliGemma family (:class:`~vlakit.interleave.PlaceholderInterleaver`).
+    """Batches for the PaliGemma family
+    ([`PlaceholderInterleaver`][vlakit.interleave.PlaceholderInterleaver]).
 
     Builds ``<image> * (num_image_tokens * views), <bos>, prompt, "\\n"`` as the prefix
     (``token_type_ids`` 0) and, when a suffix is given, ``suffix, <eos>`` as the suffix
@@ -199,6 +344,47 @@ class PaliGemmaProcessor(_Processor):
         self.eos_id = eos_id if eos_id is not None else tokenizer.eos_token_id
         self.num_action_tokens = num_action_tokens
 
+    @classmethod
+    def from_model(cls, tokenizer: Any, model: Any, **kwargs: Any) -> "PaliGemmaProcessor":
+        """A processor for ``model``: its encoder's ``preprocess`` and image tokens per
+        view, the interleaver's placeholder (and ``<bos>``/``<eos>``) ids, and the head's
+        action token count; every id is checked against the decoder's vocabulary.
+
+        Args:
+            tokenizer: a transformers tokenizer.
+            model: a [`VLA`][vlakit.VLA] with a
+                [`PlaceholderInterleaver`][vlakit.interleave.PlaceholderInterleaver].
+            **kwargs: the constructor's other arguments (``pad_id``, ``max_length``); any
+                argument taken from the model may be given to override it.
+        """
+        preprocess, per_view, actions, vocab = _model_counts(model)
+        interleaver = model.interleaver
+        kwargs.setdefault("preprocess", preprocess)
+        kwargs.setdefault("num_image_tokens", per_view)
+        kwargs.setdefault("num_action_tokens", actions)
+        if "image_token_id" not in kwargs:
+            if getattr(interleaver, "image_token_id", None) is None:
+                raise ValueError(
+                    f"expected a model whose interleaver has an image_token_id (a "
+                    f"PlaceholderInterleaver), but its interleaver is a "
+                    f"{type(interleaver).__name__}: pass image_token_id=..."
+                )
+            kwargs["image_token_id"] = interleaver.image_token_id
+        for name in ("bos_id", "eos_id"):
+            if kwargs.get(name) is None and getattr(interleaver, name, None) is not None:
+                kwargs[name] = getattr(interleaver, name)
+        processor = cls(tokenizer, **kwargs)
+        _check_ids_in_vocab(
+            {
+                "image_token_id": processor.image_token_id,
+                "bos_id": processor.bos_id,
+                "eos_id": processor.eos_id,
+                "pad_id": processor.pad_id,
+            },
+            vocab,
+        )
+        return processor
+
     def __call__(
         self,
         images: Any,
@@ -207,7 +393,8 @@ class PaliGemmaProcessor(_Processor):
         actions: Any = None,
         proprio: Any = None,
     ) -> VLAInputs:
-        """Build :class:`~vlakit.model.VLAInputs` (arguments as :class:`OpenVLAProcessor`,
+        """Build [`VLAInputs`][vlakit.VLAInputs] (arguments as
+        [`OpenVLAProcessor`][vlakit.processors.OpenVLAProcessor],
         plus optional target ``suffixes``)."""
         prompts = _as_list(prompts)
         pixels = self._pixels(images, len(prompts))
@@ -215,13 +402,20 @@ class PaliGemmaProcessor(_Processor):
         rows, types = [], []
         suffix_list = _as_list(suffixes) if suffixes is not None else [None] * len(prompts)
         if len(suffix_list) != len(prompts):
-            raise ValueError(f"got {len(suffix_list)} suffixes for {len(prompts)} prompts")
+            raise ValueError(
+                f"expected one suffix per prompt, but got {len(suffix_list)} suffixes for "
+                f"{len(prompts)} prompts"
+            )
         for prompt, suffix in zip(prompts, suffix_list):
             prefix = placeholders + [self.bos_id] + self._tokenize(prompt + "\n")
             tail = [] if suffix is None else self._tokenize(suffix) + [self.eos_id]
             rows.append(prefix + tail)
             types.append([0] * len(prefix) + [1] * len(tail))
-        self._check_length(rows, self.num_action_tokens, "action tokens")
+        self._check_length(
+            rows,
+            [("action slots", self.num_action_tokens)],
+            "example {i} (image tokens, <bos>, prompt and suffix)",
+        )
         ids, valid = _pad_right(rows, self.pad_id)
         token_type_ids, _ = _pad_right(types, 0)
         a, p = self._actions_and_proprio(actions, proprio, len(prompts))

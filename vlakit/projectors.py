@@ -4,11 +4,14 @@ Every projector declares ``in_dim`` / ``out_dim`` and raises a ``ValueError`` na
 expected and actual width when its input does not match. Parameter names follow the
 reference checkpoints so that their weights load without renaming:
 
-- :class:`LinearProjector`: ``linear`` (PaliGemma ``multi_modal_projector.linear``).
-- :class:`MLPProjector`: ``fc1, fc2, ...`` (OpenVLA ``projector.fc{1,2,3}``).
-- :class:`PixelShuffleProjector`: ``proj`` (Idefics3/SmolVLM
+- [`LinearProjector`][vlakit.projectors.LinearProjector]: ``linear`` (PaliGemma
+  ``multi_modal_projector.linear``).
+- [`MLPProjector`][vlakit.projectors.MLPProjector]: ``fc1, fc2, ...`` (OpenVLA
+  ``projector.fc{1,2,3}``).
+- [`PixelShuffleProjector`][vlakit.projectors.PixelShuffleProjector]: ``proj`` (Idefics3/SmolVLM
   ``connector.modality_projection.proj``).
-- :class:`ProprioProjector`: ``fc1, fc2`` (OpenVLA-OFT ``ProprioProjector``).
+- [`ProprioProjector`][vlakit.projectors.ProprioProjector]: ``fc1, fc2`` (OpenVLA-OFT
+  ``ProprioProjector``).
 
 Imports nothing else of vlakit.
 """

@@ -3,6 +3,33 @@
 Lives beside the model code, not inside it: blocks never import this package.
 """
 
+from vlakit.convert.decoders import (
+    HF_DECODER_RULES,
+    convert_hf_decoder_state_dict,
+    decoder_from_transformers,
+    load_hf_decoder_state_dict,
+)
 from vlakit.convert.rename import Rules, rename_keys
+from vlakit.convert.vision import (
+    load_openvla_vision,
+    openvla_vision_state_dicts,
+    timm_to_vit,
+    transformers_siglip_to_vit,
+    vit_from_timm,
+    vit_from_transformers,
+)
 
-__all__ = ["Rules", "rename_keys"]
+__all__ = [
+    "Rules",
+    "rename_keys",
+    "HF_DECODER_RULES",
+    "convert_hf_decoder_state_dict",
+    "load_hf_decoder_state_dict",
+    "decoder_from_transformers",
+    "vit_from_timm",
+    "vit_from_transformers",
+    "timm_to_vit",
+    "transformers_siglip_to_vit",
+    "openvla_vision_state_dicts",
+    "load_openvla_vision",
+]

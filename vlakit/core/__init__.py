@@ -4,9 +4,11 @@ Imports nothing else of vlakit.
 """
 
 from vlakit.core.checkpoint import CheckpointError, load_checked
+from vlakit.core.checks import set_validation, validation, validation_enabled
 from vlakit.core.init import init_parameters
 from vlakit.core.linear import LinearFactory
 from vlakit.core.masks import (
+    MaskSpec,
     bidirectional_mask,
     causal_mask,
     check_mask_shape,
@@ -38,9 +40,13 @@ __all__ = [
     "prefix_lm_mask",
     "positions_from_valid",
     "check_mask_shape",
+    "MaskSpec",
     "MaskPolicy",
     "CausalMask",
     "BidirectionalMask",
     "PrefixLMMask",
     "RoleBlockMask",
+    "set_validation",
+    "validation",
+    "validation_enabled",
 ]

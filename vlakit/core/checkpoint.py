@@ -28,7 +28,8 @@ def load_checked(
 
     Keys under ``module.dropped_prefixes`` (parts a block removed, e.g. ``ViT.truncate()``)
     and under ``ignore_prefixes`` are skipped. A module on the ``meta`` device gets the
-    checkpoint tensors assigned instead of copied. Raises :class:`CheckpointError` for an
+    checkpoint tensors assigned instead of copied. Raises
+    [`CheckpointError`][vlakit.core.CheckpointError] for an
     unexpected key, a missing key, or a shape mismatch.
     """
     own = module.state_dict()

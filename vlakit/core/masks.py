@@ -28,6 +28,7 @@ __all__ = [
     "prefix_lm_mask",
     "positions_from_valid",
     "check_mask_shape",
+    "MaskSpec",
 ]
 
 
@@ -100,3 +101,45 @@ def check_mask_shape(mask: Tensor, batch: int, queries: int, keys: int) -> None:
                 f"attention mask {name} dimension is {got}, expected {want} "
                 f"(mask shape {tuple(mask.shape)}, expected [{batch}, {queries}, {keys}])"
             )
+
+
+class MaskSpec:
+    """What a mask policy knows about a sequence's attention, before it is made dense.
+
+    A dense ``[b, n, n]`` boolean keeps ``scaled_dot_product_attention`` off its fused
+    kernels; a decoder that receives a ``MaskSpec`` instead can choose: SDPA's
+    ``is_causal`` fast path when `is_causal` holds, else the dense mask from
+    `dense`. Both give the same hidden states at every real token.
+
+    Args:
+        segment_ids: ``[b, n]`` segment per token (see [`segment_mask`][vlakit.core.segment_mask]).
+        valid: ``[b, n]`` ``True`` for real tokens.
+        is_causal: ``True`` when, at every real query, the mask equals the plain causal
+            mask (a causal policy over a right-padded sequence: real tokens never see the
+            padding after them). Padding queries may differ; their outputs are ignored.
+    """
+
+    __slots__ = ("segment_ids", "valid", "is_causal")
+
+    def __init__(
+        self,
+        segment_ids: Int[Tensor, "b n"],
+        valid: Bool[Tensor, "b n"],
+        is_causal: bool = False,
+    ) -> None:
+        self.segment_ids = segment_ids
+        self.valid = valid
+        self.is_causal = is_causal
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(b, n, n)``: the shape of `dense`."""
+        b, n = self.valid.shape
+        return (b, n, n)
+
+    def dense(self) -> Bool[Tensor, "b n n"]:
+        """The boolean mask ``[b, n, n]`` (``True`` = may attend)."""
+        return segment_mask(self.segment_ids, self.valid)
+
+    def __repr__(self) -> str:
+        return f"MaskSpec(shape={self.shape}, is_causal={self.is_causal})"

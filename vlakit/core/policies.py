@@ -1,16 +1,17 @@
-"""Mask policies: functions of a :class:`TokenSequence` that return its attention mask.
+"""Mask policies: functions of a [`TokenSequence`][vlakit.core.TokenSequence] that return its
+attention mask.
 
 A VLA model holds one policy; the decoder receives the mask it returns. All are built on
-:func:`vlakit.core.masks.segment_mask`.
+[`vlakit.core.masks.segment_mask`][vlakit.core.segment_mask].
 """
 
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Int
 from torch import Tensor
 
-from vlakit.core.masks import bidirectional_mask, causal_mask, prefix_lm_mask, segment_mask
+from vlakit.core.masks import MaskSpec
 from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import TokenSequence
 
@@ -18,10 +19,28 @@ __all__ = ["MaskPolicy", "CausalMask", "BidirectionalMask", "PrefixLMMask", "Rol
 
 
 class MaskPolicy:
-    """Base class: ``policy(seq) -> [b, n, n]`` boolean mask (``True`` = may attend)."""
+    """Base class: ``policy.spec(seq)`` says what the policy knows (a
+    [MaskSpec][vlakit.core.MaskSpec]: segment ids, validity, whether it is plainly causal);
+    ``policy(seq)`` is the dense ``[b, n, n]`` boolean mask (``True`` = may attend).
+
+    A subclass defines [`segment_ids`][vlakit.core.MaskPolicy.segment_ids] (and
+    [`is_causal`][vlakit.core.MaskPolicy.is_causal] if it can be).
+    """
+
+    def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
+        """``[b, n]`` segment per token (see [segment_mask][vlakit.core.segment_mask])."""
+        raise TypeError(f"{type(self).__name__} does not define a mask")
+
+    def is_causal(self, seq: TokenSequence) -> bool:
+        """Whether the mask equals the plain causal mask at every real token of ``seq``."""
+        return False
+
+    def spec(self, seq: TokenSequence) -> MaskSpec:
+        """What the decoder needs to pick a fast attention path."""
+        return MaskSpec(self.segment_ids(seq), seq.valid, self.is_causal(seq))
 
     def __call__(self, seq: TokenSequence) -> Bool[Tensor, "b n n"]:
-        raise TypeError(f"{type(self).__name__} does not define a mask")
+        return self.spec(seq).dense()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -30,22 +49,27 @@ class MaskPolicy:
 class CausalMask(MaskPolicy):
     """Every token sees itself and the real tokens before it (OpenVLA, Llama)."""
 
-    def __call__(self, seq: TokenSequence) -> Bool[Tensor, "b n n"]:
-        return causal_mask(seq.valid)
+    def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
+        b, n = seq.valid.shape
+        return torch.arange(n, device=seq.valid.device).expand(b, n)
+
+    def is_causal(self, seq: TokenSequence) -> bool:
+        # Padding only at row ends: real tokens never see it under plain causal attention.
+        return seq.right_padded
 
 
 class BidirectionalMask(MaskPolicy):
     """Every real token sees every real token (OpenVLA-OFT's parallel decoding)."""
 
-    def __call__(self, seq: TokenSequence) -> Bool[Tensor, "b n n"]:
-        return bidirectional_mask(seq.valid)
+    def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
+        return torch.zeros_like(seq.valid, dtype=torch.long)
 
 
 class PrefixLMMask(MaskPolicy):
     """Prefix both ways, suffix (``seq.is_suffix``) causally (PaliGemma)."""
 
-    def __call__(self, seq: TokenSequence) -> Bool[Tensor, "b n n"]:
-        return prefix_lm_mask(seq.is_suffix, seq.valid)
+    def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
+        return torch.cumsum(seq.is_suffix.long(), dim=1)
 
 
 class RoleBlockMask(MaskPolicy):
@@ -71,11 +95,9 @@ class RoleBlockMask(MaskPolicy):
                 self.block_of[int(role)] = index
         self.blocks = [sorted(TokenRole(r) for r in block) for block in blocks]
 
-    def __call__(self, seq: TokenSequence) -> Bool[Tensor, "b n n"]:
-        table = torch.zeros(len(TokenRole), dtype=torch.long, device=seq.roles.device)
-        for role, block in self.block_of.items():
-            table[role] = block
-        return segment_mask(table[seq.roles], seq.valid)
+    def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
+        table = [self.block_of.get(int(role), 0) for role in TokenRole]
+        return torch.tensor(table, dtype=torch.long, device=seq.roles.device)[seq.roles]
 
     def __repr__(self) -> str:
         names = [[r.name for r in block] for block in self.blocks]

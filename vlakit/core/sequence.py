@@ -20,7 +20,7 @@ class TokenSequence:
 
     Attributes:
         embeds: ``[b, n, d]`` input embeddings.
-        roles: ``[b, n]`` :class:`TokenRole` values (``PAD`` on padding).
+        roles: ``[b, n]`` [`TokenRole`][vlakit.core.TokenRole] values (``PAD`` on padding).
         positions: ``[b, n]`` RoPE positions.
         valid: ``[b, n]`` ``True`` for real tokens, ``False`` for padding.
         is_suffix: ``[b, n]`` ``True`` for tokens of the causal suffix in a prefix-LM split
@@ -28,8 +28,12 @@ class TokenSequence:
         token_ids: ``[b, n]`` vocabulary id of each token, ``IGNORE_ID`` (-100) for tokens
             that have none (image patches, proprio, padding). Language-model losses read
             their targets here.
+        right_padded: a static fact, not a tensor: every row's padding sits at its end
+            (the interleavers guarantee it). A causal mask policy uses it to let the
+            decoder take SDPA's ``is_causal`` fast path.
 
-    Blocks that drop or reorder tokens (pruners) use :meth:`gather`, which keeps every
+    Blocks that drop or reorder tokens (pruners) use [`gather`][vlakit.core.TokenSequence.gather],
+    which keeps every
     field in step.
     """
 
@@ -39,6 +43,7 @@ class TokenSequence:
     valid: Bool[Tensor, "b n"]
     is_suffix: Bool[Tensor, "b n"]
     token_ids: Int[Tensor, "b n"]
+    right_padded: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -68,5 +73,19 @@ class TokenSequence:
         )
 
     def replace(self, **changes) -> "TokenSequence":
-        """A copy with some fields replaced (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields replaced (traceable by ``torch.compile``, unlike
+        ``dataclasses.replace``)."""
+        fields = {
+            "embeds": self.embeds,
+            "roles": self.roles,
+            "positions": self.positions,
+            "valid": self.valid,
+            "is_suffix": self.is_suffix,
+            "token_ids": self.token_ids,
+            "right_padded": self.right_padded,
+        }
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"TokenSequence has no field {sorted(unknown)[0]!r}")
+        fields.update(changes)
+        return TokenSequence(**fields)

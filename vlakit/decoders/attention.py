@@ -5,6 +5,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from vlakit.core.linear import LinearFactory
 from vlakit.decoders.cache import KVCache
 from vlakit.decoders.rope import apply_rotary
 
@@ -23,6 +24,8 @@ class Attention(nn.Module):
         qkv_bias: bias on the q/k/v projections (Qwen2 style).
         out_bias: bias on the output projection.
         scale: softmax scale; ``None`` means ``1 / sqrt(head_dim)``.
+        linear: builds ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, called as
+            ``linear(in_features, out_features, bias=...)`` (default ``nn.Linear``).
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         out_bias: bool = False,
         scale: float | None = None,
+        linear: LinearFactory = nn.Linear,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -44,31 +48,44 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
-        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=out_bias)
+        self.q_proj = linear(dim, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = linear(num_heads * head_dim, dim, bias=out_bias)
 
     def forward(
         self,
         x: Float[Tensor, "b q d"],
         cos: Float[Tensor, "b q hd"],
         sin: Float[Tensor, "b q hd"],
-        mask: Bool[Tensor, "b q k"],
+        mask: Bool[Tensor, "b q k"] | None,
         cache: KVCache | None = None,
-        layer_idx: int = 0,
+        layer_idx: int | None = None,
     ) -> Float[Tensor, "b q d"]:
+        """Attend.
+
+        Args:
+            x: ``[b, q, d]`` normalised inputs.
+            cos: ``[b, q, hd]`` RoPE cosines. sin: likewise sines.
+            mask: ``[b, q, k]`` boolean (``True`` = may attend), or ``None`` for plain causal
+                attention over ``q == k`` tokens (SDPA's ``is_causal`` fast path).
+            cache: optional [KVCache][vlakit.decoders.KVCache].
+            layer_idx: this layer's slot in ``cache``; required with a cache.
+        """
         q = rearrange(self.q_proj(x), "b n (h hd) -> b h n hd", h=self.num_heads)
         k = rearrange(self.k_proj(x), "b n (h hd) -> b h n hd", h=self.num_kv_heads)
         v = rearrange(self.v_proj(x), "b n (h hd) -> b h n hd", h=self.num_kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer_idx, k, v)  # [b, h_kv, cached + q, hd]
+            if layer_idx is None:
+                raise ValueError("Attention got a cache but no layer_idx: pass the layer's index")
+            k, v = cache.update(layer_idx, k, v)  # [b, h_kv, keys, hd]
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=mask[:, None],  # [b, 1, q, k]: broadcast over heads
+            attn_mask=None if mask is None else mask[:, None],  # [b, 1, q, k]: all heads
+            is_causal=mask is None,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )

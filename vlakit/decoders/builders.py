@@ -8,8 +8,13 @@ sizes. Build on the ``meta`` device to count parameters without allocating::
         model = llama2_7b()
 """
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 
+from vlakit.core.linear import LinearFactory
 from vlakit.decoders.attention import Attention
 from vlakit.decoders.embedding import TokenEmbedding
 from vlakit.decoders.layer import DecoderLayer
@@ -28,17 +33,20 @@ def transformer_decoder(
     num_layers: int,
     num_heads: int,
     num_kv_heads: int,
-    hidden_dim: int,
+    mlp_dim: int,
     head_dim: int | None = None,
     activation: nn.Module,
     norm_eps: float,
     norm_unit_offset: bool,
-    embed_scale: bool,
+    scale_by_sqrt_dim: bool,
     tie_embeddings: bool,
     rope_base: float = 10000.0,
     max_seq_len: int = 4096,
     qkv_bias: bool = False,
     attn_scale: float | None = None,
+    linear: LinearFactory = nn.Linear,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> TransformerDecoder:
     """Component builder with every knob of a Llama/Gemma-style decoder.
 
@@ -48,17 +56,22 @@ def transformer_decoder(
         num_layers: number of decoder layers.
         num_heads: query heads; ``head_dim * num_heads`` need not equal ``dim``.
         num_kv_heads: key/value heads (divides ``num_heads``).
-        hidden_dim: MLP inner width.
+        mlp_dim: MLP inner width.
         head_dim: per-head width; default ``dim // num_heads`` (which must then divide).
         activation: MLP gate activation (``nn.SiLU()``: SwiGLU; tanh GELU: GeGLU).
         norm_eps: RMSNorm epsilon.
         norm_unit_offset: RMSNorm as ``(1 + w) * x`` (Gemma) instead of ``w * x``.
-        embed_scale: multiply token embeddings by ``sqrt(d)`` (Gemma).
+        scale_by_sqrt_dim: multiply token embeddings by ``sqrt(d)`` (Gemma).
         tie_embeddings: LM head shares the embedding matrix.
         rope_base: RoPE theta.
         max_seq_len: positions must be below this.
         qkv_bias: bias on q/k/v projections.
         attn_scale: softmax scale, default ``1/sqrt(head_dim)``.
+        linear: factory for the attention and MLP projections, called as
+            ``linear(in_features, out_features, bias=...)`` (LoRA, quantised, FP8 linears).
+            The LM head stays a plain ``nn.Linear`` (or tied to the embedding).
+        dtype: parameter dtype, built directly (default: torch's default dtype).
+        device: where to build (``"meta"`` to count parameters without memory).
     """
     if head_dim is None:
         if dim % num_heads:
@@ -73,25 +86,32 @@ def transformer_decoder(
     def norm() -> RMSNorm:
         return RMSNorm(dim, eps=norm_eps, unit_offset=norm_unit_offset)
 
-    layers = [
-        DecoderLayer(
-            attn=Attention(
-                dim, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, scale=attn_scale
-            ),
-            mlp=GatedMLP(dim, hidden_dim, activation),
-            attn_norm=norm(),
-            mlp_norm=norm(),
+    with _building(dtype, device):
+        layers = [
+            DecoderLayer(
+                attn=Attention(
+                    dim,
+                    num_heads,
+                    num_kv_heads,
+                    head_dim,
+                    qkv_bias=qkv_bias,
+                    scale=attn_scale,
+                    linear=linear,
+                ),
+                mlp=GatedMLP(dim, mlp_dim, activation, linear=linear),
+                attn_norm=norm(),
+                mlp_norm=norm(),
+            )
+            for _ in range(num_layers)
+        ]
+        return TransformerDecoder(
+            embed=TokenEmbedding(vocab_size, dim, scale_by_sqrt_dim=scale_by_sqrt_dim),
+            layers=layers,
+            norm=norm(),
+            rope=RotaryEmbedding(head_dim, base=rope_base),
+            lm_head=None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False),
+            max_seq_len=max_seq_len,
         )
-        for _ in range(num_layers)
-    ]
-    return TransformerDecoder(
-        embed=TokenEmbedding(vocab_size, dim, scale_by_sqrt_dim=embed_scale),
-        layers=layers,
-        norm=norm(),
-        rope=RotaryEmbedding(head_dim, base=rope_base),
-        lm_head=None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False),
-        max_seq_len=max_seq_len,
-    )
 
 
 def llama(
@@ -101,31 +121,41 @@ def llama(
     num_layers: int,
     num_heads: int,
     num_kv_heads: int | None = None,
-    hidden_dim: int,
+    mlp_dim: int,
     head_dim: int | None = None,
     norm_eps: float = 1e-5,
     rope_base: float = 10000.0,
     max_seq_len: int = 4096,
     tie_embeddings: bool = False,
     qkv_bias: bool = False,
+    linear: LinearFactory = nn.Linear,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> TransformerDecoder:
-    """Llama-family decoder: SwiGLU, ``w * x`` RMSNorm, unscaled embeddings, untied head."""
+    """Llama-family decoder: SwiGLU, ``w * x`` RMSNorm, unscaled embeddings, untied head.
+
+    Arguments as in [`transformer_decoder`][vlakit.decoders.transformer_decoder];
+    ``num_kv_heads`` defaults to ``num_heads``.
+    """
     return transformer_decoder(
         vocab_size=vocab_size,
         dim=dim,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads or num_heads,
-        hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim,
         head_dim=head_dim,
         activation=nn.SiLU(),
         norm_eps=norm_eps,
         norm_unit_offset=False,
-        embed_scale=False,
+        scale_by_sqrt_dim=False,
         tie_embeddings=tie_embeddings,
         rope_base=rope_base,
         max_seq_len=max_seq_len,
         qkv_bias=qkv_bias,
+        linear=linear,
+        dtype=dtype,
+        device=device,
     )
 
 
@@ -137,39 +167,65 @@ def gemma(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    hidden_dim: int,
+    mlp_dim: int,
     norm_eps: float = 1e-6,
     rope_base: float = 10000.0,
     max_seq_len: int = 8192,
     tie_embeddings: bool = True,
+    linear: LinearFactory = nn.Linear,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> TransformerDecoder:
     """Gemma-family decoder: GeGLU (tanh GELU), ``(1 + w) * x`` RMSNorm, ``sqrt(d)``-scaled
-    embeddings, tied head."""
+    embeddings, tied head.
+
+    Arguments as in [`transformer_decoder`][vlakit.decoders.transformer_decoder].
+    """
     return transformer_decoder(
         vocab_size=vocab_size,
         dim=dim,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim,
         head_dim=head_dim,
         activation=nn.GELU(approximate="tanh"),
         norm_eps=norm_eps,
         norm_unit_offset=True,
-        embed_scale=True,
+        scale_by_sqrt_dim=True,
         tie_embeddings=tie_embeddings,
         rope_base=rope_base,
         max_seq_len=max_seq_len,
+        linear=linear,
+        dtype=dtype,
+        device=device,
     )
 
 
 def llama2_7b(
-    vocab_size: int = 32000, rms_norm_eps: float = 1e-5, max_seq_len: int = 4096
+    vocab_size: int = 32000,
+    norm_eps: float = 1e-5,
+    max_seq_len: int = 4096,
+    *,
+    rms_norm_eps: float | None = None,
+    linear: LinearFactory = nn.Linear,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> TransformerDecoder:
     """Llama-2-7B: 32 layers, d=4096, 32 heads (MHA), MLP 11008, untied head.
 
     6,738,415,616 parameters with ``vocab_size=32000``; OpenVLA uses ``vocab_size=32064``
-    (6,738,939,904). Llama-2 was trained with ``rms_norm_eps=1e-5``.
+    (6,738,939,904). Llama-2 was trained with ``norm_eps=1e-5``.
+
+    Args:
+        vocab_size: vocabulary ``V``.
+        norm_eps: RMSNorm epsilon.
+        max_seq_len: positions must be below this.
+        rms_norm_eps: alias of ``norm_eps`` (the transformers config name), kept for
+            existing callers; give one or the other.
+        linear: factory for the attention and MLP projections.
+        dtype: parameter dtype, built directly (no fp32 copy first).
+        device: where to build (``"meta"`` to count parameters without memory).
     """
     return llama(
         vocab_size=vocab_size,
@@ -177,19 +233,39 @@ def llama2_7b(
         num_layers=32,
         num_heads=32,
         num_kv_heads=32,
-        hidden_dim=11008,
-        norm_eps=rms_norm_eps,
+        mlp_dim=11008,
+        norm_eps=_norm_eps_alias(norm_eps, rms_norm_eps, 1e-5),
         max_seq_len=max_seq_len,
+        linear=linear,
+        dtype=dtype,
+        device=device,
     )
 
 
 def gemma_2b(
-    vocab_size: int = 256000, rms_norm_eps: float = 1e-6, max_seq_len: int = 8192
+    vocab_size: int = 256000,
+    norm_eps: float = 1e-6,
+    max_seq_len: int = 8192,
+    *,
+    rms_norm_eps: float | None = None,
+    linear: LinearFactory = nn.Linear,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> TransformerDecoder:
     """Gemma-2B: 18 layers, d=2048, 8 query heads / 1 kv head of 256, GeGLU 16384, tied.
 
     2,506,172,416 parameters with ``vocab_size=256000``; PaliGemma's LM uses 257216
     (2,508,662,784).
+
+    Args:
+        vocab_size: vocabulary ``V``.
+        norm_eps: RMSNorm epsilon.
+        max_seq_len: positions must be below this.
+        rms_norm_eps: alias of ``norm_eps`` (the transformers config name), kept for
+            existing callers; give one or the other.
+        linear: factory for the attention and MLP projections.
+        dtype: parameter dtype, built directly (no fp32 copy first).
+        device: where to build (``"meta"`` to count parameters without memory).
     """
     return gemma(
         vocab_size=vocab_size,
@@ -198,7 +274,37 @@ def gemma_2b(
         num_heads=8,
         num_kv_heads=1,
         head_dim=256,
-        hidden_dim=16384,
-        norm_eps=rms_norm_eps,
+        mlp_dim=16384,
+        norm_eps=_norm_eps_alias(norm_eps, rms_norm_eps, 1e-6),
         max_seq_len=max_seq_len,
+        linear=linear,
+        dtype=dtype,
+        device=device,
     )
+
+
+def _norm_eps_alias(norm_eps: float, rms_norm_eps: float | None, default: float) -> float:
+    """``norm_eps``, or its alias ``rms_norm_eps`` when only that was given."""
+    if rms_norm_eps is None:
+        return norm_eps
+    if norm_eps != default and norm_eps != rms_norm_eps:
+        raise TypeError(
+            f"got norm_eps={norm_eps} and its alias rms_norm_eps={rms_norm_eps}; pass one"
+        )
+    return rms_norm_eps
+
+
+@contextlib.contextmanager
+def _building(dtype: torch.dtype | None, device: torch.device | str | None) -> Iterator[None]:
+    """Create parameters directly on ``device`` and in ``dtype`` (torch's default dtype is
+    set for the duration, then restored); ``None`` leaves either as it is."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    previous = torch.get_default_dtype()
+    with contextlib.ExitStack() as stack:
+        if device is not None:
+            stack.enter_context(torch.device(device))
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+            stack.callback(torch.set_default_dtype, previous)
+        yield

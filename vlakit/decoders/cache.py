@@ -1,4 +1,4 @@
-"""Key/value cache for the own decoder: append-one-token generation and a read-only prefix."""
+"""Key/value cache for the own decoder: append, preallocated, and read-only prefix views."""
 
 import torch
 from jaxtyping import Float
@@ -8,61 +8,118 @@ __all__ = ["KVCache"]
 
 
 class KVCache:
-    """Per-layer keys and values ``[b, h_kv, n, hd]``, grown along ``n``.
+    """Per-layer keys and values ``[b, h_kv, n, hd]``.
 
-    Two uses:
+    Three uses:
 
-    1. **Append** (generation): pass the cache to every forward; each call's keys and values
-       are appended, so the next call only feeds the new tokens.
-    2. **Read-only prefix** (diffusion and flow-matching heads): fill the cache once with the
-       prefix, then call :meth:`read_only` and run as many different suffixes as needed
-       against the view. Each suffix attends to ``prefix + itself``; nothing is stored, so the
-       prefix stays exactly as it was.
+    1. **Append** (``KVCache(num_layers)``): each forward's keys and values are appended
+       with ``torch.cat``, so the next call only feeds the new tokens. The key count grows,
+       so a compiled decoder recompiles for every new length.
+    2. **Preallocated** (``KVCache(num_layers, max_len=N)``): buffers of ``N`` slots are
+       allocated on the first write and filled in place at a write index kept as a tensor.
+       Attention always sees all ``N`` slots, so every generation step has the same shapes
+       and a compiled decoder compiles once; the mask must give ``False`` to slots not yet
+       written (a mask narrower than ``N`` is padded with ``False`` by the decoder).
+    3. **Read-only prefix** (diffusion and flow-matching heads): fill a cache once with the
+       prefix, then call [`read_only`][vlakit.decoders.KVCache.read_only] and run as many different
+       suffixes as needed
+       against the view. Each suffix attends to ``prefix + itself``; nothing is stored, so
+       the prefix stays exactly as it was.
 
-    The mask given to the decoder with a cache covers all keys: ``[b, q, cached + q]``.
+    The mask given to the decoder with a cache covers all keys it will attend:
+    ``[b, q, key_length(q)]``.
 
     Args:
         num_layers: number of decoder layers the cache serves.
+        max_len: preallocate this many positions (use 2); ``None`` appends (use 1).
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, max_len: int | None = None) -> None:
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
         self.is_read_only = False
+        self.max_len = max_len
+        self.index: Tensor | None = None  # preallocated: next write slot, a 0-d long tensor
 
     @property
     def num_layers(self) -> int:
         return len(self.keys)
 
+    @property
+    def is_preallocated(self) -> bool:
+        return self.max_len is not None
+
     def __len__(self) -> int:
-        """Number of cached positions (0 when empty)."""
+        """Number of key slots attention sees before new tokens are added: the cached
+        positions (append mode) or ``max_len`` (preallocated, once written)."""
         k = self.keys[0]
-        return 0 if k is None else k.shape[-2]
+        if k is None:
+            return 0
+        return k.shape[-2]
+
+    def filled(self) -> int:
+        """Positions written so far (reads the write index back in preallocated mode)."""
+        if self.is_preallocated:
+            return 0 if self.index is None else int(self.index)
+        return len(self)
+
+    def key_length(self, new_tokens: int) -> int:
+        """Keys attention sees when ``new_tokens`` are added: the mask's last dimension."""
+        if self.is_preallocated and not self.is_read_only:
+            return self.max_len
+        return len(self) + new_tokens
 
     def update(
         self, layer: int, k: Float[Tensor, "b h q hd"], v: Float[Tensor, "b h q hd"]
     ) -> tuple[Float[Tensor, "b h kv hd"], Float[Tensor, "b h kv hd"]]:
-        """Return the keys/values to attend to at ``layer``: cached ones followed by ``k``, ``v``.
+        """Return the keys/values to attend to at ``layer``: cached ones and ``k``, ``v``.
 
-        Appends them to the cache unless this is a read-only view.
+        Stores them unless this is a read-only view. Preallocated caches write at the write
+        index; [`advance`][vlakit.decoders.KVCache.advance] moves it after all layers ran.
         """
         old_k, old_v = self.keys[layer], self.values[layer]
+        if old_k is not None and old_k.shape[0] != k.shape[0]:
+            raise ValueError(
+                f"cache batch size is {old_k.shape[0]} but the new tokens have batch "
+                f"{k.shape[0]}; use KVCache.expand_batch to share one prefix"
+            )
+        if self.is_preallocated and not self.is_read_only:
+            if old_k is None:
+                b, h, _, hd = k.shape
+                old_k = k.new_zeros(b, h, self.max_len, hd)
+                old_v = v.new_zeros(b, h, self.max_len, hd)
+                self.keys[layer], self.values[layer] = old_k, old_v
+                if self.index is None:
+                    self.index = torch.zeros((), dtype=torch.long, device=k.device)
+            slots = self.index + torch.arange(k.shape[-2], device=k.device)  # [q]
+            old_k.index_copy_(2, slots, k)
+            old_v.index_copy_(2, slots, v)
+            return old_k, old_v
         if old_k is not None:
-            if old_k.shape[0] != k.shape[0]:
-                raise ValueError(
-                    f"cache batch size is {old_k.shape[0]} but the new tokens have batch "
-                    f"{k.shape[0]}; use KVCache.expand_batch to share one prefix"
-                )
             k = torch.cat((old_k, k), dim=-2)
             v = torch.cat((old_v, v), dim=-2)
         if not self.is_read_only:
             self.keys[layer], self.values[layer] = k, v
         return k, v
 
+    def advance(self, new_tokens: int) -> None:
+        """Move the write index of a preallocated cache past ``new_tokens`` positions
+        (the decoder calls this once per forward, after its last layer)."""
+        if self.is_preallocated and not self.is_read_only and self.index is not None:
+            self.index.add_(new_tokens)
+
     def read_only(self) -> "KVCache":
-        """A view sharing this cache's tensors that never stores anything."""
+        """A view sharing this cache's tensors that never stores anything.
+
+        A preallocated cache gives a view of the positions written so far.
+        """
         view = KVCache(self.num_layers)
-        view.keys, view.values = list(self.keys), list(self.values)
+        if self.is_preallocated:
+            n = self.filled()
+            view.keys = [None if k is None else k[:, :, :n] for k in self.keys]
+            view.values = [None if v is None else v[:, :, :n] for v in self.values]
+        else:
+            view.keys, view.values = list(self.keys), list(self.values)
         view.is_read_only = True
         return view
 
@@ -73,6 +130,8 @@ class KVCache:
         prefix filled at batch ``b``.
         """
         view = self.read_only()
-        view.keys = [None if k is None else k.repeat_interleave(repeats, 0) for k in self.keys]
-        view.values = [None if v is None else v.repeat_interleave(repeats, 0) for v in self.values]
+        view.keys = [None if k is None else k.repeat_interleave(repeats, 0) for k in view.keys]
+        view.values = [
+            None if v is None else v.repeat_interleave(repeats, 0) for v in view.values
+        ]
         return view

@@ -4,7 +4,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-__all__ = ["TokenEmbedding"]
+from vlakit.core.checks import should_validate
+
+__all__ = ["TokenEmbedding", "check_token_ids"]
 
 
 class TokenEmbedding(nn.Embedding):
@@ -17,7 +19,7 @@ class TokenEmbedding(nn.Embedding):
         vocab_size: number of rows ``V``.
         dim: width ``d``.
         scale_by_sqrt_dim: multiply by ``sqrt(d)`` (Gemma).
-        padding_idx: passed to :class:`torch.nn.Embedding`.
+        padding_idx: passed to `torch.nn.Embedding`.
         init_std: standard deviation of the random initialisation.
     """
 
@@ -40,7 +42,23 @@ class TokenEmbedding(nn.Embedding):
         self._fill_padding_idx_with_zero()
 
     def forward(self, ids: Int[Tensor, "*batch"]) -> Float[Tensor, "*batch d"]:
+        """Embed ``ids``; an id outside ``[0, V)`` raises a ``ValueError`` naming it and ``V``
+        (a value check: see [`validation`][vlakit.core.validation])."""
+        if should_validate(ids) and ids.numel():
+            check_token_ids(ids, self.num_embeddings)
         out = super().forward(ids)
         if self.scale_by_sqrt_dim:
             out = out * torch.tensor(self.embedding_dim**0.5, dtype=out.dtype)
         return out
+
+
+def check_token_ids(ids: Tensor, vocab_size: int, what: str = "token id") -> None:
+    """Raise a ``ValueError`` if any of ``ids`` is outside ``[0, vocab_size)`` (reads back)."""
+    low, high = torch.aminmax(ids)
+    low, high = int(low), int(high)
+    if high >= vocab_size or low < 0:
+        bad = high if high >= vocab_size else low
+        raise ValueError(
+            f"{what} {bad} is outside the decoder's vocabulary of {vocab_size} tokens "
+            f"(valid ids: 0..{vocab_size - 1}; ids in this batch span {low}..{high})"
+        )

@@ -6,18 +6,22 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from vlakit.core.masks import check_mask_shape
+from vlakit.core.checks import should_validate
+from vlakit.core.masks import MaskSpec, check_mask_shape
+from vlakit.decoders.embedding import check_token_ids
 
 __all__ = ["HFDecoder", "HFCache"]
 
 
 class HFCache:
-    """A transformers ``DynamicCache`` for :class:`HFDecoder` (append-only).
+    """A transformers ``DynamicCache`` for [`HFDecoder`][vlakit.decoders.HFDecoder] (append-only).
 
     transformers' caches always store what a forward computes, so the read-only prefix use
-    (one prefix, many suffixes) is not available here: :meth:`read_only` raises. Use the own
-    :class:`~vlakit.decoders.TransformerDecoder` (``from_transformers`` converts Llama and
-    Gemma) for diffusion and flow-matching heads.
+    (one prefix, many suffixes) is not available here:
+    [`read_only`][vlakit.decoders.HFCache.read_only] raises. Use the own
+    [`TransformerDecoder`][vlakit.decoders.TransformerDecoder]
+    ([`decoder_from_transformers`][vlakit.convert.decoder_from_transformers] converts Llama
+    and Gemma) for diffusion and flow-matching heads.
     """
 
     def __init__(self, config) -> None:
@@ -32,7 +36,7 @@ class HFCache:
         raise RuntimeError(
             "HFDecoder cannot run suffixes against a read-only prefix cache: transformers' "
             "caches append on every forward. Use TransformerDecoder (e.g. "
-            "TransformerDecoder.from_transformers(model)) for heads that need it."
+            "vlakit.convert.decoder_from_transformers(model)) for heads that need it."
         )
 
 
@@ -44,7 +48,8 @@ class HFDecoder(nn.Module):
     mask, which transformers uses as given, so prefix-LM and block masks work with any
     attention implementation that accepts custom masks (eager, sdpa).
 
-    Limits: append-only cache (no read-only prefix, see :class:`HFCache`); models whose
+    Limits: append-only cache (no read-only prefix, see [`HFCache`][vlakit.decoders.HFCache]);
+        models whose
     embedding scale lives outside ``get_input_embeddings()`` are embedded as transformers
     does it for ``inputs_embeds``.
 
@@ -87,19 +92,26 @@ class HFDecoder(nn.Module):
         return self.model.config.num_hidden_layers
 
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
-        return self.model.get_input_embeddings()(ids)
+        """Token ids to input embeddings; ids outside the vocabulary raise a ``ValueError``
+        naming the largest id and the vocabulary size."""
+        embedding = self.model.get_input_embeddings()
+        if should_validate(ids) and ids.numel():
+            check_token_ids(ids, embedding.num_embeddings)
+        return embedding(ids)
 
-    def new_cache(self) -> HFCache:
+    def new_cache(self, max_len: int | None = None) -> HFCache:
+        """An append-only transformers cache (``max_len`` is accepted and not used)."""
         return HFCache(self.model.config)
 
     def forward(
         self,
         embeds: Float[Tensor, "b q d"],
-        mask: Bool[Tensor, "b q k"],
+        mask: Bool[Tensor, "b q k"] | MaskSpec,
         positions: Int[Tensor, "b q"],
         cache: HFCache | None = None,
     ) -> Float[Tensor, "b q d"]:
-        """Final hidden states; same contract as :meth:`TransformerDecoder.forward`."""
+        """Final hidden states; same contract as
+        [`TransformerDecoder.forward`][vlakit.decoders.TransformerDecoder.forward]."""
         if cache is not None and not isinstance(cache, HFCache):
             raise TypeError(
                 f"HFDecoder takes the cache from its own new_cache(), got {type(cache).__name__}"
@@ -110,6 +122,8 @@ class HFDecoder(nn.Module):
                 f"{self.dim}"
             )
         b, q = embeds.shape[:2]
+        if isinstance(mask, MaskSpec):
+            mask = mask.dense()
         check_mask_shape(mask, b, q, (0 if cache is None else len(cache)) + q)
         additive = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device)
         additive = additive.masked_fill(~mask, torch.finfo(embeds.dtype).min)[:, None]

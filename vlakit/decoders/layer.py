@@ -14,7 +14,7 @@ class DecoderLayer(nn.Module):
 
     Args:
         attn: the self-attention block.
-        mlp: the feed-forward block (e.g. :class:`~vlakit.decoders.GatedMLP`).
+        mlp: the feed-forward block (e.g. [`GatedMLP`][vlakit.decoders.GatedMLP]).
         attn_norm: norm before attention.
         mlp_norm: norm before the MLP.
     """
@@ -33,9 +33,11 @@ class DecoderLayer(nn.Module):
         x: Float[Tensor, "b q d"],
         cos: Float[Tensor, "b q hd"],
         sin: Float[Tensor, "b q hd"],
-        mask: Bool[Tensor, "b q k"],
+        mask: Bool[Tensor, "b q k"] | None,
         cache: KVCache | None = None,
-        layer_idx: int = 0,
+        layer_idx: int | None = None,
     ) -> Float[Tensor, "b q d"]:
+        """``[b, q, d] -> [b, q, d]``; ``mask`` ``None`` is plain causal attention; with a
+        ``cache``, ``layer_idx`` (this layer's cache slot) is required."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer_idx)
         return x + self.mlp(self.mlp_norm(x))

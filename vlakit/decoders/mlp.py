@@ -3,6 +3,8 @@
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from vlakit.core.linear import LinearFactory
+
 __all__ = ["GatedMLP"]
 
 
@@ -13,18 +15,25 @@ class GatedMLP(nn.Module):
 
     Args:
         dim: model width ``d``.
-        hidden_dim: inner width ``f``.
+        mlp_dim: inner width ``f``.
         activation: applied to the gate branch.
         bias: give the three projections a bias.
+        linear: builds ``gate_proj``, ``up_proj``, ``down_proj``, called as
+            ``linear(in_features, out_features, bias=...)`` (default ``nn.Linear``).
     """
 
     def __init__(
-        self, dim: int, hidden_dim: int, activation: nn.Module, bias: bool = False
+        self,
+        dim: int,
+        mlp_dim: int,
+        activation: nn.Module,
+        bias: bool = False,
+        linear: LinearFactory = nn.Linear,
     ) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.gate_proj = linear(dim, mlp_dim, bias=bias)
+        self.up_proj = linear(dim, mlp_dim, bias=bias)
+        self.down_proj = linear(mlp_dim, dim, bias=bias)
         self.activation = activation
 
     def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from vlakit.core.masks import check_mask_shape
+from vlakit.core.checks import should_validate
+from vlakit.core.masks import MaskSpec, check_mask_shape
 from vlakit.decoders.cache import KVCache
 from vlakit.decoders.embedding import TokenEmbedding
 from vlakit.decoders.layer import DecoderLayer
+from vlakit.decoders.lm_head import TiedLMHead
 from vlakit.decoders.rope import RotaryEmbedding
 
 __all__ = ["TransformerDecoder"]
@@ -19,15 +21,25 @@ __all__ = ["TransformerDecoder"]
 class TransformerDecoder(nn.Module):
     """A decoder-only transformer that takes embeddings, an explicit mask and positions.
 
-    The decoder never builds a mask itself: pass one from :mod:`vlakit.core.masks`
-    (causal, prefix-LM, bidirectional, segment blocks). With a :class:`KVCache` the mask
-    covers the cached keys too: ``[b, q, cached + q]``.
+    The decoder never guesses a mask: pass a dense boolean ``[b, q, k]`` from
+    [`vlakit.core`][vlakit.core] (causal, prefix-LM, bidirectional, segment blocks), or a
+    [`MaskSpec`][vlakit.core.MaskSpec] from a mask policy, which lets the decoder take
+    SDPA's ``is_causal`` fast path when the mask is plainly causal (same numbers). With a
+    [`KVCache`][vlakit.decoders.KVCache] the mask covers the cached keys too:
+    ``[b, q, cache.key_length(q)]``.
 
     Data path::
 
         ids [b, t] --embed_tokens--> [b, t, d]   (other embeddings may be spliced in)
-        embeds [b, q, d] --layers (RoPE at `positions`, `mask`)--> --norm--> hidden [b, q, d]
-        hidden --logits--> [b, q, V]             (tied to the embedding when lm_head is None)
+        embeds [b, q, d] --layers[start:end] (RoPE at `positions`, `mask`)--> [b, q, d]
+                         --norm (when the range ends at the last layer)--> hidden [b, q, d]
+        hidden --logits--> [b, q, V]             (TiedLMHead when built without lm_head)
+
+    Every parameter is used inside some module's ``forward`` (the tied head is a
+    [`TiedLMHead`][vlakit.decoders.TiedLMHead] module holding the embedding's
+    ``Parameter``). ``embed_tokens`` and ``logits`` are the two entry points besides
+    ``forward``; [`fully_shard_vla`][vlakit.distributed.fully_shard_vla] registers them
+    with FSDP2.
 
     Args:
         embed: token embedding ``V x d``.
@@ -44,7 +56,7 @@ class TransformerDecoder(nn.Module):
         layers: Sequence[DecoderLayer],
         norm: nn.Module,
         rope: RotaryEmbedding,
-        lm_head: nn.Linear | None = None,
+        lm_head: nn.Module | None = None,
         max_seq_len: int = 4096,
     ) -> None:
         super().__init__()
@@ -52,7 +64,7 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.rope = rope
-        self.lm_head = lm_head
+        self.lm_head = TiedLMHead(embed) if lm_head is None else lm_head
         self.max_seq_len = max_seq_len
 
     @property
@@ -70,77 +82,118 @@ class TransformerDecoder(nn.Module):
 
     @property
     def tied_embeddings(self) -> bool:
-        return self.lm_head is None
+        return isinstance(self.lm_head, TiedLMHead)
+
+    def tie_weights(self) -> None:
+        """Re-point a tied LM head at the embedding's weight (after ``to_empty`` etc.)."""
+        if isinstance(self.lm_head, TiedLMHead):
+            self.lm_head.tie(self.embed)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.tie_weights()  # to_empty / device moves may replace the shared Parameter
+        return out
 
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
-        """Token ids to input embeddings (with the sqrt(d) scale if the model uses it)."""
+        """Token ids to input embeddings (with the sqrt(d) scale if the model uses it).
+
+        Ids outside ``[0, vocab_size)`` raise a ``ValueError`` naming the largest id and the
+        vocabulary size (see [`validation`][vlakit.core.validation]).
+        """
         return self.embed(ids)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache sized for this decoder."""
-        return KVCache(self.num_layers)
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for this decoder: appending, or preallocated to ``max_len``
+        positions (fixed shapes per step: a compiled decoder compiles once)."""
+        return KVCache(self.num_layers, max_len=max_len)
 
     def forward(
         self,
         embeds: Float[Tensor, "b q d"],
-        mask: Bool[Tensor, "b q k"],
+        mask: Bool[Tensor, "b q k"] | MaskSpec,
         positions: Int[Tensor, "b q"],
         cache: KVCache | None = None,
+        start_layer: int = 0,
+        end_layer: int | None = None,
     ) -> Float[Tensor, "b q d"]:
-        """Run all layers and the final norm.
+        """Run layers ``[start_layer, end_layer)`` (all by default) and, when the range
+        ends at the last layer, the final norm.
+
+        Running a range lets a block sit between layers (a token pruner before layer ``k``:
+        ``decoder(x, m, p, end_layer=k)``, prune, ``decoder(x', m', p', start_layer=k)``).
 
         Args:
-            embeds: ``[b, q, d]`` input embeddings.
-            mask: ``[b, q, k]`` boolean, ``True`` = may attend; ``k = len(cache) + q``.
+            embeds: ``[b, q, d]`` input embeddings (hidden states when ``start_layer > 0``).
+            mask: ``[b, q, k]`` boolean, ``True`` = may attend, ``k = cache.key_length(q)``
+                (a mask narrower than a preallocated cache is padded with ``False``); or a
+                [`MaskSpec`][vlakit.core.MaskSpec].
             positions: ``[b, q]`` RoPE positions, each ``< max_seq_len``.
-            cache: optional :class:`KVCache` (appended to unless read-only).
+            cache: optional [`KVCache`][vlakit.decoders.KVCache] (written to unless
+                read-only).
+            start_layer: first layer to run.
+            end_layer: one past the last layer to run (``None``: all).
 
         Returns:
-            ``[b, q, d]`` final hidden states (after the final norm).
+            ``[b, q, d]`` hidden states (after the final norm if the last layer ran).
         """
-        self._check_inputs(embeds, mask, positions, cache)
+        end = self.num_layers if end_layer is None else end_layer
+        if not 0 <= start_layer <= end <= self.num_layers:
+            raise ValueError(
+                f"layer range [{start_layer}, {end}) is not inside the decoder's "
+                f"{self.num_layers} layers"
+            )
+        attn_mask = self._attention_mask(embeds, mask, positions, cache)
         cos, sin = self.rope(positions, embeds.dtype)
         x = embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+        for i in range(start_layer, end):
+            x = self.layers[i](x, cos, sin, attn_mask, cache, i)
+        if end < self.num_layers:
+            return x
+        if cache is not None:
+            cache.advance(embeds.shape[1])
         return self.norm(x)
 
     def logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
         """Project hidden states to vocabulary logits."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed.weight)
         return self.lm_head(hidden)
 
-    def _check_inputs(
-        self, embeds: Tensor, mask: Tensor, positions: Tensor, cache: KVCache | None
-    ) -> None:
+    def _attention_mask(
+        self, embeds: Tensor, mask: Tensor | MaskSpec, positions: Tensor, cache: KVCache | None
+    ) -> Tensor | None:
+        """Check the inputs; return the dense mask for the layers, or ``None`` for SDPA's
+        plain-causal path."""
         if embeds.shape[-1] != self.dim:
             raise ValueError(
                 f"embeddings have width {embeds.shape[-1]}, but the decoder's hidden size is "
                 f"{self.dim}"
             )
         b, q = embeds.shape[:2]
-        cached = 0 if cache is None else len(cache)
-        check_mask_shape(mask, b, q, cached + q)
         if tuple(positions.shape) != (b, q):
-            raise ValueError(f"positions must be [{b}, {q}], got {tuple(positions.shape)}")
-        if torch.compiler.is_compiling() or positions.device.type == "meta":
-            return
-        top = int(positions.max())
-        if top >= self.max_seq_len or int(positions.min()) < 0:
             raise ValueError(
-                f"position {top} is outside [0, max_seq_len={self.max_seq_len}) that the "
-                f"decoder was built with"
+                f"positions must be [batch, tokens] = [{b}, {q}], got {tuple(positions.shape)}"
             )
-
-    @classmethod
-    def from_transformers(cls, model: nn.Module) -> "TransformerDecoder":
-        """Build the matching decoder from a transformers Llama or Gemma causal LM.
-
-        Accepts ``LlamaForCausalLM``, ``GemmaForCausalLM`` (any size) or their bare
-        ``LlamaModel``/``GemmaModel``; copies every weight. See
-        :func:`vlakit.decoders.weights.decoder_from_transformers`.
-        """
-        from vlakit.decoders.weights import decoder_from_transformers
-
-        return decoder_from_transformers(model)
+        keys = q if cache is None else cache.key_length(q)
+        if isinstance(mask, MaskSpec):
+            if mask.shape != (b, q, q):
+                raise ValueError(
+                    f"mask spec covers {mask.shape[1]} tokens of batch {mask.shape[0]}, but "
+                    f"the embeddings are [batch={b}, tokens={q}]"
+                )
+            if mask.is_causal and keys == q:
+                mask = None
+            else:
+                mask = mask.dense()
+        if mask is not None:
+            if cache is not None and cache.is_preallocated and mask.shape[-1] < keys:
+                mask = F.pad(mask, (0, keys - mask.shape[-1]), value=False)
+            check_mask_shape(mask, b, q, keys)
+        if should_validate(positions):
+            bottom, top = torch.aminmax(positions)  # one read-back for both
+            bottom, top = int(bottom), int(top)
+            if top >= self.max_seq_len or bottom < 0:
+                bad = top if top >= self.max_seq_len else bottom
+                raise ValueError(
+                    f"position {bad} is outside [0, max_seq_len={self.max_seq_len}) that the "
+                    f"decoder was built with"
+                )
+        return mask

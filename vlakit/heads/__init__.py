@@ -1,6 +1,29 @@
-"""Action heads: read hidden states at the action slots, give a loss or actions."""
+"""Heads: place their tokens, read hidden states by role, own their loss and prediction.
 
-from vlakit.heads.discrete import DiscreteActionHead
+The contract ([Head][vlakit.heads.Head], [ActionHead][vlakit.heads.ActionHead],
+[PredictionRunner][vlakit.heads.PredictionRunner]) is in ``vlakit.heads.base``; see the
+heads page of the documentation for a diagram.
+"""
+
+from vlakit.heads.base import (
+    ActionHead,
+    Head,
+    HeadTokens,
+    PredictionRunner,
+    PrefixRunner,
+)
+from vlakit.heads.discrete import ActionCodec, DiscreteActionHead
 from vlakit.heads.lm_loss import next_token_loss
+from vlakit.heads.next_token import NextTokenHead
 
-__all__ = ["DiscreteActionHead", "next_token_loss"]
+__all__ = [
+    "Head",
+    "ActionHead",
+    "HeadTokens",
+    "PredictionRunner",
+    "PrefixRunner",
+    "DiscreteActionHead",
+    "ActionCodec",
+    "NextTokenHead",
+    "next_token_loss",
+]

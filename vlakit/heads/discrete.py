@@ -1,40 +1,58 @@
 """OpenVLA's discrete action head: actions are tokens of the language model's vocabulary."""
 
-from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vlakit.actions import ActionTokenizer
 from vlakit.core import TokenRole, TokenSequence
+from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
 from vlakit.heads.lm_loss import next_token_loss
 
-__all__ = ["DiscreteActionHead"]
+__all__ = ["DiscreteActionHead", "ActionCodec"]
+
+
+@runtime_checkable
+class ActionCodec(Protocol):
+    """What the head needs of an action tokenizer
+    ([ActionTokenizer][vlakit.actions.ActionTokenizer] is one)."""
+
+    action_dim: int
+    token_ids: range  # the ids encode can produce
+
+    def encode(self, actions: Tensor) -> Tensor:
+        """Normalised actions ``[..., a]`` -> ids ``[..., a]``."""
+        ...
+
+    def decode(self, ids: Tensor) -> Tensor:
+        """Ids ``[..., a]`` -> normalised actions ``[..., a]``."""
+        ...
 
 
 class DiscreteActionHead(nn.Module):
     """Actions as ``chunk * action_dim`` vocabulary tokens, read from the LM head.
 
-    - Training: :meth:`action_slots` turns normalised actions ``[b, chunk, a]`` into token
-      ids (OpenVLA's 256-bin tokenizer) and their embeddings; :meth:`loss` is the
-      cross-entropy of predicting each action token (and ``</s>`` when ``predict_eos``) from
-      the hidden state before it.
-    - Prediction: the model greedily generates :attr:`num_tokens` tokens with the KV cache and
-      :meth:`decode_tokens` maps them back to normalised actions ``[b, chunk, a]``.
+    - [place][vlakit.heads.DiscreteActionHead.place]: normalised actions ``[b, chunk, a]``
+      become token ids (OpenVLA's 256-bin tokenizer) and their embeddings, placed as the
+      action slots (the interleaver appends ``</s>`` after them).
+    - [loss][vlakit.heads.DiscreteActionHead.loss]: cross-entropy of predicting each action
+      token (and ``</s>`` when ``predict_eos``) from the hidden state before it; the number
+      of targets is static, so the loss compiles without graph breaks.
+    - [predict][vlakit.heads.DiscreteActionHead.predict]: greedy generation of
+      ``num_action_tokens`` tokens with the KV cache, decoded back to normalised actions.
 
     The head has no parameters: it uses the decoder's embedding and LM head.
 
     Args:
-        tokenizer: the :class:`~vlakit.actions.ActionTokenizer`.
+        tokenizer: the action tokenizer (an [ActionCodec][vlakit.heads.ActionCodec], e.g.
+            [ActionTokenizer][vlakit.actions.ActionTokenizer]).
         chunk_size: actions per prediction (OpenVLA: 1).
         predict_eos: also train on predicting ``</s>`` after the actions (OpenVLA: yes).
     """
 
-    def __init__(
-        self, tokenizer: ActionTokenizer, chunk_size: int = 1, predict_eos: bool = True
-    ) -> None:
+    def __init__(self, tokenizer: ActionCodec, chunk_size: int = 1, predict_eos: bool = True):
         super().__init__()
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
@@ -42,9 +60,19 @@ class DiscreteActionHead(nn.Module):
         self.predict_eos = predict_eos
 
     @property
-    def num_tokens(self) -> int:
+    def num_action_tokens(self) -> int:
         """Action tokens per example: ``chunk_size * action_dim``."""
         return self.chunk_size * self.action_dim
+
+    num_tokens = num_action_tokens  # the name before the head contract
+
+    @property
+    def token_ids(self) -> range:
+        """The vocabulary ids the head reads and writes (checked against the decoder)."""
+        return self.tokenizer.token_ids
+
+    def has_targets(self, inputs: Any) -> bool:
+        return getattr(inputs, "actions", None) is not None
 
     def check_actions(self, actions: Tensor) -> None:
         """Raise a ``ValueError`` naming the dimension if ``actions`` is not ``[b, chunk, a]``."""
@@ -55,30 +83,49 @@ class DiscreteActionHead(nn.Module):
                 f", got shape {tuple(actions.shape)}"
             )
 
-    def action_slots(
-        self,
-        actions: Float[Tensor, "b c a"],
-        embed_tokens: Callable[[Tensor], Tensor],
-    ) -> tuple[Float[Tensor, "b m d"], Int[Tensor, "b m"]]:
-        """Slot embeddings and ids for normalised ``actions [b, chunk, a]`` (``m = chunk*a``)."""
+    def place(self, actions: Float[Tensor, "b c a"] | None, embed_tokens: EmbedFn) -> HeadTokens:
+        """Action-token slots for normalised ``actions`` (training); nothing at prediction."""
+        if actions is None:
+            return HeadTokens()
         self.check_actions(actions)
         ids = rearrange(self.tokenizer.encode(actions), "b c a -> b (c a)")
-        return embed_tokens(ids), ids
+        return HeadTokens(action_embeds=embed_tokens(ids), action_ids=ids)
+
+    def action_slots(
+        self, actions: Float[Tensor, "b c a"], embed_tokens: EmbedFn
+    ) -> tuple[Float[Tensor, "b m d"], Int[Tensor, "b m"]]:
+        """Slot embeddings and ids for normalised ``actions [b, chunk, a]`` (``m = chunk*a``)."""
+        tokens = self.place(actions, embed_tokens)
+        return tokens.action_embeds, tokens.action_ids
 
     def loss(
         self,
         hidden: Float[Tensor, "b n d"],
         seq: TokenSequence,
-        logits_fn: Callable[[Tensor], Tensor],
+        tokens: HeadTokens,
+        lm_logits: LogitsFn,
     ) -> Float[Tensor, ""]:
         """Next-token cross-entropy on the action tokens (and ``</s>``)."""
         roles = (TokenRole.ACTION, TokenRole.EOS) if self.predict_eos else (TokenRole.ACTION,)
-        return next_token_loss(hidden, seq.token_ids, seq.role_mask(*roles), logits_fn)
+        return next_token_loss(
+            hidden,
+            seq.token_ids,
+            seq.role_mask(*roles),
+            lm_logits,
+            max_targets=self.num_action_tokens + int(self.predict_eos),
+        )
+
+    def predict(self, runner: PredictionRunner) -> Float[Tensor, "b c a"]:
+        """Greedy generation of the action tokens, decoded to normalised actions."""
+        return self.decode_tokens(runner.generate(self.num_action_tokens))
 
     def decode_tokens(self, ids: Int[Tensor, "b m"]) -> Float[Tensor, "b c a"]:
         """Generated ids ``[b, chunk*a]`` to normalised actions ``[b, chunk, a]`` (float32)."""
-        if ids.shape[1] != self.num_tokens:
-            raise ValueError(f"expected {self.num_tokens} action tokens, got {ids.shape[1]}")
+        if ids.shape[1] != self.num_action_tokens:
+            raise ValueError(
+                f"expected {self.num_action_tokens} action tokens (chunk {self.chunk_size} x "
+                f"action_dim {self.action_dim}), got {ids.shape[1]}"
+            )
         ids = rearrange(ids, "b (c a) -> b c a", c=self.chunk_size)
         return self.tokenizer.decode(ids).to(torch.float32)
 

@@ -1,8 +1,11 @@
-"""Interleavers: how image, extra, text and action tokens form one :class:`TokenSequence`.
+"""Interleavers: how image, extra, text and action tokens form one
+    [`TokenSequence`][vlakit.core.TokenSequence].
 
-- :class:`PrefixInterleaver` (OpenVLA family): ``<s>``, image tokens, extras, prompt,
+- [`PrefixInterleaver`][vlakit.interleave.PrefixInterleaver] (OpenVLA family): ``<s>``, image
+  tokens, extras, prompt,
   action slots, ``</s>``, right-padded.
-- :class:`PlaceholderInterleaver` (PaliGemma family): image tokens replace placeholder ids;
+- [`PlaceholderInterleaver`][vlakit.interleave.PlaceholderInterleaver] (PaliGemma family): image
+  tokens replace placeholder ids;
   prefix/suffix from ``token_type_ids``.
 
 Both share one signature, so a model can swap one for the other.

@@ -1,20 +1,24 @@
 """Concatenate sequence pieces and move each row's padding to its end."""
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
 from vlakit.core import IGNORE_ID, TokenRole, TokenSequence, positions_from_valid
 
 
-@dataclasses.dataclass
 class _Piece:
-    embeds: Tensor  # [b, k, d]
-    roles: Tensor  # [b, k]
-    token_ids: Tensor  # [b, k]
-    valid: Tensor  # [b, k]
-    is_suffix: Tensor  # [b, k]
+    """One block of tokens with its per-token fields (all ``[b, k]`` but ``embeds``)."""
+
+    __slots__ = ("embeds", "roles", "token_ids", "valid", "is_suffix")
+
+    def __init__(
+        self, embeds: Tensor, roles: Tensor, token_ids: Tensor, valid: Tensor, is_suffix: Tensor
+    ) -> None:
+        self.embeds = embeds  # [b, k, d]
+        self.roles = roles
+        self.token_ids = token_ids
+        self.valid = valid
+        self.is_suffix = is_suffix
 
 
 def _piece(
@@ -46,24 +50,22 @@ def _pack(pieces: list[_Piece], position_offset: int) -> TokenSequence:
     (prompts of different lengths followed by action slots) moves to the end of the row.
     """
     dtype = pieces[0].embeds.dtype  # the decoder's embedding dtype (first piece is text)
-    pieces = [dataclasses.replace(p, embeds=p.embeds.to(dtype)) for p in pieces]
-    cat = {
-        f.name: torch.cat([getattr(p, f.name) for p in pieces], 1)
-        for f in dataclasses.fields(_Piece)
-    }
-    order = torch.argsort((~cat["valid"]).to(torch.int8), dim=1, stable=True)  # [b, n]
-    gather = {k: torch.gather(v, 1, order) for k, v in cat.items() if k != "embeds"}
-    d = cat["embeds"].shape[-1]
-    embeds = torch.gather(cat["embeds"], 1, order[..., None].expand(-1, -1, d))
-    valid = gather["valid"]
+    embeds = torch.cat([p.embeds.to(dtype) for p in pieces], 1)  # [b, n, d]
+    valid = torch.cat([p.valid for p in pieces], 1)  # [b, n]
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # [b, n]
+
+    def take(name: str) -> Tensor:
+        return torch.gather(torch.cat([getattr(p, name) for p in pieces], 1), 1, order)
+
+    valid = torch.gather(valid, 1, order)
+    embeds = torch.gather(embeds, 1, order[..., None].expand(-1, -1, embeds.shape[-1]))
     embeds = embeds * valid[..., None].to(embeds.dtype)
-    roles = torch.where(valid, gather["roles"], int(TokenRole.PAD))
-    token_ids = torch.where(valid, gather["token_ids"], IGNORE_ID)
     return TokenSequence(
         embeds=embeds,
-        roles=roles,
+        roles=torch.where(valid, take("roles"), int(TokenRole.PAD)),
         positions=positions_from_valid(valid) + position_offset,
         valid=valid,
-        is_suffix=gather["is_suffix"] & valid,
-        token_ids=token_ids,
+        is_suffix=take("is_suffix") & valid,
+        token_ids=torch.where(valid, take("token_ids"), IGNORE_ID),
+        right_padded=True,
     )

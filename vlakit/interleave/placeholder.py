@@ -6,7 +6,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from vlakit.core import TokenRole, TokenSequence
+from vlakit.core import IGNORE_ID, TokenRole, TokenSequence
+from vlakit.core.checks import should_validate
 from vlakit.interleave._pack import _pack, _piece
 
 __all__ = ["PlaceholderInterleaver"]
@@ -55,7 +56,8 @@ class PlaceholderInterleaver(nn.Module):
         action_ids: Int[Tensor, "b m"] | None = None,
         token_type_ids: Int[Tensor, "b t"] | None = None,
     ) -> TokenSequence:
-        """Interleave (arguments as :meth:`PrefixInterleaver.forward`).
+        """Interleave (arguments as
+        [`PrefixInterleaver.forward`][vlakit.interleave.PrefixInterleaver.forward]).
 
         ``token_type_ids [b, t]``: 0 for the prefix (image, prompt), 1 for the suffix.
         """
@@ -69,7 +71,7 @@ class PlaceholderInterleaver(nn.Module):
         if self.eos_id is not None:
             roles = torch.where(input_ids == self.eos_id, int(TokenRole.EOS), roles)
         roles = torch.where(placeholder, int(TokenRole.IMAGE), roles)
-        ids = torch.where(placeholder, -100, input_ids)
+        ids = torch.where(placeholder, IGNORE_ID, input_ids)
         suffix = False if token_type_ids is None else token_type_ids == 1
         pieces = [_piece(embeds, roles, token_ids=ids, valid=text_valid, suffix=suffix)]
         pieces += [_piece(tokens, role, suffix=True) for tokens, role in extras]
@@ -80,7 +82,7 @@ class PlaceholderInterleaver(nn.Module):
         return _pack(pieces, self.position_offset)
 
     def _check_count(self, placeholder: Tensor, num_image_tokens: int) -> None:
-        if torch.compiler.is_compiling() or placeholder.device.type == "meta":
+        if not should_validate(placeholder):
             return
         counts = placeholder.sum(dim=1)
         bad = (counts != num_image_tokens).nonzero()

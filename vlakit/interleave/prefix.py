@@ -60,7 +60,7 @@ class PrefixInterleaver(nn.Module):
                 prompt token with ``token_type_ids == 1`` is marked ``is_suffix``.
 
         Returns:
-            the :class:`TokenSequence`.
+            the [`TokenSequence`][vlakit.core.TokenSequence].
         """
         b, _, d = image_tokens.shape
         device = image_tokens.device

@@ -1,8 +1,10 @@
 """Named assemblies: plain functions that call constructors.
 
-- :func:`paligemma_3b`, :func:`paligemma` (component builder),
-  :func:`paligemma_from_transformers`
-- :func:`openvla_7b`, :func:`openvla` (component builder)
+- [`paligemma_3b`][vlakit.models.paligemma_3b], [`paligemma`][vlakit.models.paligemma.paligemma]
+  (component builder),
+  [`paligemma_from_transformers`][vlakit.models.paligemma_from_transformers]
+- [`openvla_7b`][vlakit.models.openvla_7b], [`openvla`][vlakit.models.openvla.openvla] (component
+  builder)
 """
 
 from vlakit.models.openvla import openvla, openvla_7b

@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 from vlakit.actions import ActionNormalizer, ActionTokenizer
-from vlakit.core import CausalMask
+from vlakit.core import CausalMask, LinearFactory
 from vlakit.decoders import llama2_7b
 from vlakit.heads import DiscreteActionHead
 from vlakit.interleave import PrefixInterleaver
 from vlakit.model import VLA
-from vlakit.models._common import on_device
+from vlakit.models._common import building
 from vlakit.projectors import MLPProjector
 from vlakit.vision import FusedEncoder, dinov2_large_reg4, siglip_so400m
 
@@ -31,7 +31,7 @@ def openvla(
     """Component builder: an OpenVLA-style model from any encoder, projector and decoder.
 
     ``<s>``, image tokens, prompt, action tokens, ``</s>`` under a causal mask; actions are
-    generated greedily as tokens (:class:`~vlakit.heads.DiscreteActionHead`).
+    generated greedily as tokens ([`DiscreteActionHead`][vlakit.heads.DiscreteActionHead]).
     """
     return VLA(
         encoder=encoder,
@@ -47,13 +47,16 @@ def openvla(
 def openvla_7b(
     img_size: int = 224,
     vocab_size: int = 32064,
-    rms_norm_eps: float = 1e-5,
+    norm_eps: float = 1e-5,
     encoder_output_layer: int = -2,
     action_dim: int = 7,
     action_vocab_end: int = 32000,
     action_normalizer: ActionNormalizer | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    *,
+    linear: LinearFactory = nn.Linear,
+    rms_norm_eps: float | None = None,
 ) -> VLA:
     """OpenVLA-7B: 7,541,237,184 parameters, the same state-dict shapes as the release.
 
@@ -64,26 +67,30 @@ def openvla_7b(
     Args:
         img_size: image size of both towers (224: 256 image tokens per view).
         vocab_size: Llama vocabulary incl. the pad token, padded to a multiple of 64.
-        rms_norm_eps: Llama-2 was trained with 1e-5 (OpenVLA's saved config says 1e-6).
+        norm_eps: the Llama's RMSNorm epsilon. Llama-2 was trained with 1e-5; the released
+            OpenVLA runs with 1e-6 (its saved config falls back to transformers' default).
+        rms_norm_eps: alias of ``norm_eps`` (the transformers config name), kept for
+            existing callers; give one or the other.
         encoder_output_layer: block both towers return (second-to-last).
         action_dim: action dimensions per step.
         action_vocab_end: one past the last action-token id (the tokenizer's base vocab).
         action_normalizer: unnormalises predictions (``ActionNormalizer.from_stats(
             norm_stats, unnorm_key)``); ``None`` returns normalised actions in [-1, 1].
-        dtype: parameter dtype.
+        dtype: parameter dtype, built directly (no fp32 copy first).
         device: where to build (``"meta"`` for counting).
+        linear: factory for every linear layer of both towers and the Llama (LoRA,
+            quantised, FP8 linears); the projector and the LM head stay ``nn.Linear``.
     """
-    with on_device(device):
+    with building(dtype, device):
         encoder = FusedEncoder([
-            dinov2_large_reg4(img_size, output_layer=encoder_output_layer),
+            dinov2_large_reg4(img_size, output_layer=encoder_output_layer, linear=linear),
             siglip_so400m(img_size, map_head=True, gelu_approximate="none",
-                          output_layer=encoder_output_layer),
+                          output_layer=encoder_output_layer, linear=linear),
         ])
-        model = openvla(
+        return openvla(
             encoder=encoder,
             projector=MLPProjector([2176, 8704, 4096, 4096]),
-            decoder=llama2_7b(vocab_size=vocab_size, rms_norm_eps=rms_norm_eps),
+            decoder=llama2_7b(vocab_size, norm_eps, rms_norm_eps=rms_norm_eps, linear=linear),
             action_tokenizer=ActionTokenizer(vocab_end=action_vocab_end, action_dim=action_dim),
             action_normalizer=action_normalizer,
         )
-    return model if dtype is None else model.to(dtype)

@@ -3,13 +3,16 @@
 import torch
 from torch import nn
 
-from vlakit.core import PrefixLMMask
-from vlakit.decoders import TransformerDecoder, gemma_2b
+from vlakit.convert.decoders import decoder_from_transformers
+from vlakit.convert.vision import vit_from_transformers
+from vlakit.core import LinearFactory, PrefixLMMask
+from vlakit.decoders import gemma_2b
+from vlakit.heads import NextTokenHead
 from vlakit.interleave import PlaceholderInterleaver
 from vlakit.model import VLA
-from vlakit.models._common import on_device
+from vlakit.models._common import building
 from vlakit.projectors import LinearProjector
-from vlakit.vision import ViT, siglip_so400m
+from vlakit.vision import siglip_so400m
 
 __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers"]
 
@@ -29,8 +32,11 @@ def paligemma(
     """Component builder: a PaliGemma-style model from any encoder, projector and decoder.
 
     Image features replace ``image_token_id`` placeholders
-    (:class:`~vlakit.interleave.PlaceholderInterleaver`), positions start at 1 as in
-    transformers, and the mask is prefix-LM (:class:`~vlakit.core.PrefixLMMask`).
+    ([`PlaceholderInterleaver`][vlakit.interleave.PlaceholderInterleaver]), positions start
+    at 1 as in transformers, and the mask is prefix-LM
+    ([`PrefixLMMask`][vlakit.core.PrefixLMMask]). The head defaults to
+    [`NextTokenHead`][vlakit.heads.NextTokenHead] (the VLM's suffix-text loss); pass an
+    action head to make a VLA.
     """
     return VLA(
         encoder=encoder,
@@ -40,7 +46,7 @@ def paligemma(
         ),
         decoder=decoder,
         mask_policy=PrefixLMMask(),
-        head=head,
+        head=NextTokenHead() if head is None else head,
     )
 
 
@@ -50,6 +56,8 @@ def paligemma_3b(
     image_token_id: int = PALIGEMMA_IMAGE_TOKEN_ID,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    *,
+    linear: LinearFactory = nn.Linear,
 ) -> VLA:
     """PaliGemma-3B (pt-224): 2,923,466,480 parameters with the Hub vocabulary 257216.
 
@@ -61,17 +69,18 @@ def paligemma_3b(
         img_size: 224 (256 image tokens), 448 or 896.
         vocab_size: the LM vocabulary.
         image_token_id: the placeholder id.
-        dtype: parameter dtype (default: torch's default).
+        dtype: parameter dtype (default: torch's default), built directly (no fp32 copy).
         device: where to build (``"meta"`` to count parameters without memory).
+        linear: factory for every linear layer of the tower and the Gemma (LoRA,
+            quantised, FP8 linears); the projector and the tied LM head are unaffected.
     """
-    with on_device(device):
-        model = paligemma(
-            encoder=siglip_so400m(img_size),
+    with building(dtype, device):
+        return paligemma(
+            encoder=siglip_so400m(img_size, linear=linear),
             projector=LinearProjector(1152, 2048, bias=True),
-            decoder=gemma_2b(vocab_size=vocab_size),
+            decoder=gemma_2b(vocab_size=vocab_size, linear=linear),
             image_token_id=image_token_id,
         )
-    return model if dtype is None else model.to(dtype)
 
 
 def paligemma_from_transformers(model: nn.Module) -> VLA:
@@ -89,12 +98,12 @@ def paligemma_from_transformers(model: nn.Module) -> VLA:
     projector = LinearProjector(linear.in_features, linear.out_features, bias=True)
     projector.linear.load_state_dict(linear.state_dict())
     text_config = model.config.text_config
-    decoder = TransformerDecoder.from_transformers(inner.language_model)
+    decoder = decoder_from_transformers(inner.language_model)
     if not text_config.tie_word_embeddings:
         raise ValueError("PaliGemma with an untied lm_head is not supported")
     weight = next(model.parameters())
     return paligemma(
-        encoder=ViT.from_transformers(inner.vision_tower),
+        encoder=vit_from_transformers(inner.vision_tower),
         projector=projector.to(weight.device, weight.dtype),
         decoder=decoder,
         image_token_id=model.config.image_token_id,

@@ -1,14 +1,20 @@
 """Vision encoders: pixels → patch tokens, for one or several camera views.
 
-Every encoder is a :class:`VisionEncoder`: it declares its token width ``dim``, its patch
-count (``num_patches(image_size)``, ``patches_per_image``) and its preprocessing
-(``preprocessing``: size, mean, std, interpolation; ``preprocess(images)`` applies it), and
-maps preprocessed pixels ``[b, c, h, w]`` or ``[b, v, c, h, w]`` to tokens ``[b, v·p, d]``,
-optionally FiLM-conditioned on a vector ``[b, k]``.
+Every encoder is a [`VisionEncoder`][vlakit.vision.VisionEncoder]: it declares its token
+width ``dim``, its patch count (``num_patches(image_size)``, ``patches_per_image``) and its
+preprocessing (``preprocessing``: size, mean, std, interpolation; ``preprocess(images)``
+applies it), and maps preprocessed pixels ``[b, c, h, w]`` or ``[b, v, c, h, w]`` to tokens
+``[b, v·p, d]``, optionally FiLM-conditioned on a vector ``[b, k]`` (``has_film`` says
+whether an encoder takes one).
 
-Imports nothing else of vlakit (the wrappers use timm / transformers / open_clip).
+Of vlakit, this package imports only ``vlakit.core`` (the linear-layer factory type, and
+``CheckpointError`` / ``load_checked``, re-exported here). The wrappers and the ViT's
+position-embedding resampling use timm / transformers / open_clip. Weight conversion (timm,
+transformers, open_clip, OpenVLA) lives in [`vlakit.convert`][vlakit.convert], which
+imports this package, never the reverse.
 """
 
+from vlakit.core.checkpoint import CheckpointError, load_checked
 from vlakit.vision.base import VisionEncoder, stack_views
 from vlakit.vision.builders import dinov2_large_reg4, openvla_fused_encoder, siglip_so400m, vit
 from vlakit.vision.film import FiLM, FiLMTimmBlock, add_film
@@ -22,14 +28,6 @@ from vlakit.vision.vit import (
     ViTAttention,
     ViTBlock,
     ViTMLP,
-)
-from vlakit.vision.weights import (
-    CheckpointError,
-    load_checked,
-    load_openvla_vision,
-    openvla_vision_state_dicts,
-    timm_to_vit,
-    transformers_siglip_to_vit,
 )
 from vlakit.vision.wrappers import HFVisionEncoder, OpenClipEncoder, TimmEncoder
 
@@ -59,8 +57,4 @@ __all__ = [
     "add_film",
     "CheckpointError",
     "load_checked",
-    "load_openvla_vision",
-    "openvla_vision_state_dicts",
-    "timm_to_vit",
-    "transformers_siglip_to_vit",
 ]

@@ -1,15 +1,22 @@
 """Builders for the own ViT: one component builder taking every knob, and named sizes.
 
-Build full-size towers on the ``meta`` device to inspect them without allocating::
+Build full-size towers on the ``meta`` device to inspect them without allocating, and
+materialise them later (every parameter has a ``reset_parameters``)::
 
     with torch.device("meta"):
         tower = siglip_so400m()
+    tower.to_empty(device="cuda")
+    vlakit.core.init_parameters(tower)   # or load a checkpoint
+
+Every builder takes ``linear`` (a [`LinearFactory`][vlakit.core.LinearFactory], default
+``nn.Linear``) for the attention, MLP and pooling-head projections.
 """
 
 from collections.abc import Sequence
 
 from torch import nn
 
+from vlakit.core.linear import LinearFactory
 from vlakit.vision.fused import FusedEncoder
 from vlakit.vision.preprocess import PreprocessConfig
 from vlakit.vision.vit import GeluApproximate, MAPHead, ViT, ViTBlock
@@ -38,8 +45,9 @@ def vit(
     output_layer: int = -1,
     dynamic_img_size: bool = False,
     preprocessing: PreprocessConfig | None = None,
+    linear: LinearFactory = nn.Linear,
 ) -> ViT:
-    """Component builder: a :class:`~vlakit.vision.ViT` from plain numbers.
+    """Component builder: a [`ViT`][vlakit.vision.ViT] from plain numbers.
 
     Args:
         img_size: image size the position embedding is built for.
@@ -61,9 +69,20 @@ def vit(
         output_layer: block whose output ``forward`` returns (``-2``: second-to-last).
         dynamic_img_size: interpolate the position embedding for other image sizes.
         preprocessing: size/mean/std/interpolation (default: ``img_size``, 0.5/0.5).
+        linear: factory for every projection (``qkv``, ``proj``, ``fc1``, ``fc2``, ``q``,
+            ``kv``), called as ``linear(in_features, out_features, bias=...)``.
     """
     blocks = [
-        ViTBlock(dim, num_heads, mlp_dim, qkv_bias, layer_scale_init, gelu_approximate, norm_eps)
+        ViTBlock(
+            dim,
+            num_heads,
+            mlp_dim,
+            qkv_bias=qkv_bias,
+            layer_scale_init=layer_scale_init,
+            gelu_approximate=gelu_approximate,
+            norm_eps=norm_eps,
+            linear=linear,
+        )
         for _ in range(depth)
     ]
     return ViT(
@@ -75,7 +94,7 @@ def vit(
         reg_tokens=reg_tokens,
         pos_embed_prefix=pos_embed_prefix,
         norm=nn.LayerNorm(dim, eps=norm_eps) if final_norm else None,
-        attn_pool=MAPHead(dim, num_heads, mlp_dim, gelu_approximate, norm_eps)
+        attn_pool=MAPHead(dim, num_heads, mlp_dim, gelu_approximate, norm_eps, linear=linear)
         if map_head
         else None,
         output_layer=output_layer,
@@ -91,6 +110,7 @@ def siglip_so400m(
     gelu_approximate: GeluApproximate = "tanh",
     output_layer: int = -1,
     dynamic_img_size: bool = False,
+    linear: LinearFactory = nn.Linear,
 ) -> ViT:
     """SigLIP So400m/14: 27 blocks, width 1152, 16 heads, MLP 4304, no CLS token.
 
@@ -105,6 +125,7 @@ def siglip_so400m(
             timm, whose default is exact GELU).
         output_layer: block to return (OpenVLA: ``-2``).
         dynamic_img_size: interpolate the position embedding for other sizes.
+        linear: factory for the projections.
     """
     return vit(
         img_size=img_size,
@@ -118,11 +139,16 @@ def siglip_so400m(
         output_layer=output_layer,
         dynamic_img_size=dynamic_img_size,
         preprocessing=PreprocessConfig(size=img_size, mean=(0.5,) * 3, std=(0.5,) * 3),
+        linear=linear,
     )
 
 
 def dinov2_large_reg4(
-    img_size: int = 224, *, output_layer: int = -1, dynamic_img_size: bool = False
+    img_size: int = 224,
+    *,
+    output_layer: int = -1,
+    dynamic_img_size: bool = False,
+    linear: LinearFactory = nn.Linear,
 ) -> ViT:
     """DINOv2 ViT-L/14 with 4 registers: 24 blocks, width 1024, LayerScale, CLS + 4 registers,
     position embedding over patches only (timm ``vit_large_patch14_reg4_dinov2``).
@@ -133,6 +159,7 @@ def dinov2_large_reg4(
         img_size: image size (224 → 256 patches; DINOv2 was trained at 518).
         output_layer: block to return (OpenVLA: ``-2``).
         dynamic_img_size: interpolate the position embedding for other sizes.
+        linear: factory for the projections.
     """
     return vit(
         img_size=img_size,
@@ -150,11 +177,16 @@ def dinov2_large_reg4(
         preprocessing=PreprocessConfig(
             size=img_size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
         ),
+        linear=linear,
     )
 
 
 def openvla_fused_encoder(
-    img_size: int = 224, *, truncate: bool = True, gelu_approximate: GeluApproximate = "none"
+    img_size: int = 224,
+    *,
+    truncate: bool = True,
+    gelu_approximate: GeluApproximate = "none",
+    linear: LinearFactory = nn.Linear,
 ) -> FusedEncoder:
     """OpenVLA's vision backbone: DINOv2 ViT-L/14 reg4 + SigLIP So400m/14, both returning
     the second-to-last block → ``[b, 256, 2176]`` at 224 px; 6-channel pixels.
@@ -164,9 +196,12 @@ def openvla_fused_encoder(
         truncate: drop the last block, final norms (never used) — 43.1M fewer parameters
             counting SigLIP's unused pooling head, which is not built here.
         gelu_approximate: SigLIP's GELU; OpenVLA runs timm's exact GELU (``"none"``).
+        linear: factory for the projections of both towers.
     """
-    dino = dinov2_large_reg4(img_size, output_layer=-2)
-    siglip = siglip_so400m(img_size, output_layer=-2, gelu_approximate=gelu_approximate)
+    dino = dinov2_large_reg4(img_size, output_layer=-2, linear=linear)
+    siglip = siglip_so400m(
+        img_size, output_layer=-2, gelu_approximate=gelu_approximate, linear=linear
+    )
     if truncate:
         dino.truncate()
         siglip.truncate()

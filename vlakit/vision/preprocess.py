@@ -1,14 +1,33 @@
-"""Image preprocessing: resize and normalise, on tensors.
+"""Image preprocessing: resize and normalise.
 
-Every encoder declares a :class:`PreprocessConfig` (size, mean, std, interpolation), like
-timm's ``pretrained_cfg``. :func:`preprocess_images` applies it to a batch of images given
-as a tensor (float in ``[0, 1]`` or ``uint8``), ``[b, 3, H, W]`` or ``[b, v, 3, H, W]``;
-PIL images and numpy arrays are accepted as a convenience. The resize is *naive* (the
-image is stretched to the target size, no crop), as in OpenVLA.
+Every encoder declares a [`PreprocessConfig`][vlakit.vision.PreprocessConfig] (size, mean,
+std, interpolation), like timm's ``pretrained_cfg``.
+[`preprocess_images`][vlakit.vision.preprocess_images] applies it. The resize is *naive*
+(the image is stretched to the target size, no crop), as in OpenVLA. What each input type
+gets:
+
+- **PIL images** (one, or a list of them): converted to RGB and resized by PIL itself,
+  ``image.resize((w, h), filter)`` with the config's interpolation mapped to PIL's filter
+  (``bicubic`` → ``BICUBIC``, ``bilinear`` → ``BILINEAR``, ``nearest`` → ``NEAREST``,
+  ``area`` → ``BOX``), still ``uint8``; then divided by 255 and normalised in float32. This
+  is bit-exact to OpenVLA's processor (prismatic: PIL resize, ``to_tensor``, normalise) at
+  any input size. PIL resizes in two separable passes, rounds to ``uint8`` between and
+  after them, and always antialiases when downsampling (``antialias`` does not apply).
+- **Tensors and numpy arrays** (``uint8`` in ``[0, 255]`` or float in ``[0, 1]``; numpy
+  may be channels-last): converted to float32 in ``[0, 1]`` and resized in one float pass
+  with ``torch.nn.functional.interpolate`` (antialiased for bilinear/bicubic when
+  ``antialias``; bicubic output clamped to ``[0, 1]``), never rounded to ``uint8``. This
+  runs on any device, batched, but is not PIL: with bicubic, a 256x320 image resized to
+  224 differs from the PIL result by up to about 0.19 (normalised units). Images already at
+  the target size are not resized, so both paths agree there.
+
+Float images outside ``[0, 1]`` (beyond a ``1e-3`` rounding tolerance) raise a
+``ValueError`` naming the range found; the check reads the values, so it runs for CPU
+tensors only and is skipped while ``torch.compile`` traces.
 
 A config whose ``mean``/``std`` hold ``3·k`` values normalises ``k`` copies of the image
 with ``k`` different statistics and concatenates them along the channel axis: this is how
-:class:`~vlakit.vision.FusedEncoder` builds OpenVLA's 6-channel ``pixel_values``.
+[`FusedEncoder`][vlakit.vision.FusedEncoder] builds OpenVLA's 6-channel ``pixel_values``.
 """
 
 from collections.abc import Sequence
@@ -25,6 +44,17 @@ from torch import Tensor
 
 __all__ = ["PreprocessConfig", "preprocess_images", "images_to_tensor"]
 
+FLOAT_RANGE_TOLERANCE = 1e-3
+"""How far float images may stray outside ``[0, 1]`` (rounding) before they are refused."""
+
+PIL_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "area": Image.Resampling.BOX,
+}
+"""The PIL filter each interpolation name maps to for PIL inputs."""
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -36,7 +66,8 @@ class PreprocessConfig:
         std: per-channel std, same length as ``mean``.
         interpolation: ``"bicubic"`` (default, as OpenVLA and timm's ViTs), ``"bilinear"``,
             ``"nearest"`` or ``"area"``.
-        antialias: antialias when downsampling with bilinear/bicubic (closer to PIL).
+        antialias: antialias when downsampling tensors with bilinear/bicubic (closer to
+            PIL; PIL inputs are always antialiased by PIL itself).
 
     ``size``, ``mean`` and ``std`` are stored as tuples.
     """
@@ -50,13 +81,23 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
         if len(size) != 2 or min(size) <= 0:
-            raise ValueError(f"size must be an int or (height, width), got {self.size!r}")
+            raise ValueError(
+                f"size must be a positive int or a (height, width) pair, got {self.size!r}"
+            )
         mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
         if len(mean) != len(std):
-            raise ValueError(f"mean has {len(mean)} values but std has {len(std)}")
+            raise ValueError(
+                f"mean and std must have the same length, but mean has {len(mean)} values "
+                f"and std has {len(std)}"
+            )
         if len(mean) == 0 or len(mean) % 3:
-            raise ValueError(f"mean/std need 3 values per normalisation, got {len(mean)}")
-        modes = ("nearest", "bilinear", "bicubic", "area")
+            raise ValueError(
+                "mean and std need 3 values (R, G, B) per normalisation, so a multiple of 3, "
+                f"got {len(mean)}"
+            )
+        if any(s == 0 for s in std):
+            raise ValueError(f"std must not contain zeros, got {std}")
+        modes = tuple(PIL_FILTERS)
         if self.interpolation not in modes:
             raise ValueError(f"interpolation must be one of {modes}, got {self.interpolation!r}")
         object.__setattr__(self, "size", size)
@@ -91,10 +132,16 @@ class PreprocessConfig:
         height = getattr(size, "height", None) if not isinstance(size, dict) else size.get("height")
         width = getattr(size, "width", None) if not isinstance(size, dict) else size.get("width")
         if height is None or width is None:
-            raise ValueError(f"image processor size must give height and width, got {size!r}")
+            raise ValueError(
+                "only fixed-size image processors are supported: size must give height and "
+                f"width, got {size!r}"
+            )
         resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(processor.resample))
         if resample is None:
-            raise ValueError(f"unsupported image processor resample {processor.resample!r}")
+            raise ValueError(
+                "image processor resample must be 0 (nearest), 2 (bilinear) or 3 (bicubic), "
+                f"got {processor.resample!r}"
+            )
         return cls(
             size=(int(height), int(width)),
             mean=tuple(processor.image_mean),
@@ -113,14 +160,18 @@ def images_to_tensor(images: Any) -> Tensor:
         array = np.asarray(images.convert("RGB"))
         return rearrange(torch.from_numpy(array.copy()), "h w c -> c h w")
     if isinstance(images, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(images))
+        array = np.ascontiguousarray(images)
+        if not array.flags.writeable:  # e.g. np.asarray(pil_image); torch wants writable
+            array = array.copy()
+        tensor = torch.from_numpy(array)
         if tensor.dim() >= 3 and tensor.shape[-1] == 3 and tensor.shape[-3] != 3:
             tensor = tensor.movedim(-1, -3)
         return tensor
     if isinstance(images, Tensor):
         return images
     raise TypeError(
-        f"expected a tensor, a numpy array, a PIL image or a list of them, got {type(images)}"
+        "images must be a tensor, a numpy array, a PIL image or a list of them, got a "
+        f"{type(images).__name__}"
     )
 
 
@@ -129,28 +180,46 @@ def preprocess_images(
 ) -> Float[Tensor, "b c h w"] | Float[Tensor, "b v c h w"]:
     """Resize to ``config.size`` and normalise.
 
+    PIL images are resized by PIL (bit-exact to OpenVLA's processor), tensors and numpy
+    arrays by one float ``F.interpolate`` pass; the docstring of the module
+    ``vlakit.vision.preprocess`` says exactly what each gets.
+
     Args:
-        images: float in ``[0, 1]`` or ``uint8`` in ``[0, 255]``; ``[b, 3, H, W]``,
-            ``[b, v, 3, H, W]`` or one image ``[3, H, W]`` (becomes ``b = 1``). Also a PIL
-            image, a numpy array (channels-last allowed) or a list of images, which may
-            differ in size (each is resized, then they are stacked along the batch).
+        images: a tensor or numpy array, ``uint8`` in ``[0, 255]`` or float in ``[0, 1]``
+            (outside it, beyond ``1e-3``, raises), ``[b, 3, H, W]``, ``[b, v, 3, H, W]`` or
+            one image ``[3, H, W]`` (becomes ``b = 1``), numpy also channels-last; or a PIL
+            image (``b = 1``); or a list of such images, which may differ in size (each is
+            resized, then they are stacked along the batch: ``b = len(images)``).
         config: the encoder's preprocessing.
 
     Returns:
         float32 ``[b, c, h, w]`` or ``[b, v, c, h, w]`` with ``(h, w) = config.size`` and
         ``c = config.out_channels`` (3, or 3·k for stacked normalisations).
+
+    Raises:
+        ValueError: empty list, wrong rank or channel count, integer dtype other than
+            ``uint8``, float values outside ``[0, 1]``, list items of different ranks.
     """
     if isinstance(images, (list, tuple)):
         if not images:
-            raise ValueError("got an empty list of images")
-        return torch.cat([preprocess_images(_single(img), config) for img in images], dim=0)
+            raise ValueError("preprocess_images got an empty list of images")
+        parts = [preprocess_images(_single(img), config) for img in images]
+        ranks = [part.dim() for part in parts]
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                "list items must all be single images or all view stacks [v, 3, H, W], got "
+                f"a mix (shapes after preprocessing {[tuple(p.shape) for p in parts]})"
+            )
+        return torch.cat(parts, dim=0)
+    if isinstance(images, Image.Image):
+        return _normalise(_pil_resize(images, config)[None].float() / 255.0, config)
     pixels = images_to_tensor(images)
     if pixels.dim() == 3:
         pixels = pixels[None]
     if pixels.dim() not in (4, 5):
         raise ValueError(
-            f"images must be [b, 3, H, W] or [b, v, 3, H, W], got {pixels.dim()} dims "
-            f"{tuple(pixels.shape)}"
+            f"images must have 4 dims [b, 3, H, W] or 5 dims [b, v, 3, H, W] (or 3 for one "
+            f"image), got {pixels.dim()} dims with shape {tuple(pixels.shape)}"
         )
     if pixels.shape[-3] != 3:
         raise ValueError(
@@ -161,8 +230,12 @@ def preprocess_images(
         pixels = pixels.float() / 255.0
     elif pixels.is_floating_point():
         pixels = pixels.float()
+        _check_float_range(pixels)
     else:
-        raise ValueError(f"images must be uint8 or floating point, got {pixels.dtype}")
+        raise ValueError(
+            f"images must be uint8 (values 0 to 255) or floating point (values 0 to 1), got "
+            f"dtype {pixels.dtype}"
+        )
     leading = pixels.shape[:-3]
     flat = pixels.reshape(-1, *pixels.shape[-3:])
     if tuple(flat.shape[-2:]) != config.size:
@@ -177,16 +250,49 @@ def preprocess_images(
         )
         if interp == "bicubic":  # bicubic overshoots; PIL clips to the valid range too
             flat = flat.clamp(0.0, 1.0)
+    flat = _normalise(flat, config)
+    return flat.reshape(*leading, *flat.shape[-3:])
+
+
+def _pil_resize(image: Image.Image, config: PreprocessConfig) -> Tensor:
+    """PIL image → RGB, resized by PIL to ``config.size`` → ``uint8 [3, h, w]``."""
+    image = image.convert("RGB")
+    height, width = config.size
+    if image.size != (width, height):
+        image = image.resize((width, height), PIL_FILTERS[config.interpolation])
+    return rearrange(torch.from_numpy(np.array(image)), "h w c -> c h w")
+
+
+def _normalise(flat: Tensor, config: PreprocessConfig) -> Tensor:
+    """``[n, 3, h, w]`` float in ``[0, 1]`` → ``(x - mean) / std``, ``k`` copies for ``3·k``
+    statistics, concatenated along the channels."""
     copies = config.out_channels // 3
     if copies > 1:
         flat = flat.repeat(1, copies, 1, 1)
     mean = torch.tensor(config.mean, dtype=flat.dtype, device=flat.device)[:, None, None]
     std = torch.tensor(config.std, dtype=flat.dtype, device=flat.device)[:, None, None]
-    flat = (flat - mean) / std
-    return flat.reshape(*leading, *flat.shape[-3:])
+    return (flat - mean) / std
 
 
-def _single(image: Any) -> Tensor:
-    """One list element → ``[1, 3, H, W]`` (or ``[1, v, 3, H, W]`` for a view stack)."""
+def _check_float_range(pixels: Tensor) -> None:
+    """Refuse float images outside ``[0, 1]`` (CPU only: reading values on an accelerator
+    would synchronise it; skipped while ``torch.compile`` traces)."""
+    if pixels.device.type != "cpu" or pixels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = (float(v) for v in torch.aminmax(pixels))
+    tol = FLOAT_RANGE_TOLERANCE
+    if not (-tol <= low and high <= 1.0 + tol):  # also catches NaN
+        raise ValueError(
+            f"float images must hold values in [0, 1], but these range from {low:g} to "
+            f"{high:g}; pass uint8 images with values in [0, 255], or float images in [0, 1] "
+            "(e.g. divide by 255)"
+        )
+
+
+def _single(image: Any) -> Tensor | Image.Image:
+    """One list element → ``[1, 3, H, W]`` (``[1, v, 3, H, W]`` for a view stack); a PIL
+    image is returned as it is (resized by PIL)."""
+    if isinstance(image, Image.Image):
+        return image
     tensor = images_to_tensor(image)
     return tensor[None] if tensor.dim() in (3, 4) else tensor

@@ -5,11 +5,20 @@ prefix tokens or not), optional CLS and register tokens, optional LayerScale, ex
 GELU, optional final norm and optional MAP (attention-pool) head. Parameter names equal
 timm's ``VisionTransformer`` (``patch_embed.proj``, ``blocks.{i}.attn.qkv``, ``ls1.gamma``,
 ``attn_pool.*``), so timm checkpoints load after the identity rename in
-:mod:`vlakit.vision.weights`.
+[`vlakit.convert.vision`][vlakit.convert] (which also reads timm / transformers
+architectures; this module knows nothing of conversion).
+
+Leaf blocks receive their linear layers: every projection is built by a ``linear`` factory
+([`LinearFactory`][vlakit.core.LinearFactory], default ``nn.Linear``) and stored under
+timm's name (``qkv``, ``proj``, ``fc1``, ``fc2``, ``q``, ``kv``), so LoRA / quantised
+linears are a builder argument and PEFT-style name targeting works. Every module that owns
+parameters directly defines ``reset_parameters`` (timm's initialisation), so a tower built
+on the ``meta`` device is initialised by [`init_parameters`][vlakit.core.init_parameters]
+after ``to_empty``.
 
 The ViT returns the output of one chosen block (``output_layer``; OpenVLA takes ``-2``)
 and runs no block after it. The final norm is applied only when that block is the last
-one. :meth:`ViT.truncate` drops the parameters that are then never used.
+one. [`ViT.truncate`][vlakit.vision.ViT.truncate] drops the parameters that are then never used.
 """
 
 import itertools
@@ -22,13 +31,28 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from vlakit.vision.base import VisionEncoder, as_hw
+from vlakit.core.linear import LinearFactory
+from vlakit.vision.base import (
+    VisionEncoder,
+    as_hw,
+    check_condition,
+    check_image_size,
+    layer_index,
+)
 from vlakit.vision.film import FiLM
 from vlakit.vision.preprocess import PreprocessConfig
 
 __all__ = ["ViT", "ViTBlock", "ViTAttention", "ViTMLP", "LayerScale", "PatchEmbed", "MAPHead"]
 
 GeluApproximate = Literal["none", "tanh"]
+
+
+def _check_heads(owner: str, dim: int, num_heads: int) -> None:
+    if num_heads <= 0 or dim % num_heads:
+        raise ValueError(
+            f"{owner}: the width must split evenly into heads, but dim={dim} is not divisible "
+            f"by num_heads={num_heads}"
+        )
 
 
 class PatchEmbed(nn.Module):
@@ -44,15 +68,23 @@ class PatchEmbed(nn.Module):
 
 
 class ViTAttention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection (timm layout)."""
+    """Multi-head self-attention with a fused ``qkv`` projection (timm layout).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    Args:
+        dim: token width.
+        num_heads: attention heads (must divide ``dim``).
+        qkv_bias: bias on the ``qkv`` projection (``proj`` always has one).
+        linear: factory for ``qkv`` and ``proj``, called as ``linear(in, out, bias=...)``.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, linear: LinearFactory = nn.Linear
+    ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        _check_heads("ViTAttention", dim, num_heads)
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = linear(dim, dim, bias=True)
 
     def forward(self, x: Float[Tensor, "b n d"]) -> Float[Tensor, "b n d"]:
         q, k, v = rearrange(
@@ -63,13 +95,26 @@ class ViTAttention(nn.Module):
 
 
 class ViTMLP(nn.Module):
-    """``fc2(gelu(fc1(x)))``; ``gelu_approximate`` is ``"none"`` (exact) or ``"tanh"``."""
+    """``fc2(gelu(fc1(x)))``.
 
-    def __init__(self, dim: int, hidden_dim: int, gelu_approximate: GeluApproximate = "none"):
+    Args:
+        dim: token width.
+        mlp_dim: hidden width.
+        gelu_approximate: ``"none"`` (exact GELU) or ``"tanh"``.
+        linear: factory for ``fc1`` and ``fc2`` (both with bias).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_dim: int,
+        gelu_approximate: GeluApproximate = "none",
+        linear: LinearFactory = nn.Linear,
+    ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = linear(dim, mlp_dim, bias=True)
         self.act = nn.GELU(approximate=gelu_approximate)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = linear(mlp_dim, dim, bias=True)
 
     def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
         return self.fc2(self.act(self.fc1(x)))
@@ -80,7 +125,13 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init_value: float = 1e-5) -> None:
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+        self.init_value = float(init_value)
+        self.gamma = nn.Parameter(torch.full((dim,), self.init_value))
+
+    def reset_parameters(self) -> None:
+        """Every entry back to ``init_value``."""
+        with torch.no_grad():
+            self.gamma.fill_(self.init_value)
 
     def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
         return x * self.gamma
@@ -102,6 +153,7 @@ class ViTBlock(nn.Module):
         gelu_approximate: ``"none"`` (exact GELU, timm's default) or ``"tanh"`` (SigLIP as
             trained, HF/big_vision).
         norm_eps: LayerNorm epsilon.
+        linear: factory for the attention and MLP projections (default ``nn.Linear``).
     """
 
     def __init__(
@@ -113,14 +165,15 @@ class ViTBlock(nn.Module):
         layer_scale_init: float | None = None,
         gelu_approximate: GeluApproximate = "none",
         norm_eps: float = 1e-6,
+        linear: LinearFactory = nn.Linear,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = ViTAttention(dim, num_heads, qkv_bias=qkv_bias)
+        self.attn = ViTAttention(dim, num_heads, qkv_bias=qkv_bias, linear=linear)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = ViTMLP(dim, mlp_dim, gelu_approximate)
+        self.mlp = ViTMLP(dim, mlp_dim, gelu_approximate, linear=linear)
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.register_module("film", None)
 
@@ -143,6 +196,7 @@ class MAPHead(nn.Module):
         mlp_dim: MLP hidden width.
         gelu_approximate: GELU flavour of the MLP.
         norm_eps: LayerNorm epsilon.
+        linear: factory for ``q``, ``kv``, ``proj`` and the MLP (all with bias).
     """
 
     def __init__(
@@ -152,18 +206,26 @@ class MAPHead(nn.Module):
         mlp_dim: int,
         gelu_approximate: GeluApproximate = "none",
         norm_eps: float = 1e-6,
+        linear: LinearFactory = nn.Linear,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        _check_heads("MAPHead", dim, num_heads)
         self.num_heads = num_heads
         self.latent = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.latent, std=dim**-0.5)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+        self.q = linear(dim, dim, bias=True)
+        self.kv = linear(dim, 2 * dim, bias=True)
+        self.proj = linear(dim, dim, bias=True)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = ViTMLP(dim, mlp_dim, gelu_approximate)
+        self.mlp = ViTMLP(dim, mlp_dim, gelu_approximate, linear=linear)
+
+    def reset_parameters(self) -> None:
+        """The latent query: normal with std ``dim ** -0.5`` as timm's
+        ``AttentionPoolLatent``, truncated at ±2 (absolute, ``nn.init.trunc_normal_``'s
+        default; timm truncates at ±2 std, a negligible difference kept so that random
+        builds reproduce earlier vlakit numbers). The projections and the norm reset
+        themselves."""
+        nn.init.trunc_normal_(self.latent, std=self.latent.shape[-1] ** -0.5)
 
     def forward(self, x: Float[Tensor, "b n d"]) -> Float[Tensor, "b d"]:
         q = rearrange(self.q(self.latent), "1 l (h hd) -> 1 h l hd", h=self.num_heads)
@@ -176,9 +238,11 @@ class MAPHead(nn.Module):
 class ViT(VisionEncoder):
     """Vision Transformer encoder: pixels ``[b, c, H, W]`` → patch tokens ``[b, p, d]``.
 
-    Use the builders (:func:`~vlakit.vision.vit`, :func:`~vlakit.vision.siglip_so400m`,
-    :func:`~vlakit.vision.dinov2_large_reg4`) or :meth:`from_timm` /
-    :meth:`from_transformers`; the constructor receives the blocks.
+    Use the builders ([`vit`][vlakit.vision], [`siglip_so400m`][vlakit.vision.siglip_so400m],
+    [`dinov2_large_reg4`][vlakit.vision.dinov2_large_reg4]), or copy a timm / transformers
+    model with [`vit_from_timm`][vlakit.convert.vit_from_timm] /
+    [`vit_from_transformers`][vlakit.convert.vit_from_transformers]; the constructor
+    receives the blocks.
 
     Args:
         blocks: the transformer blocks (all of width ``d``).
@@ -190,9 +254,10 @@ class ViT(VisionEncoder):
         pos_embed_prefix: the position embedding also covers the prefix (CLS/register)
             tokens (classic ViT); ``False`` = patches only (DINOv2 reg4, SigLIP).
         norm: final norm, applied only to the output of the last block; ``None`` = none.
-        attn_pool: MAP pooling head used by :meth:`pool`; ``None`` = none.
-        output_layer: block whose output :meth:`forward` returns (``-1`` last, ``-2``
-            second-to-last, or an index from 0); the blocks after it are not run.
+        attn_pool: MAP pooling head used by [`pool`][vlakit.vision.ViT.pool]; ``None`` = none.
+        output_layer: block whose output [`forward`][vlakit.vision.ViT.forward] returns
+            (``-1`` last, ``-2`` second-to-last, or an index from 0); the blocks after it
+            are not run.
         dynamic_img_size: accept other image sizes (multiples of ``p``) by resampling the
             position embedding (bicubic, timm's ``resample_abs_pos_embed``).
         preprocessing: size/mean/std/interpolation; default ``img_size``, mean = std = 0.5.
@@ -216,15 +281,20 @@ class ViT(VisionEncoder):
     ) -> None:
         super().__init__()
         if len(blocks) == 0:
-            raise ValueError("a ViT needs at least one block")
+            raise ValueError("a ViT needs at least one block, got an empty list of blocks")
         dim = blocks[0].dim
+        widths = sorted({block.dim for block in blocks})
+        if len(widths) > 1:
+            raise ValueError(f"all ViT blocks must have the same width, got widths {widths}")
         self.dim = dim
         self.in_chans = in_chans
         self.patch_size = patch_size
         self.img_size = as_hw(img_size)
-        for side in self.img_size:
-            if side % patch_size:
-                raise ValueError(f"img_size {self.img_size} is not divisible by patch {patch_size}")
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} must be a multiple of the patch size {patch_size} "
+                "on both sides"
+            )
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.dynamic_img_size = dynamic_img_size
         self.pos_embed_prefix = pos_embed_prefix
@@ -234,25 +304,17 @@ class ViT(VisionEncoder):
         )
         if self.preprocessing.out_channels != in_chans:
             raise ValueError(
-                f"preprocessing produces {self.preprocessing.out_channels} channels, the ViT "
-                f"takes in_chans={in_chans}"
+                f"the preprocessing produces {self.preprocessing.out_channels} channels "
+                f"(len(mean)), but the ViT takes in_chans={in_chans}"
             )
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
-        if class_token:
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-            nn.init.normal_(self.cls_token, std=1e-6)
-        else:
-            self.register_parameter("cls_token", None)
-        if reg_tokens:
-            self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, dim))
-            nn.init.normal_(self.reg_token, std=1e-6)
-        else:
-            self.register_parameter("reg_token", None)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, dim)) if reg_tokens else None
         num_pos = self.grid_size[0] * self.grid_size[1]
         num_pos += self.num_prefix_tokens if pos_embed_prefix else 0
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.reset_parameters()
 
         self.blocks = nn.ModuleList(blocks)
         self.depth = len(blocks)
@@ -260,6 +322,18 @@ class ViT(VisionEncoder):
         self.attn_pool = attn_pool
         self._dropped: list[str] = []
         self.output_layer = self._layer_index(output_layer)
+
+    def reset_parameters(self) -> None:
+        """The parameters the ViT owns directly, as timm's ``VisionTransformer.init_weights``:
+        CLS and register tokens ``normal(std=1e-6)``, position embedding
+        ``trunc_normal(std=0.02)``. Submodules (patch embedding, blocks, norms, head) reset
+        themselves; [`init_parameters`][vlakit.core.init_parameters] visits them all."""
+        with torch.no_grad():
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=1e-6)
+            if self.reg_token is not None:
+                nn.init.normal_(self.reg_token, std=1e-6)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     # ------------------------------------------------------------------ description
     @property
@@ -273,8 +347,9 @@ class ViT(VisionEncoder):
 
     @property
     def dropped_prefixes(self) -> list[str]:
-        """State-dict key prefixes of the parts :meth:`truncate` removed (a full checkpoint
-        still has them; :func:`~vlakit.vision.weights.load_checked` skips them)."""
+        """State-dict key prefixes of the parts [`truncate`][vlakit.vision.ViT.truncate]
+        removed (a full checkpoint still has them;
+        [`load_checked`][vlakit.core.load_checked] skips them)."""
         return list(self._dropped)
 
     def grid(self, image_size: int | Sequence[int] | None = None) -> tuple[int, int]:
@@ -287,25 +362,21 @@ class ViT(VisionEncoder):
         return gh * gw
 
     def check_image_size(self, height: int, width: int) -> None:
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(
-                f"image size ({height}, {width}) is not divisible by the patch size {p}"
-            )
-        if not self.dynamic_img_size and (height, width) != self.img_size:
-            raise ValueError(
-                f"expected image size {self.img_size} (the position embedding's grid "
-                f"{self.grid_size}), got ({height}, {width}); build the ViT with "
-                "dynamic_img_size=True to interpolate the position embedding"
-            )
+        check_image_size(
+            height,
+            width,
+            patch=(self.patch_size, self.patch_size),
+            expected=self.img_size,
+            dynamic=self.dynamic_img_size,
+            hint="build the ViT with dynamic_img_size=True to interpolate the position embedding",
+        )
 
     def _layer_index(self, layer: int) -> int:
-        if not -self.depth <= layer < self.depth:
-            raise ValueError(f"output_layer must be in [{-self.depth}, {self.depth}), got {layer}")
-        index = layer % self.depth
+        index = layer_index(layer, self.depth)
         if index >= len(self.blocks):
             raise ValueError(
-                f"block {index} was removed by truncate(); {len(self.blocks)} blocks remain"
+                f"output_layer {layer} is block {index}, which truncate() removed; "
+                f"blocks 0 to {len(self.blocks) - 1} remain"
             )
         return index
 
@@ -330,9 +401,11 @@ class ViT(VisionEncoder):
                 self._dropped.append("attn_pool.")
         return self
 
-    def add_film(self, cond_dim: int, zero_init: bool = False) -> "ViT":
+    def add_film(
+        self, cond_dim: int, zero_init: bool = False, linear: LinearFactory = nn.Linear
+    ) -> "ViT":
         for block in self.blocks:
-            block.film = FiLM(cond_dim, self.dim, zero_init=zero_init)
+            block.film = FiLM(cond_dim, self.dim, zero_init=zero_init, linear=linear)
         return self
 
     # ------------------------------------------------------------------ forward
@@ -371,11 +444,7 @@ class ViT(VisionEncoder):
         block.
         """
         index = self.output_layer if layer is None else self._layer_index(layer)
-        film = self.has_film
-        if film and condition is None:
-            raise ValueError("this ViT has FiLM layers: pass condition [b, cond_dim]")
-        if not film and condition is not None:
-            raise ValueError("condition given, but this ViT has no FiLM layers (add_film)")
+        check_condition("ViT", self.has_film, condition)
         x = self.embed(pixels)
         for block in itertools.islice(self.blocks, index + 1):  # later blocks never run
             x = block(x, condition)
@@ -392,198 +461,8 @@ class ViT(VisionEncoder):
     def pool(self, tokens: Float[Tensor, "b p d"]) -> Float[Tensor, "b d"]:
         """MAP-pool patch tokens (from the last block, normed) into one vector per image."""
         if self.attn_pool is None:
-            raise ValueError("this ViT has no pooling head (attn_pool is None)")
-        return self.attn_pool(tokens)
-
-    # ------------------------------------------------------------------ conversion
-    @classmethod
-    def from_timm(cls, model: nn.Module, output_layer: int = -1) -> "ViT":
-        """Copy a timm ``VisionTransformer`` (SigLIP / DINOv2 / plain ViT families).
-
-        Supported: pre-LN ``Block`` s with optional LayerScale, fused qkv, exact or tanh
-        GELU, CLS/register tokens, pos-embed with or without prefix, final norm, MAP head
-        (``global_pool='map'``; other heads/``fc_norm``/classifier are not copied).
-        Unsupported options (``pre_norm``, qk-norm, scale norms, other block types) raise.
-        """
-        from vlakit.vision.weights import load_checked, timm_to_vit
-
-        spec = _timm_spec(model)
-        param = next(model.parameters())
-        vit = _build_uninitialised(spec, output_layer, param.device, param.dtype)
-        load_checked(vit, timm_to_vit(model.state_dict(), has_attn_pool=vit.attn_pool is not None))
-        return vit
-
-    @classmethod
-    def from_transformers(
-        cls,
-        model: nn.Module,
-        output_layer: int = -1,
-        preprocessing: PreprocessConfig | None = None,
-    ) -> "ViT":
-        """Copy a transformers ``SiglipVisionModel`` (or a ``SiglipModel``'s vision half).
-
-        Preprocessing defaults to SigLIP's: the config's image size, mean = std = 0.5,
-        bicubic.
-        """
-        from vlakit.vision.weights import load_checked, transformers_siglip_to_vit
-
-        if hasattr(model, "vision_model"):
-            model = model.vision_model
-        config = getattr(model, "config", None)
-        if getattr(config, "model_type", None) != "siglip_vision_model":
-            raise TypeError(
-                "from_transformers supports SiglipVisionModel, got "
-                f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r})"
+            raise ValueError(
+                "pool() needs a MAP pooling head, but this ViT has none (attn_pool is None); "
+                "build it with map_head=True"
             )
-        act = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}.get(
-            config.hidden_act
-        )
-        if act is None:
-            raise ValueError(f"unsupported SigLIP hidden_act {config.hidden_act!r}")
-        d, eps = config.hidden_size, config.layer_norm_eps
-        size = as_hw(config.image_size)
-        spec = dict(
-            img_size=size,
-            patch_size=int(config.patch_size),
-            in_chans=config.num_channels,
-            dim=d,
-            depth=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            mlp_dim=config.intermediate_size,
-            qkv_bias=True,
-            layer_scale=False,
-            gelu_approximate=act,
-            norm_eps=eps,
-            class_token=False,
-            reg_tokens=0,
-            pos_embed_prefix=False,
-            final_norm=True,
-            final_norm_eps=eps,
-            map_head=bool(getattr(model, "use_head", config.vision_use_head)),
-            dynamic_img_size=False,
-            preprocessing=preprocessing
-            or PreprocessConfig(size=size, mean=(0.5,) * 3, std=(0.5,) * 3),
-        )
-        param = next(model.parameters())
-        vit = _build_uninitialised(spec, output_layer, param.device, param.dtype)
-        load_checked(vit, transformers_siglip_to_vit(model.state_dict()))
-        return vit
-
-
-def _build_uninitialised(
-    spec: dict, output_layer: int, device: torch.device, dtype: torch.dtype
-) -> ViT:
-    """Build on the meta device (no initialisation cost), then allocate on ``device``; every
-    parameter is overwritten by the checkpoint that follows."""
-    with torch.device("meta"):
-        vit = _build_from_spec(spec, output_layer=output_layer)
-    return vit.to_empty(device=device).to(dtype)
-
-
-def _build_from_spec(spec: dict, output_layer: int) -> ViT:
-    d = spec["dim"]
-    blocks = [
-        ViTBlock(
-            d,
-            spec["num_heads"],
-            spec["mlp_dim"],
-            qkv_bias=spec["qkv_bias"],
-            layer_scale_init=1e-5 if spec["layer_scale"] else None,
-            gelu_approximate=spec["gelu_approximate"],
-            norm_eps=spec["norm_eps"],
-        )
-        for _ in range(spec["depth"])
-    ]
-    head = None
-    if spec["map_head"]:
-        head = MAPHead(
-            d, spec["num_heads"], spec["mlp_dim"], spec["gelu_approximate"], spec["norm_eps"]
-        )
-    return ViT(
-        blocks,
-        img_size=spec["img_size"],
-        patch_size=spec["patch_size"],
-        in_chans=spec["in_chans"],
-        class_token=spec["class_token"],
-        reg_tokens=spec["reg_tokens"],
-        pos_embed_prefix=spec["pos_embed_prefix"],
-        norm=nn.LayerNorm(d, eps=spec["final_norm_eps"]) if spec["final_norm"] else None,
-        attn_pool=head,
-        output_layer=output_layer,
-        dynamic_img_size=spec["dynamic_img_size"],
-        preprocessing=spec["preprocessing"],
-    )
-
-
-def _gelu_kind(act: nn.Module) -> str:
-    from timm.layers.activations import GELU as TimmGELU
-    from timm.layers.activations import GELUTanh
-
-    if isinstance(act, nn.GELU):
-        return act.approximate
-    if isinstance(act, GELUTanh):
-        return "tanh"
-    if isinstance(act, TimmGELU):
-        return "none"
-    raise ValueError(f"unsupported activation {type(act).__name__}; expected GELU (exact or tanh)")
-
-
-def _timm_spec(model: nn.Module) -> dict:
-    """Read the architecture of a timm VisionTransformer, refusing what ViT cannot express."""
-    from timm.layers import AttentionPoolLatent
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
-    pe = model.patch_embed
-    ph, pw = pe.patch_size
-    if ph != pw:
-        raise ValueError(f"only square patches are supported, got {pe.patch_size}")
-    if not isinstance(model.norm_pre, nn.Identity):
-        raise ValueError("unsupported timm option pre_norm=True (CLIP-style norm_pre)")
-    if pe.proj.bias is None or not isinstance(pe.norm, nn.Identity):
-        raise ValueError("unsupported patch embedding (needs a bias and no norm)")
-    if model.pos_embed is None:
-        raise ValueError("unsupported timm option pos_embed='none'")
-    first = model.blocks[0]
-    for i, block in enumerate(model.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
-            raise ValueError(f"block {i} is {type(block).__name__}; only timm Block is supported")
-        if not all(
-            isinstance(m, nn.Identity)
-            for m in (block.attn.q_norm, block.attn.k_norm, block.attn.norm, block.mlp.norm)
-        ):
-            raise ValueError(f"block {i} uses qk-norm or scale norms, which ViT does not support")
-        if (block.attn.proj.bias is None) or (block.mlp.fc1.bias is None):
-            raise ValueError(f"block {i} has no projection bias (proj_bias=False unsupported)")
-    norm_eps = first.norm1.eps
-    act = _gelu_kind(first.mlp.act)
-    head = model.attn_pool
-    map_head = head is not None
-    if map_head:
-        if not isinstance(head, AttentionPoolLatent) or head.latent_len != 1 or head.mlp is None:
-            raise ValueError(f"unsupported pooling head {type(head).__name__}")
-        if head.pos_embed is not None or not isinstance(head.q_norm, nn.Identity):
-            raise ValueError("unsupported AttentionPoolLatent options (pos_embed or qk_norm)")
-    final_norm = not isinstance(model.norm, nn.Identity)
-    return dict(
-        img_size=tuple(pe.img_size),
-        patch_size=ph,
-        in_chans=pe.proj.in_channels,
-        dim=model.embed_dim,
-        depth=len(model.blocks),
-        num_heads=first.attn.num_heads,
-        mlp_dim=first.mlp.fc1.out_features,
-        qkv_bias=first.attn.qkv.bias is not None,
-        layer_scale=not isinstance(first.ls1, nn.Identity),
-        gelu_approximate=act,
-        norm_eps=norm_eps,
-        class_token=model.cls_token is not None,
-        reg_tokens=model.num_reg_tokens,
-        pos_embed_prefix=not model.no_embed_class,
-        final_norm=final_norm,
-        final_norm_eps=model.norm.eps if final_norm else norm_eps,
-        map_head=map_head,
-        dynamic_img_size=model.dynamic_img_size,
-        preprocessing=PreprocessConfig.from_timm(model),
-    )
+        return self.attn_pool(tokens)

@@ -1,47 +1,39 @@
-"""Encoders wrapping other libraries' vision towers behind the :class:`VisionEncoder` contract.
+"""Encoders wrapping other libraries' vision towers behind the
+[`VisionEncoder`][vlakit.vision.VisionEncoder] contract.
 
-- :class:`TimmEncoder`: a timm ViT (``VisionTransformer`` and relatives with
+- [`TimmEncoder`][vlakit.vision.TimmEncoder]: a timm ViT (``VisionTransformer`` and relatives with
   ``forward_intermediates``), by instance or by name.
-- :class:`OpenClipEncoder`: an open_clip visual tower (its own ViT, or a timm trunk).
-- :class:`HFVisionEncoder`: a transformers vision model (e.g. ``SiglipVisionModel``).
+- [`OpenClipEncoder`][vlakit.vision.OpenClipEncoder]: an open_clip visual tower (its own ViT, or a
+  timm trunk).
+- [`HFVisionEncoder`][vlakit.vision.HFVisionEncoder]: a transformers vision model (e.g.
+  ``SiglipVisionModel``).
 
 Each returns the patch tokens of a chosen block (``output_layer``), prefix tokens dropped.
 The library's own forward is used; nothing is re-implemented, except for the FiLM path of
-:class:`TimmEncoder`, which runs timm's blocks one by one so that it can pass the condition.
+[`TimmEncoder`][vlakit.vision.TimmEncoder], which runs timm's blocks one by one so that it can pass
+the condition.
 """
 
 import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from vlakit.vision.base import VisionEncoder, as_hw
+from vlakit.core.linear import LinearFactory
+from vlakit.vision.base import (
+    VisionEncoder,
+    as_hw,
+    check_condition,
+    check_image_size,
+)
+from vlakit.vision.base import layer_index as _layer_index
 from vlakit.vision.film import FiLM, FiLMTimmBlock
 from vlakit.vision.preprocess import PreprocessConfig
 
 __all__ = ["TimmEncoder", "OpenClipEncoder", "HFVisionEncoder"]
-
-
-def _layer_index(layer: int, depth: int) -> int:
-    if not -depth <= layer < depth:
-        raise ValueError(f"output_layer must be in [{-depth}, {depth}), got {layer}")
-    return layer % depth
-
-
-def _check_size(
-    height: int, width: int, patch: tuple[int, int], expected: tuple[int, int], dynamic: bool
-) -> None:
-    if height % patch[0] or width % patch[1]:
-        raise ValueError(
-            f"image size ({height}, {width}) is not divisible by the patch size {patch}"
-        )
-    if not dynamic and (height, width) != expected:
-        raise ValueError(
-            f"expected image size {expected}, got ({height}, {width}) (the position embedding "
-            "is fixed; enable dynamic image size / position interpolation to change it)"
-        )
 
 
 class TimmEncoder(VisionEncoder):
@@ -75,11 +67,16 @@ class TimmEncoder(VisionEncoder):
 
             model = timm.create_model(model, pretrained=pretrained, **create_kwargs)
         elif pretrained or create_kwargs:
-            raise ValueError("pretrained / create_kwargs only apply when model is a name")
+            raise ValueError(
+                "pretrained=True and extra keyword arguments apply only when model is a timm "
+                f"model name, but model is a {type(model).__name__} instance"
+            )
         for attr in ("patch_embed", "blocks", "forward_intermediates", "num_prefix_tokens"):
             if not hasattr(model, attr):
                 raise TypeError(
-                    f"TimmEncoder needs a timm ViT; {type(model).__name__} lacks {attr}"
+                    f"TimmEncoder needs a timm ViT (with patch_embed, blocks, "
+                    f"forward_intermediates, num_prefix_tokens); a {type(model).__name__} "
+                    f"has no {attr}"
                 )
         self.model = model
         self.dim = int(model.embed_dim)
@@ -94,10 +91,32 @@ class TimmEncoder(VisionEncoder):
     def has_film(self) -> bool:
         return any(isinstance(b, FiLMTimmBlock) for b in self.model.blocks)
 
-    def add_film(self, cond_dim: int, zero_init: bool = False) -> "TimmEncoder":
+    def add_film(
+        self, cond_dim: int, zero_init: bool = False, linear: LinearFactory = nn.Linear
+    ) -> "TimmEncoder":
         for i, block in enumerate(self.model.blocks):
-            self.model.blocks[i] = FiLMTimmBlock(block, FiLM(cond_dim, self.dim, zero_init))
+            film = FiLM(cond_dim, self.dim, zero_init, linear=linear)
+            self.model.blocks[i] = FiLMTimmBlock(block, film)
         return self
+
+    def reset_parameters(self) -> None:
+        """The timm parameters no submodule resets, initialised as timm's ``init_weights``:
+        CLS / register tokens ``normal(std=1e-6)``, position embedding
+        ``trunc_normal(std=0.02)``, a MAP head's latent (timm's ``init_weights`` of
+        ``AttentionPoolLatent``). The linear, conv and norm layers reset themselves with
+        torch's defaults (not timm's ``trunc_normal(std=0.02)``) under
+        [`init_parameters`][vlakit.core.init_parameters]."""
+        model = self.model
+        with torch.no_grad():
+            if getattr(model, "pos_embed", None) is not None:
+                nn.init.trunc_normal_(model.pos_embed, std=0.02)
+            for name in ("cls_token", "reg_token"):
+                token = getattr(model, name, None)
+                if token is not None:
+                    nn.init.normal_(token, std=1e-6)
+            pool = getattr(model, "attn_pool", None)
+            if pool is not None and hasattr(pool, "init_weights"):
+                pool.init_weights()
 
     def truncate(self) -> "TimmEncoder":
         """Drop the blocks after ``output_layer`` (timm ``prune_intermediate_layers``) and,
@@ -114,16 +133,22 @@ class TimmEncoder(VisionEncoder):
 
     def check_image_size(self, height: int, width: int) -> None:
         expected = tuple(self.model.patch_embed.img_size)
-        _check_size(height, width, self.patch_size, expected, self.dynamic_img_size)
+        check_image_size(
+            height,
+            width,
+            self.patch_size,
+            expected,
+            self.dynamic_img_size,
+            hint="create the timm model with dynamic_img_size=True to accept other sizes",
+        )
 
     def forward_features(
         self, pixels: Float[Tensor, "b c h w"], condition: Float[Tensor, "b k"] | None = None
     ) -> Float[Tensor, "b p d"]:
         model, index = self.model, self.output_layer
         last = index == self.depth - 1
+        check_condition("TimmEncoder", self.has_film, condition)
         if self.has_film:
-            if condition is None:
-                raise ValueError("this encoder has FiLM layers: pass condition [b, cond_dim]")
             # timm's embedding steps, then the FiLM blocks with the condition
             x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(pixels))))
             for block in itertools.islice(model.blocks, index + 1):
@@ -131,8 +156,6 @@ class TimmEncoder(VisionEncoder):
             if last:
                 x = model.norm(x)
             return x[:, model.num_prefix_tokens :]
-        if condition is not None:
-            raise ValueError("condition given, but this encoder has no FiLM layers (add_film)")
         if last:
             return model.forward_features(pixels)[:, model.num_prefix_tokens :]
         return model.forward_intermediates(
@@ -152,7 +175,7 @@ class OpenClipEncoder(VisionEncoder):
       (class token dropped; ``ln_post`` applied for the last block, as open_clip does for
       its output tokens).
     - ``TimmModel`` (a timm trunk, e.g. ``ViT-SO400M-14-SigLIP``): handled as a
-      :class:`TimmEncoder` over ``visual.trunk`` (FiLM supported there).
+      [`TimmEncoder`][vlakit.vision.TimmEncoder] over ``visual.trunk`` (FiLM supported there).
 
     Preprocessing comes from the tower's ``preprocess_cfg`` / ``image_mean`` / ``image_std``
     when set (``open_clip.create_model`` sets them), else open_clip's defaults (OpenAI CLIP
@@ -190,7 +213,10 @@ class OpenClipEncoder(VisionEncoder):
             self.depth = len(visual.transformer.resblocks)
             self.output_layer = _layer_index(output_layer, self.depth)
         else:
-            raise TypeError(f"unsupported open_clip visual tower {type(visual).__name__}")
+            raise TypeError(
+                "OpenClipEncoder supports open_clip's VisionTransformer and TimmModel towers, "
+                f"got a {type(visual).__name__}"
+            )
         self.preprocessing = preprocessing
 
     @staticmethod
@@ -208,10 +234,15 @@ class OpenClipEncoder(VisionEncoder):
     def has_film(self) -> bool:
         return self._timm is not None and self._timm.has_film
 
-    def add_film(self, cond_dim: int, zero_init: bool = False) -> "OpenClipEncoder":
+    def add_film(
+        self, cond_dim: int, zero_init: bool = False, linear: LinearFactory = nn.Linear
+    ) -> "OpenClipEncoder":
         if self._timm is None:
-            raise TypeError("FiLM is supported for open_clip towers with a timm trunk only")
-        self._timm.add_film(cond_dim, zero_init)
+            raise TypeError(
+                "OpenClipEncoder supports FiLM only for open_clip towers with a timm trunk "
+                f"(TimmModel), not for open_clip's own {type(self.visual).__name__}"
+            )
+        self._timm.add_film(cond_dim, zero_init, linear=linear)
         return self
 
     def truncate(self) -> "OpenClipEncoder":
@@ -233,15 +264,21 @@ class OpenClipEncoder(VisionEncoder):
         if self._timm is not None:
             self._timm.check_image_size(height, width)
             return
-        _check_size(height, width, self.patch_size, tuple(self.visual.image_size), False)
+        check_image_size(
+            height,
+            width,
+            self.patch_size,
+            tuple(self.visual.image_size),
+            False,
+            hint="open_clip's own ViT has a fixed position embedding",
+        )
 
     def forward_features(
         self, pixels: Float[Tensor, "b c h w"], condition: Float[Tensor, "b k"] | None = None
     ) -> Float[Tensor, "b p d"]:
         if self._timm is not None:
             return self._timm.forward_features(pixels, condition)
-        if condition is not None:
-            raise ValueError("condition given, but this encoder has no FiLM layers")
+        check_condition("OpenClipEncoder", False, condition)
         visual = self.visual
         norm = (
             self.output_layer == self.depth - 1
@@ -265,13 +302,15 @@ class HFVisionEncoder(VisionEncoder):
 
     The last block returns the model's ``last_hidden_state`` (post-norm where the model
     applies one); an earlier block returns ``hidden_states[layer + 1]``. transformers runs
-    every layer unless :meth:`truncate` is called (which slices the encoder's layer list).
-    FiLM is not supported (it would need a fork of the model's layer forward); use
-    :meth:`vlakit.vision.ViT.from_transformers` for that.
+    every layer unless [`truncate`][vlakit.vision.HFVisionEncoder.truncate] is called (which
+    slices the encoder's layer list). FiLM is not supported (it would need a fork of the
+    model's layer forward); copy a SigLIP model into the own ViT with
+    [`vit_from_transformers`][vlakit.convert.vit_from_transformers] for that.
 
     Args:
         model: the vision model; its config gives width, patch and image size, depth.
-        preprocessing: a :class:`PreprocessConfig`, or a transformers image processor
+        preprocessing: a [`PreprocessConfig`][vlakit.vision.PreprocessConfig], or a transformers
+            image processor
             (e.g. ``SiglipImageProcessor()``) to read size/mean/std/resample from.
         output_layer: block whose tokens are returned.
         interpolate_pos_encoding: pass ``interpolate_pos_encoding=True`` to the model and
@@ -309,22 +348,29 @@ class HFVisionEncoder(VisionEncoder):
                 if isinstance(layers, nn.ModuleList):
                     setattr(encoder, name, layers[: self.output_layer + 1])
                     return self
-        raise TypeError(f"cannot find the layer list of {type(self.model).__name__}")
+        raise TypeError(
+            "truncate() looks for the layer list at model.encoder.layers (or .layer, also "
+            f"under model.vision_model), and a {type(self.model).__name__} has none there"
+        )
 
     def num_patches(self, image_size: int | Sequence[int] | None = None) -> int:
         h, w = as_hw(image_size) if image_size is not None else self.preprocessing.size
         return (h // self.patch_size[0]) * (w // self.patch_size[1])
 
     def check_image_size(self, height: int, width: int) -> None:
-        _check_size(
-            height, width, self.patch_size, self.model_image_size, self.interpolate_pos_encoding
+        check_image_size(
+            height,
+            width,
+            self.patch_size,
+            self.model_image_size,
+            self.interpolate_pos_encoding,
+            hint="pass interpolate_pos_encoding=True to accept other sizes",
         )
 
     def forward_features(
         self, pixels: Float[Tensor, "b c h w"], condition: Float[Tensor, "b k"] | None = None
     ) -> Float[Tensor, "b p d"]:
-        if condition is not None:
-            raise ValueError("HFVisionEncoder does not support FiLM; condition must be None")
+        check_condition("HFVisionEncoder", False, condition)
         kwargs: dict[str, Any] = {}
         if self.interpolate_pos_encoding:
             kwargs["interpolate_pos_encoding"] = True
@@ -334,7 +380,8 @@ class HFVisionEncoder(VisionEncoder):
         prefix = tokens.shape[1] - self.num_patches(pixels.shape[-2:])
         if prefix < 0:
             raise ValueError(
-                f"model returned {tokens.shape[1]} tokens, fewer than the "
-                f"{self.num_patches(pixels.shape[-2:])} patches expected"
+                f"the transformers model returned {tokens.shape[1]} tokens per image, fewer "
+                f"than the {self.num_patches(pixels.shape[-2:])} patches expected at image size "
+                f"{tuple(pixels.shape[-2:])}"
             )
         return tokens[:, prefix:]

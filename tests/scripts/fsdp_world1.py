@@ -1,0 +1,92 @@
+"""World-size-1 gloo FSDP2 run: a training step and predict_action, sharded vs unsharded.
+
+Run by tests/test_fsdp.py in a fresh process (a process group is process-wide state).
+Exits non-zero with a message on any difference.
+"""
+
+import copy
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _tiny import ACTION_VOCAB_END, VOCAB_SIZE  # noqa: E402
+
+from vlakit import VLA, VLAInputs  # noqa: E402
+from vlakit.actions import ActionNormalizer, ActionTokenizer  # noqa: E402
+from vlakit.core import CausalMask  # noqa: E402
+from vlakit.decoders import llama  # noqa: E402
+from vlakit.distributed import fully_shard_vla  # noqa: E402
+from vlakit.heads import DiscreteActionHead  # noqa: E402
+from vlakit.interleave import PrefixInterleaver  # noqa: E402
+from vlakit.projectors import MLPProjector  # noqa: E402
+from vlakit.vision import vit  # noqa: E402
+
+
+def build(tied: bool) -> VLA:
+    torch.manual_seed(0)
+    return VLA(
+        encoder=vit(img_size=28, patch_size=14, dim=32, depth=2, num_heads=4, mlp_dim=64),
+        projector=MLPProjector([32, 64, 64]),
+        interleaver=PrefixInterleaver(bos_id=1, eos_id=2),
+        decoder=llama(vocab_size=VOCAB_SIZE, dim=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, mlp_dim=128, tie_embeddings=tied),
+        mask_policy=CausalMask(),
+        head=DiscreteActionHead(ActionTokenizer(vocab_end=ACTION_VOCAB_END, action_dim=3),
+                                chunk_size=2),
+        action_normalizer=ActionNormalizer({"q01": [-1.0] * 3, "q99": [1.0] * 3}),
+    )
+
+
+def batch() -> VLAInputs:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (2, 5), generator=g)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    return VLAInputs(
+        input_ids=ids, text_valid=valid,
+        pixels=torch.randn(2, 1, 3, 28, 28, generator=g),
+        actions=torch.rand(2, 2, 3, generator=g) * 2 - 1,
+    )
+
+
+def check(tied: bool) -> None:
+    reference = build(tied)
+    sharded = fully_shard_vla(copy.deepcopy(reference))
+    inputs = batch()
+    loss_ref = reference(inputs).loss
+    loss_ref.backward()
+    loss = sharded(inputs).loss
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-6)
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    for name, param in sharded.named_parameters():
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    predict = VLAInputs(input_ids=inputs.input_ids, text_valid=inputs.text_valid,
+                        pixels=inputs.pixels)
+    torch.testing.assert_close(sharded.predict_action(predict), reference.predict_action(predict),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(sharded.generate(predict, 3), reference.generate(predict, 3),
+                               rtol=0, atol=0)
+    print(f"tied={tied}: loss {loss.item():.6f}, {len(grads)} gradients, actions equal")
+
+
+def main() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        check(tied=False)
+        check(tied=True)
+    finally:
+        dist.destroy_process_group()
+    print("FSDP2 OK")
+
+
+if __name__ == "__main__":
+    main()

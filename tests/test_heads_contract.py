@@ -1,0 +1,127 @@
+"""The head contract: heads place tokens, own their loss, and predict through a runner."""
+
+import pytest
+import torch
+from _tiny import VOCAB_SIZE
+from torch import nn
+
+from vlakit import VLA, VLAInputs, VLARunner
+from vlakit.actions import ActionNormalizer
+from vlakit.core import CausalMask, RoleBlockMask, TokenRole
+from vlakit.decoders import llama
+from vlakit.heads import ActionHead, Head, HeadTokens, NextTokenHead, PredictionRunner
+from vlakit.interleave import PrefixInterleaver
+from vlakit.projectors import LinearProjector
+from vlakit.vision import vit
+
+CHUNK, ADIM, D = 2, 3, 64
+PREFIX_ROLES = {TokenRole.BOS, TokenRole.IMAGE, TokenRole.TEXT, TokenRole.PROPRIO}
+
+
+class SlotRegressionHead(nn.Module):
+    """A minimal L1-style head written only against the contract: zero slots, one pass."""
+
+    num_action_tokens = CHUNK * ADIM
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(D, 1)
+
+    def has_targets(self, inputs):
+        return inputs.actions is not None
+
+    def place(self, actions, embed_tokens):
+        b = 1 if actions is None else actions.shape[0]
+        slots = torch.zeros(b, self.num_action_tokens, D)
+        return HeadTokens(action_embeds=slots, state={"actions": actions})
+
+    def _read(self, hidden, seq):
+        index = seq.role_mask(TokenRole.ACTION).float().argsort(dim=1, descending=True,
+                                                                stable=True)
+        index = index[:, : self.num_action_tokens].sort(dim=1).values
+        picked = torch.gather(hidden, 1, index[..., None].expand(-1, -1, D))
+        return self.out(picked).reshape(-1, CHUNK, ADIM)
+
+    def loss(self, hidden, seq, tokens, lm_logits):
+        return (self._read(hidden, seq) - tokens.state["actions"]).abs().mean()
+
+    def predict(self, runner):
+        b = runner.batch_size
+        tokens = HeadTokens(action_embeds=torch.zeros(b, self.num_action_tokens, D))
+        hidden, seq = runner.run(tokens)
+        return self._read(hidden, seq)
+
+
+def _model(head, policy=None):
+    torch.manual_seed(0)
+    return VLA(
+        vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64),
+        LinearProjector(32, D), PrefixInterleaver(bos_id=1, eos_id=None),
+        llama(vocab_size=VOCAB_SIZE, dim=D, num_layers=2, num_heads=4, num_kv_heads=2,
+              mlp_dim=128),
+        policy or CausalMask(), head=head,
+        action_normalizer=ActionNormalizer({"q01": [-2.0] * ADIM, "q99": [2.0] * ADIM}),
+    ).eval()
+
+
+def _inputs(actions=False):
+    g = torch.Generator().manual_seed(3)
+    return VLAInputs(
+        input_ids=torch.randint(3, 200, (2, 6), generator=g),
+        text_valid=torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool),
+        pixels=torch.randn(2, 1, 3, 28, 28, generator=g),
+        actions=torch.rand(2, CHUNK, ADIM, generator=g) if actions else None,
+    )
+
+
+def test_heads_satisfy_the_protocols():
+    assert isinstance(SlotRegressionHead(), ActionHead)
+    assert isinstance(NextTokenHead(), Head) and not isinstance(NextTokenHead(), ActionHead)
+    model = _model(SlotRegressionHead())
+    assert isinstance(model.runner(_inputs()), PredictionRunner)
+
+
+def test_predict_action_is_head_agnostic_and_unnormalises():
+    model = _model(SlotRegressionHead())
+    normalised = model.head.predict(VLARunner(model, _inputs()))
+    predicted = model.predict_action(_inputs())
+    assert predicted.shape == (2, CHUNK, ADIM)
+    torch.testing.assert_close(predicted, model.action_normalizer.unnormalize(normalised))
+    loss = model(_inputs(actions=True)).loss
+    loss.backward()
+    assert model.head.out.weight.grad is not None and torch.isfinite(loss)
+
+
+def test_a_vlm_gets_the_next_token_head_and_predicts_no_actions():
+    model = _model(None)
+    assert isinstance(model.head, NextTokenHead)
+    with pytest.raises(TypeError, match="predicts no actions; use generate"):
+        model.predict_action(_inputs())
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_suffix_against_the_read_only_prefix_equals_a_full_pass(repeats):
+    # pi0-style blocks: the prefix never sees the suffix; actions see everything.
+    policy = RoleBlockMask([PREFIX_ROLES, {TokenRole.ACTION}])
+    model = _model(SlotRegressionHead(), policy)
+    inputs = _inputs()
+    runner = model.runner(inputs)
+    prefix = runner.prefix(repeats)
+    assert prefix.batch_size == 2 * repeats
+    suffix = torch.randn(2 * repeats, CHUNK * ADIM, D)
+    got = prefix.run_suffix(suffix, TokenRole.ACTION)
+    again = prefix.run_suffix(suffix, TokenRole.ACTION)  # the prefix is read-only
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    for r in range(repeats):
+        rows = torch.arange(2) * repeats + r
+        hidden, seq = runner.run(HeadTokens(action_embeds=suffix[rows]))
+        slots = seq.role_mask(TokenRole.ACTION)
+        expected = hidden[slots].reshape(2, CHUNK * ADIM, D)
+        torch.testing.assert_close(got[rows], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_suffix_batch_must_match_the_prefix():
+    model = _model(SlotRegressionHead(), RoleBlockMask([PREFIX_ROLES, {TokenRole.ACTION}]))
+    prefix = model.runner(_inputs()).prefix(2)
+    with pytest.raises(ValueError, match="suffix batch is 2 rows but the prefix holds 4"):
+        prefix.run_suffix(torch.randn(2, 1, D), TokenRole.ACTION)

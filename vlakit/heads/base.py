@@ -1,0 +1,157 @@
+"""The head contract: what every head does and what the model gives it.
+
+```
+              training                                  prediction
+  actions ─ head.place(actions, embed) ─┐      head.predict(runner) ─┬─ runner.generate(m)
+            HeadTokens(extras, slots)   │                             ├─ runner.run(tokens)
+  VLA: interleave ─ decoder ─ hidden ───┤                             ├─ runner.prefix(r)
+  head.loss(hidden, seq, tokens, lm) ◄──┘                             │   .run_suffix(x, role)
+                                                                      └─► normalised actions
+```
+
+A head
+
+1. **places** its tokens: [`Head.place`][vlakit.heads.Head.place] returns
+   [HeadTokens][vlakit.heads.HeadTokens]:
+   extra tokens (a diffusion timestep) and action slots (embeddings and, for vocabulary
+   tokens, ids), plus whatever its loss needs later (noise, targets);
+2. computes its **loss** from the final hidden states and the
+   [TokenSequence][vlakit.core.TokenSequence] (it finds its slots by role);
+3. **predicts** through a [PredictionRunner][vlakit.heads.PredictionRunner] the model hands
+   it: greedy generation (discrete tokens), one pass with its slots (L1 regression), or a
+   prefix encoded once into a read-only cache and a fixed-step loop of suffix passes against
+   it (diffusion, flow matching; ``prefix(repeats)`` shares one prefix among several samples).
+
+Heads import nothing of the decoders or the model: the embedding and the LM head reach them
+as callables, the rest through the runner.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from vlakit.core import TokenRole, TokenSequence
+
+__all__ = ["HeadTokens", "Head", "ActionHead", "PredictionRunner", "PrefixRunner"]
+
+EmbedFn = Callable[[Tensor], Tensor]
+"""``ids [b, t] -> embeddings [b, t, d]`` (the decoder's token embedding)."""
+LogitsFn = Callable[[Tensor], Tensor]
+"""``hidden [..., d] -> logits [..., V]`` (the decoder's LM head)."""
+
+
+class HeadTokens:
+    """What a head places in the sequence, and what its loss needs back.
+
+    Args:
+        extras: ``(tokens [b, k, d], role)`` pairs the interleaver places after the image
+            tokens (e.g. a diffusion timestep token), in order.
+        action_embeds: ``[b, m, d]`` action-slot embeddings, or ``None`` (no slots).
+        action_ids: ``[b, m]`` vocabulary ids of the slots (discrete tokens), or ``None``.
+        state: anything the head's loss needs (sampled noise, targets), by name.
+    """
+
+    __slots__ = ("extras", "action_embeds", "action_ids", "state")
+
+    def __init__(
+        self,
+        extras: Sequence[tuple[Tensor, TokenRole]] = (),
+        action_embeds: Float[Tensor, "b m d"] | None = None,
+        action_ids: Int[Tensor, "b m"] | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.extras = list(extras)
+        self.action_embeds = action_embeds
+        self.action_ids = action_ids
+        self.state = {} if state is None else state
+
+    def __repr__(self) -> str:
+        slots = None if self.action_embeds is None else tuple(self.action_embeds.shape)
+        return f"HeadTokens(extras={len(self.extras)}, action_slots={slots})"
+
+
+@runtime_checkable
+class PrefixRunner(Protocol):
+    """A prefix (images, extras, prompt) encoded once into a read-only KV cache."""
+
+    batch_size: int
+    """Rows of the suffix batch: the model's batch times ``repeats``."""
+
+    def run_suffix(
+        self, embeds: Float[Tensor, "B m d"], roles: TokenRole | Int[Tensor, "B m"]
+    ) -> Float[Tensor, "B m d"]:
+        """Run ``m`` suffix tokens against the cached prefix; their final hidden states.
+
+        Suffix tokens follow each row's last prefix token (positions continue from there);
+        which prefix and suffix tokens each one sees is the model's mask policy over
+        ``prefix + suffix`` (the policy must keep the prefix blind to the suffix).
+        """
+        ...
+
+
+@runtime_checkable
+class PredictionRunner(Protocol):
+    """The model's side of prediction, handed to
+    [`ActionHead.predict`][vlakit.heads.ActionHead.predict]."""
+
+    batch_size: int
+
+    def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
+        """The decoder's token embedding."""
+        ...
+
+    def lm_logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
+        """The decoder's LM head."""
+        ...
+
+    def generate(self, max_new_tokens: int) -> Int[Tensor, "b m"]:
+        """Greedy generation of exactly ``max_new_tokens`` tokens after the prompt."""
+        ...
+
+    def run(self, tokens: HeadTokens) -> tuple[Float[Tensor, "b n d"], TokenSequence]:
+        """One pass over the whole sequence with the head's tokens placed: final hidden
+        states and the sequence (to find the slots by role)."""
+        ...
+
+    def prefix(self, repeats: int = 1) -> PrefixRunner:
+        """Encode the prefix once; ``repeats`` > 1 repeats every row (several samples per
+        observation share one prefix)."""
+        ...
+
+
+@runtime_checkable
+class Head(Protocol):
+    """Every head: places its tokens and computes its loss."""
+
+    def has_targets(self, inputs: Any) -> bool:
+        """Whether ``inputs`` (a [VLAInputs][vlakit.VLAInputs]) carry this head's training
+        targets, so the model computes a loss."""
+        ...
+
+    def place(self, actions: Float[Tensor, "b c a"] | None, embed_tokens: EmbedFn) -> HeadTokens:
+        """Tokens to place: for training (``actions`` normalised) or prediction (``None``)."""
+        ...
+
+    def loss(
+        self,
+        hidden: Float[Tensor, "b n d"],
+        seq: TokenSequence,
+        tokens: HeadTokens,
+        lm_logits: LogitsFn,
+    ) -> Float[Tensor, ""]:
+        """Scalar training loss from the final hidden states."""
+        ...
+
+
+@runtime_checkable
+class ActionHead(Head, Protocol):
+    """A head that predicts actions."""
+
+    num_action_tokens: int
+    """Tokens the head places in the sequence for training (for length checks)."""
+
+    def predict(self, runner: PredictionRunner) -> Float[Tensor, "b c a"]:
+        """Normalised actions ``[b, chunk, a]`` (float32)."""
+        ...

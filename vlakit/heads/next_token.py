@@ -1,0 +1,50 @@
+"""The VLM's head: next-token cross-entropy on the suffix text (PaliGemma)."""
+
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from vlakit.core import TokenRole, TokenSequence
+from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn
+from vlakit.heads.lm_loss import next_token_loss
+
+__all__ = ["NextTokenHead"]
+
+
+class NextTokenHead(nn.Module):
+    """Language modelling on the suffix: the loss of a vision-language model.
+
+    Targets are the suffix text tokens and ``</s>`` (``token_type_ids == 1`` in PaliGemma's
+    processor), each predicted from the hidden state before it, as transformers computes
+    the loss from ``labels``. The head places no tokens and predicts no actions: text
+    comes from [VLA.generate][vlakit.VLA.generate].
+
+    Args:
+        roles: the roles of target tokens among the suffix (default: text and ``</s>``).
+    """
+
+    def __init__(self, roles: tuple[TokenRole, ...] = (TokenRole.TEXT, TokenRole.EOS)) -> None:
+        super().__init__()
+        self.roles = tuple(roles)
+
+    def has_targets(self, inputs: Any) -> bool:
+        """A batch with a prefix/suffix split (``token_type_ids``) has suffix targets."""
+        return getattr(inputs, "token_type_ids", None) is not None
+
+    def place(self, actions: Tensor | None, embed_tokens: EmbedFn) -> HeadTokens:
+        return HeadTokens()
+
+    def loss(
+        self,
+        hidden: Float[Tensor, "b n d"],
+        seq: TokenSequence,
+        tokens: HeadTokens,
+        lm_logits: LogitsFn,
+    ) -> Float[Tensor, ""]:
+        """Mean next-token cross-entropy over the suffix targets (NaN if there are none)."""
+        targets = seq.is_suffix & seq.role_mask(*self.roles)
+        return next_token_loss(hidden, seq.token_ids, targets, lm_logits)
+
+    def extra_repr(self) -> str:
+        return f"roles={[r.name for r in self.roles]}"

@@ -1,0 +1,150 @@
+"""The model's side of prediction: what a head predicts through.
+
+A [VLARunner][vlakit.runner.VLARunner] wraps one model and one batch. It encodes the images
+once and offers the three ways heads predict (see [`vlakit.heads`][vlakit.heads]):
+greedy generation, one pass with the head's tokens, and a prefix encoded once into a
+read-only KV cache against which suffixes run in a fixed-step loop.
+"""
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from vlakit.core import IGNORE_ID, TokenRole, TokenSequence
+from vlakit.decoders import greedy_generate, last_valid_index
+from vlakit.heads import HeadTokens
+
+__all__ = ["VLARunner", "VLAPrefix"]
+
+
+class VLARunner:
+    """Prediction plumbing for one batch of one [VLA][vlakit.VLA].
+
+    Implements [PredictionRunner][vlakit.heads.PredictionRunner]. Image tokens are computed
+    once, on first use, and shared by every call.
+
+    Args:
+        model (VLA): the VLA.
+        inputs (VLAInputs): the batch ([VLAInputs][vlakit.VLAInputs]).
+    """
+
+    def __init__(self, model, inputs) -> None:
+        self.model = model
+        self.inputs = inputs
+        self._image_tokens: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.inputs.input_ids.shape[0]
+
+    def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
+        return self.model.decoder.embed_tokens(ids)
+
+    def lm_logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
+        return self.model.decoder.logits(hidden)
+
+    def sequence(self, tokens: HeadTokens | None = None) -> TokenSequence:
+        """The interleaved sequence with ``tokens`` placed (none: the prompt alone)."""
+        if self._image_tokens is None:
+            self._image_tokens = self.model.image_tokens(self.inputs)
+        tokens = HeadTokens() if tokens is None else tokens
+        return self.model.build_sequence(self.inputs, tokens, self._image_tokens)
+
+    def generate(self, max_new_tokens: int) -> Int[Tensor, "b m"]:
+        """Greedy generation of exactly ``max_new_tokens`` tokens after the prompt."""
+        seq = self.sequence()
+        return greedy_generate(
+            self.model.decoder,
+            seq.embeds,
+            self.model.mask_policy.spec(seq),
+            seq.positions,
+            seq.valid,
+            max_new_tokens,
+        )
+
+    def run(self, tokens: HeadTokens) -> tuple[Float[Tensor, "b n d"], TokenSequence]:
+        """One pass over the sequence with the head's tokens placed."""
+        seq = self.sequence(tokens)
+        hidden = self.model.decoder(seq.embeds, self.model.mask_policy.spec(seq), seq.positions)
+        return hidden, seq
+
+    def prefix(self, repeats: int = 1, tokens: HeadTokens | None = None) -> "VLAPrefix":
+        """Encode the prefix (images, extras, prompt and any ``tokens`` the head places in
+        it) once into a KV cache; ``repeats`` repeats every row for several samples."""
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        seq = self.sequence(tokens)
+        decoder = self.model.decoder
+        cache = decoder.new_cache()
+        decoder(seq.embeds, self.model.mask_policy.spec(seq), seq.positions, cache)
+        view = cache.read_only() if repeats == 1 else cache.expand_batch(repeats)
+        if repeats > 1:
+            seq = _repeat_rows(seq, repeats)
+        return VLAPrefix(decoder, self.model.mask_policy, seq, view)
+
+
+class VLAPrefix:
+    """A prefix in a read-only KV cache; implements [PrefixRunner][vlakit.heads.PrefixRunner].
+
+    Each [run_suffix][vlakit.runner.VLAPrefix.run_suffix] call sees the prefix exactly as it
+    was encoded; nothing is written to the cache.
+    """
+
+    def __init__(self, decoder, mask_policy, seq: TokenSequence, cache) -> None:
+        self.decoder = decoder
+        self.mask_policy = mask_policy
+        self.seq = seq  # the prefix, [B, n]
+        self.cache = cache
+        rows = torch.arange(seq.batch_size, device=seq.valid.device)
+        self._next_position = seq.positions[rows, last_valid_index(seq.valid)] + 1  # [B]
+
+    @property
+    def batch_size(self) -> int:
+        return self.seq.batch_size
+
+    def run_suffix(
+        self, embeds: Float[Tensor, "B m d"], roles: TokenRole | Int[Tensor, "B m"]
+    ) -> Float[Tensor, "B m d"]:
+        """Final hidden states ``[B, m, d]`` of ``m`` suffix tokens run against the prefix.
+
+        Positions continue after each row's last prefix token; the mask is the model's mask
+        policy over ``prefix + suffix``, rows of the suffix queries.
+        """
+        b, m = embeds.shape[:2]
+        if b != self.batch_size:
+            raise ValueError(
+                f"suffix batch is {b} rows but the prefix holds {self.batch_size} (model batch "
+                f"x repeats)"
+            )
+        device = embeds.device
+        if not isinstance(roles, Tensor):
+            roles = torch.full((b, m), int(roles), dtype=torch.long, device=device)
+        positions = self._next_position[:, None] + torch.arange(m, device=device)  # [B, m]
+        ones = torch.ones(b, m, dtype=torch.bool, device=device)
+        full = TokenSequence(
+            embeds=torch.cat((self.seq.embeds, embeds.to(self.seq.embeds.dtype)), 1),
+            roles=torch.cat((self.seq.roles, roles), 1),
+            positions=torch.cat((self.seq.positions, positions), 1),
+            valid=torch.cat((self.seq.valid, ones), 1),
+            is_suffix=torch.cat((self.seq.is_suffix, ones), 1),
+            token_ids=torch.cat(
+                (self.seq.token_ids, torch.full_like(positions, IGNORE_ID)), 1
+            ),
+        )
+        mask = self.mask_policy(full)[:, -m:]  # [B, m, n + m]: the suffix queries
+        return self.decoder(embeds.to(self.seq.embeds.dtype), mask, positions, self.cache)
+
+
+def _repeat_rows(seq: TokenSequence, repeats: int) -> TokenSequence:
+    def rep(t: Tensor) -> Tensor:
+        return t.repeat_interleave(repeats, 0)
+
+    return TokenSequence(
+        embeds=rep(seq.embeds),
+        roles=rep(seq.roles),
+        positions=rep(seq.positions),
+        valid=rep(seq.valid),
+        is_suffix=rep(seq.is_suffix),
+        token_ids=rep(seq.token_ids),
+        right_padded=seq.right_padded,
+    )
