@@ -71,7 +71,7 @@ def test_causal_fast_path_equals_the_dense_mask_at_real_tokens():
 def test_mask_spec_must_cover_the_embeddings():
     dec = _decoder()
     spec = MaskSpec(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="mask spec covers 5 tokens of batch 2"):
+    with pytest.raises(ValueError, match=r"mask \(a MaskSpec\) is \[batch=2, tokens=5\]"):
         dec(torch.randn(2, 7, 32), spec, torch.zeros(2, 7, dtype=torch.long))
 
 

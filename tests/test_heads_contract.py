@@ -125,3 +125,19 @@ def test_suffix_batch_must_match_the_prefix():
     prefix = model.runner(_inputs()).prefix(2)
     with pytest.raises(ValueError, match="suffix batch is 2 rows but the prefix holds 4"):
         prefix.run_suffix(torch.randn(2, 1, D), TokenRole.ACTION)
+
+
+def test_an_action_expert_runs_the_suffix_against_the_same_prefix_cache():
+    """pi0's shape: a second decoder (another width, same layers and key/value heads)
+    attends to the prefix keys of the model's layers."""
+    policy = RoleBlockMask([PREFIX_ROLES, {TokenRole.ACTION}])
+    model = _model(SlotRegressionHead(), policy)
+    prefix = model.runner(_inputs()).prefix()
+    suffix = torch.randn(2, CHUNK * ADIM, D)
+    same = prefix.run_suffix(suffix, TokenRole.ACTION, decoder=model.decoder)
+    torch.testing.assert_close(same, prefix.run_suffix(suffix, TokenRole.ACTION))
+    torch.manual_seed(1)
+    expert = llama(vocab_size=8, dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                   head_dim=16, mlp_dim=64)
+    out = prefix.run_suffix(torch.randn(2, CHUNK * ADIM, 32), TokenRole.ACTION, decoder=expert)
+    assert out.shape == (2, CHUNK * ADIM, 32) and torch.isfinite(out).all()

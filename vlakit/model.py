@@ -52,6 +52,30 @@ class VLAInputs:
         )
 
 
+def _check_batch(inputs: VLAInputs) -> None:
+    """Shape-only check (no host sync) that the fields of ``inputs`` share one batch size."""
+    ids = inputs.input_ids
+    if ids.dim() != 2:
+        raise ValueError(
+            f"inputs.input_ids must be [batch, tokens], got shape {tuple(ids.shape)}"
+        )
+    for name in ("text_valid", "token_type_ids"):
+        value = getattr(inputs, name)
+        if value is not None and tuple(value.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"inputs.{name} has shape {tuple(value.shape)}, but inputs.input_ids has "
+                f"shape {tuple(ids.shape)}; they must match"
+            )
+    for name in ("pixels", "actions", "proprio"):
+        value = getattr(inputs, name)
+        if value is not None and (value.dim() == 0 or value.shape[0] != ids.shape[0]):
+            raise ValueError(
+                f"inputs.{name} has shape {tuple(value.shape)}, but inputs.input_ids has "
+                f"{ids.shape[0]} rows; every field of VLAInputs needs the same batch size "
+                f"(first dimension)"
+            )
+
+
 @dataclasses.dataclass
 class VLAOutput:
     """What [`VLA.forward`][vlakit.VLA.forward] returns.
@@ -140,10 +164,16 @@ class VLA(nn.Module):
             getattr(self.decoder, "dim", None),
         )
         if enc is not None and proj is not None and enc != proj:
-            raise ValueError(f"projector takes width {proj} but the encoder gives {enc}")
+            raise ValueError(
+                f"the projector takes input width {proj} (its in_dim) but the encoder outputs "
+                f"width {enc} (its dim); build the projector with in_dim={enc}"
+            )
         out = getattr(self.projector, "out_dim", None)
         if out is not None and dec is not None and out != dec:
-            raise ValueError(f"projector gives width {out} but the decoder's hidden size is {dec}")
+            raise ValueError(
+                f"the projector outputs width {out} (its out_dim) but the decoder's hidden size "
+                f"is {dec}; build the projector with out_dim={dec}"
+            )
 
     def _check_vocabulary(self) -> None:
         vocab = getattr(self.decoder, "vocab_size", None)
@@ -188,7 +218,10 @@ class VLA(nn.Module):
     def image_tokens(self, inputs: VLAInputs) -> Float[Tensor, "b p d"]:
         """Projected image tokens of ``inputs`` (FiLM-conditioned when the encoder has it)."""
         if inputs.pixels is None:
-            raise ValueError("inputs.pixels is required (preprocessed images)")
+            raise ValueError(
+                "inputs.pixels is None: the model needs preprocessed images, [b, c, h, w] or "
+                "[b, views, c, h, w] (the processor makes them)"
+            )
         condition = None
         if getattr(self.encoder, "has_film", False):
             condition = self.film_condition(inputs)
@@ -198,7 +231,11 @@ class VLA(nn.Module):
         if inputs.proprio is None:
             return []
         if self.proprio_projector is None:
-            raise ValueError("proprio was given but the model has no proprio_projector")
+            raise ValueError(
+                "inputs.proprio was given but the model was built without a "
+                "proprio_projector; build it with e.g. proprio_projector=ProprioProjector("
+                "proprio_dim, hidden_size), or leave inputs.proprio as None"
+            )
         proprio = inputs.proprio
         if self.proprio_normalizer is not None:
             proprio = self.proprio_normalizer.normalize(proprio)
@@ -224,6 +261,7 @@ class VLA(nn.Module):
             tokens: the head's tokens (from [place_head_tokens][vlakit.VLA.place_head_tokens]).
             image_tokens: projected image tokens computed earlier, to reuse.
         """
+        _check_batch(inputs)
         if image_tokens is None:
             image_tokens = self.image_tokens(inputs)
         seq = self.interleaver(

@@ -108,9 +108,15 @@ def pixel_shuffle(x: Float[Tensor, "b n d"], factor: int) -> Float[Tensor, "b m 
     b, n, d = x.shape
     side = int(round(n**0.5))
     if side * side != n:
-        raise ValueError(f"pixel_shuffle needs a square token grid, got {n} tokens")
+        raise ValueError(
+            f"pixel_shuffle needs a square token grid, got {n} tokens, which is not a square "
+            f"number (e.g. 256 = 16 x 16); drop any class or register tokens before it"
+        )
     if side % factor:
-        raise ValueError(f"grid side {side} is not divisible by the shuffle factor {factor}")
+        raise ValueError(
+            f"grid side {side} is not divisible by the shuffle factor {factor} (the {n} "
+            f"tokens form a {side}x{side} grid); use a factor that divides {side}"
+        )
     return rearrange(
         x, "b (h fh w fw) d -> b (h w) (fh fw d)", h=side // factor, fh=factor, fw=factor
     )

@@ -8,7 +8,7 @@ read-only KV cache against which suffixes run in a fixed-step loop.
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlakit.core import IGNORE_ID, TokenRole, TokenSequence
 from vlakit.decoders import greedy_generate, last_valid_index
@@ -103,26 +103,40 @@ class VLAPrefix:
         return self.seq.batch_size
 
     def run_suffix(
-        self, embeds: Float[Tensor, "B m d"], roles: TokenRole | Int[Tensor, "B m"]
-    ) -> Float[Tensor, "B m d"]:
-        """Final hidden states ``[B, m, d]`` of ``m`` suffix tokens run against the prefix.
+        self,
+        embeds: Float[Tensor, "B m e"],
+        roles: TokenRole | Int[Tensor, "B m"],
+        decoder: nn.Module | None = None,
+    ) -> Float[Tensor, "B m e"]:
+        """Final hidden states ``[B, m, e]`` of ``m`` suffix tokens run against the prefix.
 
         Positions continue after each row's last prefix token; the mask is the model's mask
         policy over ``prefix + suffix``, rows of the suffix queries.
+
+        Args:
+            embeds: ``[B, m, e]`` suffix embeddings (``e``: the width of ``decoder``).
+            roles: one role for all suffix tokens, or ``[B, m]`` roles.
+            decoder: run the suffix through another decoder whose layer ``i`` attends to
+                the prefix keys and values of the model's layer ``i`` (pi0's action expert:
+                same layer count, key/value heads and head width, any model width).
+                Default: the model's decoder.
         """
         b, m = embeds.shape[:2]
         if b != self.batch_size:
             raise ValueError(
-                f"suffix batch is {b} rows but the prefix holds {self.batch_size} (model batch "
-                f"x repeats)"
+                f"suffix batch is {b} rows but the prefix holds {self.batch_size} rows (the "
+                f"inputs' batch size times the prefix's repeats)"
             )
         device = embeds.device
         if not isinstance(roles, Tensor):
             roles = torch.full((b, m), int(roles), dtype=torch.long, device=device)
         positions = self._next_position[:, None] + torch.arange(m, device=device)  # [B, m]
         ones = torch.ones(b, m, dtype=torch.bool, device=device)
+        # the mask policy reads roles and validity only; embeddings of the suffix may have
+        # another width (an action expert), so the prefix's stand in for them
+        filler = self.seq.embeds[:, :1].expand(-1, m, -1)
         full = TokenSequence(
-            embeds=torch.cat((self.seq.embeds, embeds.to(self.seq.embeds.dtype)), 1),
+            embeds=torch.cat((self.seq.embeds, filler), 1),
             roles=torch.cat((self.seq.roles, roles), 1),
             positions=torch.cat((self.seq.positions, positions), 1),
             valid=torch.cat((self.seq.valid, ones), 1),
@@ -132,7 +146,8 @@ class VLAPrefix:
             ),
         )
         mask = self.mask_policy(full)[:, -m:]  # [B, m, n + m]: the suffix queries
-        return self.decoder(embeds.to(self.seq.embeds.dtype), mask, positions, self.cache)
+        decoder = self.decoder if decoder is None else decoder
+        return decoder(embeds, mask, positions, self.cache)
 
 
 def _repeat_rows(seq: TokenSequence, repeats: int) -> TokenSequence:

@@ -22,7 +22,10 @@ def check_last_dim(x: Tensor, expected: int, what: str, source: str) -> None:
     ``source`` says where ``expected`` comes from (``"action_dim"``, ``"the statistics"``).
     """
     if x.dim() == 0:
-        raise ValueError(f"{what} must be [..., {expected}] ({source}), got a 0-d tensor")
+        raise ValueError(
+            f"{what} must have a last dimension of size {expected} ({source}), got a 0-d "
+            f"tensor (a single number)"
+        )
     if x.shape[-1] != expected:
         raise ValueError(
             f"{what} has last dimension {x.shape[-1]}, expected {expected} ({source}); "

@@ -30,7 +30,8 @@ def _stat_array(stats: Mapping[str, Any], stat: str, name: str) -> np.ndarray:
     array = np.asarray(value, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(
-            f"{name} statistic '{stat}' must be a non-empty 1-d list, got shape {array.shape}"
+            f"{name} statistic '{stat}' must be a non-empty 1-d list (one value per "
+            f"{name} dimension), got shape {array.shape}"
         )
     if not np.isfinite(array).all():
         bad = np.flatnonzero(~np.isfinite(array)).tolist()
@@ -323,8 +324,10 @@ def _norm_stats_from(data: Any, path: Path) -> dict[str, Any]:
         )
     ):
         return data
-    keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+    found = f"top-level keys {sorted(data)}" if isinstance(data, dict) else (
+        f"a JSON {type(data).__name__}"
+    )
     raise ValueError(
         f"{path} does not hold normalisation statistics: expected a 'norm_stats' field or a "
-        f"mapping {{dataset: {{'action': {{...}}}}}}, found top-level keys {keys}"
+        f"mapping {{dataset: {{'action': {{...}}}}}}, found {found}"
     )

@@ -65,8 +65,9 @@ class ActionTokenizer:
             raise ValueError(f"action_dim must be positive, got {action_dim}")
         if vocab_end < num_bins:
             raise ValueError(
-                f"vocab_end={vocab_end} leaves no room for num_bins={num_bins} action ids "
-                f"(need vocab_end >= num_bins)"
+                f"vocab_end={vocab_end} leaves no room for num_bins={num_bins} action ids: "
+                f"they are the num_bins ids just below vocab_end, so vocab_end must be at "
+                f"least num_bins"
             )
         if not (np.isfinite(min_action) and np.isfinite(max_action) and min_action < max_action):
             raise ValueError(

@@ -85,8 +85,8 @@ def _rope_theta(config) -> float:
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
         raise ValueError(
-            f"rope_type {rope_type!r} is not supported by the own decoder (only 'default'); "
-            f"use HFDecoder for this model"
+            f"rope_type {rope_type!r} is not supported by vlakit's TransformerDecoder (only "
+            f"'default', plain RoPE); wrap this model with HFDecoder instead"
         )
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
@@ -120,11 +120,16 @@ def decoder_from_transformers(model: nn.Module) -> TransformerDecoder:
         )
     config = model.config
     if getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False):
-        raise ValueError("attention_bias / mlp_bias checkpoints are not supported; use HFDecoder")
+        raise ValueError(
+            f"this model has biases (attention_bias={getattr(config, 'attention_bias', False)}, "
+            f"mlp_bias={getattr(config, 'mlp_bias', False)}), which vlakit's TransformerDecoder "
+            f"does not have; wrap the model with HFDecoder instead"
+        )
     act_name = getattr(config, "hidden_act", "silu")
     if act_name not in _ACTIVATIONS:
         raise ValueError(
-            f"unsupported hidden_act {act_name!r}; expected one of {list(_ACTIVATIONS)}"
+            f"unsupported hidden_act {act_name!r}; expected one of {list(_ACTIVATIONS)} (or "
+            f"wrap the model with HFDecoder)"
         )
     is_causal_lm = hasattr(model, "lm_head")
     tied = bool(config.tie_word_embeddings) or not is_causal_lm

@@ -40,7 +40,10 @@ def rename_keys(
                 break
         else:
             if strict:
-                raise CheckpointError(f"{source} checkpoint key {key!r} matches no rename rule")
+                raise CheckpointError(
+                    f"{source} checkpoint key {key!r} matches no rename rule, so the converter "
+                    f"does not know where it goes in vlakit's module (an unsupported option?)"
+                )
             new = key
         if new is None:
             continue

@@ -245,8 +245,12 @@ def _gelu_kind(act: nn.Module) -> str:
     if isinstance(act, TimmGELU):
         return "none"
     raise ValueError(
-        f"the own ViT supports GELU (exact or tanh) only, got the activation {type(act).__name__}"
+        f"vlakit's ViT supports GELU (exact or tanh) only, got the activation "
+        f"{type(act).__name__}"
     )
+
+
+_WRAP_TIMM = "; wrap the timm model with TimmEncoder instead"
 
 
 def _timm_spec(model: nn.Module, output_layer: int) -> dict[str, Any]:
@@ -262,59 +266,69 @@ def _timm_spec(model: nn.Module, output_layer: int) -> dict[str, Any]:
     pe = model.patch_embed
     ph, pw = pe.patch_size
     if ph != pw:
-        raise ValueError(f"the own ViT needs square patches, got a {ph}x{pw} patch")
+        raise ValueError(
+            f"vlakit's ViT needs square patches, got a {ph}x{pw} patch{_WRAP_TIMM}"
+        )
     if not isinstance(model.norm_pre, nn.Identity):
         raise ValueError(
-            "unsupported timm option pre_norm=True (a CLIP-style norm_pre before the blocks)"
+            "unsupported timm option pre_norm=True (a CLIP-style norm_pre before the blocks), "
+            f"which vlakit's ViT does not have{_WRAP_TIMM}"
         )
     if pe.proj.bias is None or not isinstance(pe.norm, nn.Identity):
         raise ValueError(
-            "the own ViT's patch embedding has a bias and no norm; this timm model's has "
-            f"bias={pe.proj.bias is not None} and norm={type(pe.norm).__name__}"
+            "vlakit's ViT's patch embedding has a bias and no norm; this timm model's has "
+            f"bias={pe.proj.bias is not None} and norm={type(pe.norm).__name__}{_WRAP_TIMM}"
         )
     if model.pos_embed is None:
-        raise ValueError("unsupported timm option pos_embed='none' (no position embedding)")
+        raise ValueError(
+            "unsupported timm option pos_embed='none' (no position embedding); vlakit's ViT "
+            f"needs a learned position embedding{_WRAP_TIMM}"
+        )
     first = model.blocks[0]
     for i, block in enumerate(model.blocks):
         if type(block) is not Block or type(block.attn) is not Attention:
             raise ValueError(
                 f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; "
-                "only timm's Block with Attention is supported"
+                f"only timm's Block with Attention is supported{_WRAP_TIMM}"
             )
         if not all(
             isinstance(m, nn.Identity)
             for m in (block.attn.q_norm, block.attn.k_norm, block.attn.norm, block.mlp.norm)
         ):
             raise ValueError(
-                f"block {i} uses qk-norm or scale norms, which the own ViT does not support"
+                f"block {i} uses qk-norm or scale norms, which vlakit's ViT does not "
+                f"support{_WRAP_TIMM}"
             )
         if (block.attn.proj.bias is None) or (block.mlp.fc1.bias is None):
             raise ValueError(
-                f"block {i} has projections without bias (proj_bias=False), which the own ViT "
-                "does not support"
+                f"block {i} has projections without bias (proj_bias=False), which vlakit's "
+                f"ViT does not support{_WRAP_TIMM}"
             )
         for name in ("norm1", "norm2"):
             norm = getattr(block, name)
             if not isinstance(norm, nn.LayerNorm) or norm.eps != first.norm1.eps:
                 raise ValueError(
-                    f"block {i}: the own ViT needs nn.LayerNorm with one epsilon "
-                    f"({first.norm1.eps}) everywhere, got {name} = {norm}"
+                    f"block {i}: vlakit's ViT needs nn.LayerNorm with one epsilon "
+                    f"({first.norm1.eps}) everywhere, got {name} = {norm}{_WRAP_TIMM}"
                 )
     norm_eps = first.norm1.eps
     head = model.attn_pool
     if head is not None:
         if not isinstance(head, AttentionPoolLatent) or head.latent_len != 1 or head.mlp is None:
             raise ValueError(
-                "the own ViT's pooling head is AttentionPoolLatent with one latent and an MLP, "
-                f"got {type(head).__name__}"
+                "vlakit's ViT's pooling head is timm's AttentionPoolLatent with one latent and "
+                f"an MLP, got {type(head).__name__}{_WRAP_TIMM}"
             )
         if head.pos_embed is not None or not isinstance(head.q_norm, nn.Identity):
-            raise ValueError("unsupported AttentionPoolLatent options (pos_embed or qk_norm)")
+            raise ValueError(
+                "unsupported AttentionPoolLatent options (pos_embed or qk_norm), which vlakit's "
+                f"ViT's pooling head does not have{_WRAP_TIMM}"
+            )
     final_norm = not isinstance(model.norm, nn.Identity)
     if final_norm and getattr(model.norm, "eps", None) != norm_eps:
         raise ValueError(
-            f"the own ViT uses one LayerNorm epsilon; the blocks use {norm_eps}, the final "
-            f"norm {getattr(model.norm, 'eps', None)}"
+            f"vlakit's ViT uses one LayerNorm epsilon; the blocks use {norm_eps}, the final "
+            f"norm {getattr(model.norm, 'eps', None)}{_WRAP_TIMM}"
         )
     ls = first.ls1
     return dict(

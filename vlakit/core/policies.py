@@ -29,7 +29,10 @@ class MaskPolicy:
 
     def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
         """``[b, n]`` segment per token (see [segment_mask][vlakit.core.segment_mask])."""
-        raise TypeError(f"{type(self).__name__} does not define a mask")
+        raise TypeError(
+            f"{type(self).__name__} does not define a mask: a MaskPolicy subclass must "
+            f"implement segment_ids(seq)"
+        )
 
     def is_causal(self, seq: TokenSequence) -> bool:
         """Whether the mask equals the plain causal mask at every real token of ``seq``."""
@@ -90,7 +93,11 @@ class RoleBlockMask(MaskPolicy):
         for index, block in enumerate(blocks):
             for role in block:
                 if role in seen:
-                    raise ValueError(f"role {TokenRole(role).name} is listed in two blocks")
+                    raise ValueError(
+                        f"role {TokenRole(role).name} is listed twice (in block "
+                        f"{self.block_of[int(role)]} and again in block {index}); each role "
+                        f"may appear once, in one block"
+                    )
                 seen.add(role)
                 self.block_of[int(role)] = index
         self.blocks = [sorted(TokenRole(r) for r in block) for block in blocks]

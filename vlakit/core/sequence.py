@@ -86,6 +86,9 @@ class TokenSequence:
         }
         unknown = set(changes) - set(fields)
         if unknown:
-            raise TypeError(f"TokenSequence has no field {sorted(unknown)[0]!r}")
+            raise TypeError(
+                f"TokenSequence has no field {sorted(unknown)[0]!r}; its fields are "
+                f"{list(fields)}"
+            )
         fields.update(changes)
         return TokenSequence(**fields)

@@ -289,7 +289,8 @@ def _norm_eps_alias(norm_eps: float, rms_norm_eps: float | None, default: float)
         return norm_eps
     if norm_eps != default and norm_eps != rms_norm_eps:
         raise TypeError(
-            f"got norm_eps={norm_eps} and its alias rms_norm_eps={rms_norm_eps}; pass one"
+            f"got norm_eps={norm_eps} and its alias rms_norm_eps={rms_norm_eps}, which "
+            f"disagree; pass only one of them"
         )
     return rms_norm_eps
 

@@ -23,7 +23,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+            raise ValueError(
+                f"RoPE (rotary position embedding) rotates pairs of channels, so head_dim "
+                f"must be even, got head_dim={head_dim}"
+            )
         self.head_dim = head_dim
         self.base = base
 

@@ -140,7 +140,8 @@ class TransformerDecoder(nn.Module):
         if not 0 <= start_layer <= end <= self.num_layers:
             raise ValueError(
                 f"layer range [{start_layer}, {end}) is not inside the decoder's "
-                f"{self.num_layers} layers"
+                f"{self.num_layers} layers: need 0 <= start_layer <= end_layer <= "
+                f"{self.num_layers}"
             )
         attn_mask = self._attention_mask(embeds, mask, positions, cache)
         cos, sin = self.rope(positions, embeds.dtype)
@@ -176,8 +177,9 @@ class TransformerDecoder(nn.Module):
         if isinstance(mask, MaskSpec):
             if mask.shape != (b, q, q):
                 raise ValueError(
-                    f"mask spec covers {mask.shape[1]} tokens of batch {mask.shape[0]}, but "
-                    f"the embeddings are [batch={b}, tokens={q}]"
+                    f"the mask (a MaskSpec) is [batch={mask.shape[0]}, tokens={mask.shape[1]}], "
+                    f"but the embeddings are [batch={b}, tokens={q}]; build the mask from the "
+                    f"same sequence as the embeddings"
                 )
             if mask.is_causal and keys == q:
                 mask = None

@@ -123,8 +123,9 @@ class DiscreteActionHead(nn.Module):
         """Generated ids ``[b, chunk*a]`` to normalised actions ``[b, chunk, a]`` (float32)."""
         if ids.shape[1] != self.num_action_tokens:
             raise ValueError(
-                f"expected {self.num_action_tokens} action tokens (chunk {self.chunk_size} x "
-                f"action_dim {self.action_dim}), got {ids.shape[1]}"
+                f"expected {self.num_action_tokens} action token ids per row (chunk_size "
+                f"{self.chunk_size} x action_dim {self.action_dim}), got ids of shape "
+                f"{tuple(ids.shape)}"
             )
         ids = rearrange(ids, "b (c a) -> b c a", c=self.chunk_size)
         return self.tokenizer.decode(ids).to(torch.float32)

@@ -91,7 +91,8 @@ def paligemma_from_transformers(model: nn.Module) -> VLA:
 
     if not isinstance(model, PaliGemmaForConditionalGeneration):
         raise TypeError(
-            f"expected PaliGemmaForConditionalGeneration, got {type(model).__name__}"
+            f"paligemma_from_transformers expects a transformers "
+            f"PaliGemmaForConditionalGeneration, got {type(model).__name__}"
         )
     inner = model.model
     linear = inner.multi_modal_projector.linear
@@ -100,7 +101,11 @@ def paligemma_from_transformers(model: nn.Module) -> VLA:
     text_config = model.config.text_config
     decoder = decoder_from_transformers(inner.language_model)
     if not text_config.tie_word_embeddings:
-        raise ValueError("PaliGemma with an untied lm_head is not supported")
+        raise ValueError(
+            "this PaliGemma has an untied lm_head (text_config.tie_word_embeddings=False); "
+            "the converter supports only checkpoints whose output head shares the input "
+            "embedding weights"
+        )
     weight = next(model.parameters())
     return paligemma(
         encoder=vit_from_transformers(inner.vision_tower),
