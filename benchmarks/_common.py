@@ -94,22 +94,33 @@ def measure_pair(fn_a, fn_b, device: str, warmup: int, repeats: int) -> tuple[di
     The two take turns run by run, so that load from other processes and clock changes fall
     on both alike.
     """
+    return tuple(measure_turns([fn_a, fn_b], device, warmup, repeats))
+
+
+def measure_turns(fns, device: str, warmup: int, repeats: int, memory: bool = True) -> list:
+    """``measure_pair`` for any number of functions: each run, every function once in turn.
+
+    ``memory=False`` skips the peak-memory pass (``peak_mem_mib`` is then ``nan``).
+    """
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
-        fn_a()
-        fn_b()
+        for fn in fns:
+            fn()
     sync()
-    times: tuple[list, list] = ([], [])
+    times: list[list] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, bucket in zip((fn_a, fn_b), times):
+        for fn, bucket in zip(fns, times):
             start = time.perf_counter()
             fn()
             sync()
             bucket.append((time.perf_counter() - start) * 1000)
-    return tuple(
-        {"latency_ms": statistics.median(t), "peak_mem_mib": peak_memory_mib(fn, device)}
-        for fn, t in zip((fn_a, fn_b), times)
-    )
+    return [
+        {
+            "latency_ms": statistics.median(t),
+            "peak_mem_mib": peak_memory_mib(fn, device) if memory else float("nan"),
+        }
+        for fn, t in zip(fns, times)
+    ]
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

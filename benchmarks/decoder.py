@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     cpu_memory_probe,
     machine_name,
-    measure_pair,
+    measure_turns,
     peak_memory_mib,
     print_table,
     write_json,
@@ -53,7 +53,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--attn", default="sdpa", help="transformers attn_implementation")
     p.add_argument("--masks", nargs="+", default=["spec", "dense"], choices=["spec", "dense"],
-                   help="how vlakit receives the causal mask (one row per choice)")
+                   help="how vlakit receives the causal mask (one row per choice; all timed in "
+                        "turns with transformers, 'vlakit vs dense mask' compares them)")
     p.add_argument("--json", default=None, help="write results to this path")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -75,16 +76,15 @@ def main() -> None:
     ours = decoder_from_transformers(reference).eval()
 
     rows = []
-    for b, mask_kind in [(b, m) for b in args.batch_sizes for m in args.masks]:
+    for b in args.batch_sizes:
         n = args.seq_len
         embeds = torch.randn(b, n, args.dim, device=args.device, dtype=dtype)
         valid = torch.ones(b, n, dtype=torch.bool, device=args.device)
         positions = positions_from_valid(valid)
-        if mask_kind == "spec":  # what CausalMask().spec(seq) gives for a right-padded seq
-            segments = torch.arange(n, device=args.device).expand(b, n)
-            mask = MaskSpec(segments, valid, is_causal=True)
-        else:
-            mask = causal_mask(valid)
+        masks = {  # "spec": what CausalMask().spec(seq) gives for a right-padded sequence
+            "spec": MaskSpec(torch.arange(n, device=args.device).expand(b, n), valid, True),
+            "dense": causal_mask(valid),
+        }
         attention_mask = valid.long()
 
         def run_ref(embeds=embeds, attention_mask=attention_mask, positions=positions):
@@ -93,37 +93,47 @@ def main() -> None:
                     inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
                 ).last_hidden_state
 
-        def run_ours(embeds=embeds, mask=mask, positions=positions):
-            with torch.inference_mode():
-                return ours(embeds, mask, positions)
+        def make_ours(mask, embeds=embeds, positions=positions):
+            def run_ours(embeds=embeds, mask=mask, positions=positions):
+                with torch.inference_mode():
+                    return ours(embeds, mask, positions)
 
+            return run_ours
+
+        runs = {kind: make_ours(masks[kind]) for kind in args.masks}
         if args.memory_probe:  # child process: memory only (see cpu_memory_probe)
-            print(json.dumps({"ours": peak_memory_mib(run_ours, args.device),
+            kind = args.masks[0]
+            print(json.dumps({"ours": peak_memory_mib(runs[kind], args.device),
                               "ref": peak_memory_mib(run_ref, args.device)}))
             return
-        max_diff = (run_ours().float() - run_ref().float()).abs().max().item()
-        o, r = measure_pair(run_ours, run_ref, args.device, args.warmup, args.repeats)
-        if args.device == "cpu":
-            mem = cpu_memory_probe(
-                ["--batch-sizes", str(b), "--masks", mask_kind, "--memory-probe"]
+        # every vlakit variant and transformers take turns run by run
+        timed = measure_turns([*runs.values(), run_ref], args.device, args.warmup, args.repeats)
+        r = timed[-1]
+        dense_ms = dict(zip(runs, timed)).get("dense", {}).get("latency_ms", float("nan"))
+        for kind, o in zip(runs, timed):
+            max_diff = (runs[kind]().float() - run_ref().float()).abs().max().item()
+            if args.device == "cpu":
+                mem = cpu_memory_probe(
+                    ["--batch-sizes", str(b), "--masks", kind, "--memory-probe"]
+                )
+                o["peak_mem_mib"], r["peak_mem_mib"] = mem["ours"], mem["ref"]
+            rows.append(
+                {
+                    "batch": b,
+                    "seq_len": n,
+                    "mask": kind,
+                    "vlakit_ms": o["latency_ms"],
+                    "hf_ms": r["latency_ms"],
+                    "latency_ratio": o["latency_ms"] / r["latency_ms"],
+                    "vs_dense": o["latency_ms"] / dense_ms,
+                    "vlakit_tok_s": b * n / o["latency_ms"] * 1000,
+                    "hf_tok_s": b * n / r["latency_ms"] * 1000,
+                    "vlakit_mem_mib": o["peak_mem_mib"],
+                    "hf_mem_mib": r["peak_mem_mib"],
+                    "mem_ratio": o["peak_mem_mib"] / max(r["peak_mem_mib"], 1e-9),
+                    "max_abs_diff": max_diff,
+                }
             )
-            o["peak_mem_mib"], r["peak_mem_mib"] = mem["ours"], mem["ref"]
-        rows.append(
-            {
-                "batch": b,
-                "seq_len": n,
-                "mask": mask_kind,
-                "vlakit_ms": o["latency_ms"],
-                "hf_ms": r["latency_ms"],
-                "latency_ratio": o["latency_ms"] / r["latency_ms"],
-                "vlakit_tok_s": b * n / o["latency_ms"] * 1000,
-                "hf_tok_s": b * n / r["latency_ms"] * 1000,
-                "vlakit_mem_mib": o["peak_mem_mib"],
-                "hf_mem_mib": r["peak_mem_mib"],
-                "mem_ratio": o["peak_mem_mib"] / max(r["peak_mem_mib"], 1e-9),
-                "max_abs_diff": max_diff,
-            }
-        )
 
     print(
         f"machine: {machine_name(args.device)}; torch {torch.__version__}; dtype {args.dtype}; "
@@ -138,6 +148,7 @@ def main() -> None:
             ("vlakit_ms", "vlakit ms", ".1f"),
             ("hf_ms", "transformers ms", ".1f"),
             ("latency_ratio", "latency ratio", ".3f"),
+            ("vs_dense", "vlakit vs dense mask", ".3f"),
             ("vlakit_tok_s", "vlakit tok/s", ".0f"),
             ("hf_tok_s", "transformers tok/s", ".0f"),
             ("vlakit_mem_mib", "vlakit peak MiB", ".1f"),

@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True): DecoderLayer, ViTBlock, TransformerDecoder, a whole
-VLA.forward (own decoder, own ViT) and greedy generation with a preallocated cache."""
+"""torch.compile(fullgraph=True): DecoderLayer, ViTBlock, TransformerDecoder, whole
+VLA.forward passes (own decoder, own ViT: OpenVLA's, PaliGemma's and pi0-style layouts) and
+greedy generation with a preallocated cache."""
 
 import os
 import subprocess
@@ -18,5 +19,5 @@ def test_hot_paths_compile_without_graph_breaks_and_match_eager():
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     for line in ("TransformerDecoder: fullgraph OK", "compiled once", "ViTBlock: fullgraph OK",
-                 "VLA.forward: fullgraph OK", "COMPILE OK"):
+                 "VLA.forward: fullgraph OK", "role-block VLA: fullgraph OK", "COMPILE OK"):
         assert line in out, out[-4000:]

@@ -121,12 +121,61 @@ def test_tied_head_is_a_module_holding_the_embedding_parameter():
     dec = _decoder(tied=True)
     assert isinstance(dec.lm_head, TiedLMHead) and dec.lm_head.weight is dec.embed.weight
     assert "lm_head.weight" not in dec.state_dict()  # stored once, under the embedding
-    state = dict(dec.state_dict(), **{"lm_head.weight": torch.zeros(VOCAB_SIZE, 32)})
-    dec.load_state_dict(state)  # a checkpoint that stores the tied head loads unchanged
-    assert dec.embed.weight.abs().sum() > 0
+    state = {k: v.clone() for k, v in dec.state_dict().items()}
+    state["lm_head.weight"] = state["embed.weight"].clone()
+    dec.load_state_dict(state)  # a checkpoint that stores the tied head too loads unchanged
+    state["lm_head.weight"] = torch.zeros(VOCAB_SIZE, 32)
+    with pytest.raises(ValueError, match="lm_head.weight differs from its embedding"):
+        dec.load_state_dict(state)
     with torch.device("meta"):
         meta = _decoder(tied=True)
     meta.to_empty(device="cpu")
     assert meta.lm_head.weight is meta.embed.weight
+    with torch.device("meta"):
+        meta = _decoder(tied=True)
+    del state["lm_head.weight"]
+    meta.load_state_dict(state, assign=True)  # assignment replaces the embedding's Parameter
+    assert meta.lm_head.weight is meta.embed.weight and not meta.embed.weight.is_meta
     h = torch.randn(2, 32)
     torch.testing.assert_close(dec.logits(h), h @ dec.embed.weight.T)
+
+
+def test_replacing_validity_drops_the_right_padding_fact():
+    seq = _seq(VALID)
+    drop = torch.zeros_like(VALID)
+    drop[:, 2] = True  # a pruner marks a middle token invalid
+    pruned = seq.replace(valid=VALID & ~drop)
+    assert seq.right_padded and not pruned.right_padded
+    assert not CausalMask().spec(pruned).is_causal  # the dense mask keeps it exact
+    assert seq.replace(embeds=seq.embeds * 2).right_padded
+
+
+def test_a_forward_split_into_layer_ranges_shares_one_appending_cache():
+    dec = _decoder()
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    x, pos, mask = torch.randn(2, 5, 32), positions_from_valid(valid), causal_mask(valid)
+    whole, split = dec.new_cache(), dec.new_cache()
+    expected = dec(x, mask, pos, whole)
+    h = dec(x, mask, pos, split, end_layer=1)
+    got = dec(h, mask, pos, split, start_layer=1)
+    torch.testing.assert_close(got, expected)
+    assert len(split) == len(whole) == 5
+    step, keys = torch.randn(2, 1, 32), torch.ones(2, 1, 6, dtype=torch.bool)
+    torch.testing.assert_close(dec(step, keys, pos[:, -1:] + 1, split),
+                               dec(step, keys, pos[:, -1:] + 1, whole))
+
+
+def test_next_token_loss_refuses_more_targets_than_its_static_bound():
+    from vlakit.heads import next_token_loss
+
+    hidden, ids = torch.randn(1, 6, 8), torch.randint(0, 10, (1, 6))
+    targets = torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    head = torch.nn.Linear(8, 10)
+    exact = next_token_loss(hidden, ids, targets, head)
+    torch.testing.assert_close(next_token_loss(hidden, ids, targets, head, max_targets=3), exact)
+    torch.testing.assert_close(next_token_loss(hidden, ids, targets, head, max_targets=5), exact)
+    with pytest.raises(ValueError, match="a row has 3 target tokens but .* at most 2"):
+        next_token_loss(hidden, ids, targets, head, max_targets=2)
+    none = torch.zeros_like(targets)
+    assert next_token_loss(hidden, ids, none, head).item() == 0.0
+    assert next_token_loss(hidden, ids, none, head, max_targets=2).item() == 0.0

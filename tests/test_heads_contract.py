@@ -30,9 +30,8 @@ class SlotRegressionHead(nn.Module):
     def has_targets(self, inputs):
         return inputs.actions is not None
 
-    def place(self, actions, embed_tokens):
-        b = 1 if actions is None else actions.shape[0]
-        slots = torch.zeros(b, self.num_action_tokens, D)
+    def place(self, actions, embed_tokens, like):
+        slots = like.new_zeros(like.shape[0], self.num_action_tokens, D)
         return HeadTokens(action_embeds=slots, state={"actions": actions})
 
     def _read(self, hidden, seq):
@@ -47,7 +46,9 @@ class SlotRegressionHead(nn.Module):
 
     def predict(self, runner):
         b = runner.batch_size
-        tokens = HeadTokens(action_embeds=torch.zeros(b, self.num_action_tokens, D))
+        slots = torch.zeros(b, self.num_action_tokens, D, device=runner.device,
+                            dtype=runner.dtype)
+        tokens = HeadTokens(action_embeds=slots)
         hidden, seq = runner.run(tokens)
         return self._read(hidden, seq)
 
@@ -90,6 +91,8 @@ def test_predict_action_is_head_agnostic_and_unnormalises():
     loss = model(_inputs(actions=True)).loss
     loss.backward()
     assert model.head.out.weight.grad is not None and torch.isfinite(loss)
+    out = model(_inputs())  # no targets: the head still places its slots, batch 2
+    assert out.loss is None and out.sequence.role_mask(TokenRole.ACTION).sum() == 2 * CHUNK * ADIM
 
 
 def test_a_vlm_gets_the_next_token_head_and_predicts_no_actions():
@@ -141,3 +144,75 @@ def test_an_action_expert_runs_the_suffix_against_the_same_prefix_cache():
                    head_dim=16, mlp_dim=64)
     out = prefix.run_suffix(torch.randn(2, CHUNK * ADIM, 32), TokenRole.ACTION, decoder=expert)
     assert out.shape == (2, CHUNK * ADIM, 32) and torch.isfinite(out).all()
+
+
+def test_a_vlm_batch_without_suffix_has_zero_loss_not_nan():
+    model = _model(None)
+    inputs = _inputs()
+    inputs.token_type_ids = torch.zeros_like(inputs.input_ids)
+    loss = model(inputs).loss
+    assert loss is not None and loss.item() == 0.0
+
+
+def test_an_hf_decoder_refuses_a_prefix_cache_with_a_clear_error():
+    from _tiny import tiny_decoder
+
+    torch.manual_seed(0)
+    model = VLA(
+        vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64),
+        LinearProjector(32, D), PrefixInterleaver(bos_id=1, eos_id=None),
+        tiny_decoder("hf", dim=D), CausalMask(), head=SlotRegressionHead(),
+    )
+    with pytest.raises(RuntimeError, match="HFDecoder cannot keep a prefix cache"):
+        model.runner(_inputs()).prefix(2)
+
+
+class ExpertRegressionHead(nn.Module):
+    """pi0's shape at toy size: an action expert (its own decoder, narrower) runs zero slots
+    against the prefix cache, in training (prefix_loss) and in prediction."""
+
+    num_action_tokens = CHUNK * ADIM
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expert = llama(vocab_size=8, dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                            head_dim=16, mlp_dim=64)
+        self.out = nn.Linear(32, 1)
+
+    def has_targets(self, inputs):
+        return inputs.actions is not None
+
+    def _actions(self, runner):
+        prefix = runner.prefix()
+        slots = torch.zeros(runner.batch_size, self.num_action_tokens, 32)
+        hidden = prefix.run_suffix(slots, TokenRole.ACTION, decoder=self.expert)
+        return self.out(hidden).reshape(-1, CHUNK, ADIM)
+
+    def prefix_loss(self, runner, actions):
+        return (self._actions(runner) - actions).abs().mean()
+
+    def predict(self, runner):
+        return self._actions(runner)
+
+
+def test_a_head_trains_an_action_expert_against_the_prefix_cache():
+    from vlakit.heads import PrefixTrainedHead
+
+    policy = RoleBlockMask([PREFIX_ROLES, {TokenRole.ACTION}])
+    model = _model(ExpertRegressionHead(), policy).train()
+    assert isinstance(model.head, PrefixTrainedHead)
+    inputs = _inputs(actions=True)
+    out = model(inputs)
+    assert out.sequence.role_mask(TokenRole.ACTION).sum() == 0  # the prefix alone
+    assert out.hidden.shape[:2] == out.sequence.embeds.shape[:2]
+    out.loss.backward()
+    # gradients reach the expert, the main decoder (through the cached keys and values of
+    # every layer) and the vision encoder
+    assert model.head.expert.layers[1].attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.decoder.layers[1].attn.k_proj.weight.grad.abs().sum() > 0
+    assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    # training and prediction read the same path
+    normalised = model.action_normalizer.normalize(inputs.actions)
+    expected = (model.head.predict(model.runner(inputs)) - normalised).abs().mean()
+    torch.testing.assert_close(out.loss, expected)
+    assert model.predict_action(_inputs()).shape == (2, CHUNK, ADIM)

@@ -160,7 +160,8 @@ def test_openvla_7b_builds_directly_in_bf16_on_meta():
     assert sum(p.numel() for p in params) == 7_541_237_184
     for key, b in model.decoder.rope.named_buffers():
         assert b.dtype == torch.float32, key
-    assert model.decoder.layers[0].attn_norm.eps == 1e-5
+    # the released OpenVLA runs with transformers' default 1e-6 (REFERENCE.md)
+    assert model.decoder.layers[0].attn_norm.eps == 1e-6
 
 
 def test_named_builders_take_dtype_device_and_the_old_eps_keyword():
@@ -170,13 +171,16 @@ def test_named_builders_take_dtype_device_and_the_old_eps_keyword():
     pali = paligemma_3b(dtype=torch.float16, device="meta")
     assert {p.dtype for p in pali.parameters()} == {torch.float16}
     # `rms_norm_eps=` is kept as an alias of `norm_eps=`
+    assert llama2_7b(device="meta").norm.eps == 1e-5  # Llama-2's own
     assert llama2_7b(rms_norm_eps=1e-6, device="meta").norm.eps == 1e-6
     assert llama2_7b(norm_eps=1e-6, device="meta").norm.eps == 1e-6
     assert gemma_2b(rms_norm_eps=1e-5, device="meta").norm.eps == 1e-5
-    vla = openvla_7b(rms_norm_eps=1e-6, device="meta")
-    assert vla.decoder.norm.eps == 1e-6
+    vla = openvla_7b(rms_norm_eps=1e-5, device="meta")
+    assert vla.decoder.norm.eps == 1e-5
     with pytest.raises(TypeError, match="norm_eps.*rms_norm_eps"):
         llama2_7b(norm_eps=1e-4, rms_norm_eps=1e-6, device="meta")
+    with pytest.raises(TypeError, match="norm_eps.*rms_norm_eps"):  # even at the default
+        openvla_7b(norm_eps=1e-5, rms_norm_eps=1e-6, device="meta")
 
 
 class _MarkedLinear(nn.Linear):

@@ -22,7 +22,16 @@ from vlakit.vision import ViTBlock
 __all__ = ["fully_shard_vla", "shard_units"]
 
 _DECODER_ENTRY_POINTS = ("embed_tokens", "logits")
-_MODEL_ENTRY_POINTS = ("predict_action", "generate")
+_HEAD_ENTRY_POINTS = ("place", "loss", "prefix_loss", "predict")
+_MODEL_ENTRY_POINTS = (
+    "predict_action",
+    "generate",
+    "image_tokens",
+    "encode_images",
+    "film_condition",
+    "place_head_tokens",
+    "build_sequence",
+)
 
 
 def shard_units(model: VLA) -> list[nn.Module]:
@@ -38,10 +47,14 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
     """Apply FSDP2's ``fully_shard`` to ``model`` in place and return it.
 
     Shards each of [shard_units][vlakit.distributed.shard_units], then the encoder, the
-    decoder (embedding, final norm and LM head; tied weights stay in one unit) and the
-    root, and registers the extra entry points (``decoder.embed_tokens``,
-    ``decoder.logits``, ``model.predict_action``, ``model.generate``) with
-    ``register_fsdp_forward_method``.
+    projector, the proprio projector, the head and the pruner (those that have
+    parameters), the decoder (embedding, final norm and LM head; tied weights stay in one
+    unit) and the root. Registers the entry points that run outside ``forward`` with
+    ``register_fsdp_forward_method``: the decoder's ``embed_tokens`` and ``logits``, the
+    head's ``place``, ``loss`` and ``predict``, and the model's ``predict_action``,
+    ``generate`` and the pieces a [VLARunner][vlakit.runner.VLARunner] calls
+    (``image_tokens``, ``build_sequence``, ...), so every public path works on a sharded
+    model.
 
     Args:
         model: the VLA (on its device, or on ``meta`` before materialising).
@@ -52,8 +65,14 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
 
     for unit in shard_units(model):
         fully_shard(unit, **fsdp_kwargs)
-    if next(model.encoder.parameters(), None) is not None:
-        fully_shard(model.encoder, **fsdp_kwargs)
+    for name in ("encoder", "projector", "proprio_projector", "pruner", "head"):
+        part = getattr(model, name, None)
+        if part is not None and next(part.parameters(), None) is not None:
+            fully_shard(part, **fsdp_kwargs)
+            if name == "head":
+                for method in _HEAD_ENTRY_POINTS:
+                    if callable(getattr(part, method, None)):
+                        register_fsdp_forward_method(part, method)
     fully_shard(model.decoder, **fsdp_kwargs)
     for name in _DECODER_ENTRY_POINTS:
         register_fsdp_forward_method(model.decoder, name)

@@ -217,6 +217,7 @@ class VLA(nn.Module):
 
     def image_tokens(self, inputs: VLAInputs) -> Float[Tensor, "b p d"]:
         """Projected image tokens of ``inputs`` (FiLM-conditioned when the encoder has it)."""
+        _check_batch(inputs)
         if inputs.pixels is None:
             raise ValueError(
                 "inputs.pixels is None: the model needs preprocessed images, [b, c, h, w] or "
@@ -241,12 +242,15 @@ class VLA(nn.Module):
             proprio = self.proprio_normalizer.normalize(proprio)
         return [(self.proprio_projector(proprio)[:, None], TokenRole.PROPRIO)]
 
-    def place_head_tokens(self, inputs: VLAInputs, with_targets: bool) -> HeadTokens:
-        """The head's tokens: for training (normalised target actions) or prediction."""
+    def place_head_tokens(
+        self, inputs: VLAInputs, with_targets: bool, image_tokens: Tensor
+    ) -> HeadTokens:
+        """The head's tokens: for training (normalised target actions) or prediction;
+        ``image_tokens`` give the batch size, device and dtype of new tokens."""
         actions = inputs.actions if with_targets else None
         if actions is not None and self.action_normalizer is not None:
             actions = self.action_normalizer.normalize(actions)
-        return self.head.place(actions, self.decoder.embed_tokens)
+        return self.head.place(actions, self.decoder.embed_tokens, image_tokens)
 
     def build_sequence(
         self,
@@ -281,17 +285,43 @@ class VLA(nn.Module):
     def forward(self, inputs: VLAInputs, return_logits: bool = False) -> VLAOutput:
         """Run the model; the head's loss is computed when the inputs carry its targets.
 
+        A head with ``loss`` gets the hidden states of one pass over the whole sequence. A
+        head with ``prefix_loss(runner, actions)`` (an action expert trained against the
+        prefix cache, pi0-style) gets a runner instead: the prefix runs once through the
+        decoder and the output's ``hidden`` and ``sequence`` are the prefix's.
         ``return_logits`` also returns ``[b, n, V]`` logits.
         """
         with_targets = self.head.has_targets(inputs)
-        tokens = self.place_head_tokens(inputs, with_targets)
-        seq = self.build_sequence(inputs, tokens)
+        image_tokens = self.image_tokens(inputs)
+        if with_targets and callable(getattr(self.head, "prefix_loss", None)):
+            return self._forward_through_prefix(inputs, image_tokens, return_logits)
+        tokens = self.place_head_tokens(inputs, with_targets, image_tokens)
+        seq = self.build_sequence(inputs, tokens, image_tokens)
         hidden = self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions)
         loss = None
         if with_targets:
             loss = self.head.loss(hidden, seq, tokens, self.decoder.logits)
         logits = self.decoder.logits(hidden) if return_logits else None
         return VLAOutput(loss=loss, hidden=hidden, sequence=seq, logits=logits)
+
+    def _forward_through_prefix(
+        self, inputs: VLAInputs, image_tokens: Tensor, return_logits: bool
+    ) -> VLAOutput:
+        # A head that trains its suffix against the prefix cache (pi0's action expert):
+        # the prefix runs once through the decoder, gradients flow through the cache.
+        actions = inputs.actions
+        if self.action_normalizer is not None:
+            actions = self.action_normalizer.normalize(actions)
+        runner = VLARunner(self, inputs, image_tokens)
+        loss = self.head.prefix_loss(runner, actions)
+        prefix = runner.last_prefix
+        if prefix is None:
+            raise RuntimeError(
+                f"{type(self.head).__name__}.prefix_loss returned without encoding a prefix "
+                f"(runner.prefix()); a head that does not need one implements loss() instead"
+            )
+        logits = self.decoder.logits(prefix.hidden) if return_logits else None
+        return VLAOutput(loss=loss, hidden=prefix.hidden, sequence=prefix.sequence, logits=logits)
 
     # -- inference -------------------------------------------------------------------------
 

@@ -28,14 +28,30 @@ class VLARunner:
         inputs (VLAInputs): the batch ([VLAInputs][vlakit.VLAInputs]).
     """
 
-    def __init__(self, model, inputs) -> None:
+    def __init__(self, model, inputs, image_tokens: Tensor | None = None) -> None:
         self.model = model
         self.inputs = inputs
-        self._image_tokens: Tensor | None = None
+        self._image_tokens = image_tokens
+        self.last_prefix: VLAPrefix | None = None  # the prefix most recently encoded
 
     @property
     def batch_size(self) -> int:
         return self.inputs.input_ids.shape[0]
+
+    @property
+    def image_tokens(self) -> Float[Tensor, "b p d"]:
+        """The batch's projected image tokens (computed once)."""
+        if self._image_tokens is None:
+            self._image_tokens = self.model.image_tokens(self.inputs)
+        return self._image_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_tokens.dtype
 
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
         return self.model.decoder.embed_tokens(ids)
@@ -45,10 +61,8 @@ class VLARunner:
 
     def sequence(self, tokens: HeadTokens | None = None) -> TokenSequence:
         """The interleaved sequence with ``tokens`` placed (none: the prompt alone)."""
-        if self._image_tokens is None:
-            self._image_tokens = self.model.image_tokens(self.inputs)
         tokens = HeadTokens() if tokens is None else tokens
-        return self.model.build_sequence(self.inputs, tokens, self._image_tokens)
+        return self.model.build_sequence(self.inputs, tokens, self.image_tokens)
 
     def generate(self, max_new_tokens: int) -> Int[Tensor, "b m"]:
         """Greedy generation of exactly ``max_new_tokens`` tokens after the prompt."""
@@ -73,30 +87,43 @@ class VLARunner:
         it) once into a KV cache; ``repeats`` repeats every row for several samples."""
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
-        seq = self.sequence(tokens)
         decoder = self.model.decoder
+        if not getattr(decoder, "supports_read_only_cache", False):
+            raise RuntimeError(
+                f"{type(decoder).__name__} cannot keep a prefix cache that many suffixes read "
+                f"(transformers caches store every forward); build the model with vlakit's "
+                f"TransformerDecoder (vlakit.convert.decoder_from_transformers converts Llama "
+                f"and Gemma)"
+            )
+        seq = self.sequence(tokens)
         cache = decoder.new_cache()
-        decoder(seq.embeds, self.model.mask_policy.spec(seq), seq.positions, cache)
+        hidden = decoder(seq.embeds, self.model.mask_policy.spec(seq), seq.positions, cache)
         view = cache.read_only() if repeats == 1 else cache.expand_batch(repeats)
-        if repeats > 1:
-            seq = _repeat_rows(seq, repeats)
-        return VLAPrefix(decoder, self.model.mask_policy, seq, view)
+        prefix = VLAPrefix(decoder, self.model.mask_policy, seq, hidden, view, repeats)
+        self.last_prefix = prefix
+        return prefix
 
 
 class VLAPrefix:
     """A prefix in a read-only KV cache; implements [PrefixRunner][vlakit.heads.PrefixRunner].
 
     Each [run_suffix][vlakit.runner.VLAPrefix.run_suffix] call sees the prefix exactly as it
-    was encoded; nothing is written to the cache.
+    was encoded; nothing is written to the cache. ``sequence`` and ``hidden`` are the prefix
+    and its final hidden states at the model's batch size.
     """
 
-    def __init__(self, decoder, mask_policy, seq: TokenSequence, cache) -> None:
+    def __init__(
+        self, decoder, mask_policy, seq: TokenSequence, hidden: Tensor, cache, repeats: int = 1
+    ) -> None:
         self.decoder = decoder
         self.mask_policy = mask_policy
-        self.seq = seq  # the prefix, [B, n]
+        self.sequence = seq  # the prefix at the model's batch, [b, n]
+        self.hidden = hidden  # its final hidden states [b, n, d]
+        self.seq = seq if repeats == 1 else _repeat_rows(seq, repeats)  # [B, n]
         self.cache = cache
-        rows = torch.arange(seq.batch_size, device=seq.valid.device)
-        self._next_position = seq.positions[rows, last_valid_index(seq.valid)] + 1  # [B]
+        rows = torch.arange(self.seq.batch_size, device=seq.valid.device)
+        last = last_valid_index(self.seq.valid)
+        self._next_position = self.seq.positions[rows, last] + 1  # [B]
 
     @property
     def batch_size(self) -> int:
@@ -147,7 +174,8 @@ class VLAPrefix:
         )
         mask = self.mask_policy(full)[:, -m:]  # [B, m, n + m]: the suffix queries
         decoder = self.decoder if decoder is None else decoder
-        return decoder(embeds, mask, positions, self.cache)
+        dtype = next(decoder.parameters()).dtype
+        return decoder(embeds.to(dtype), mask, positions, self.cache)
 
 
 def _repeat_rows(seq: TokenSequence, repeats: int) -> TokenSequence:

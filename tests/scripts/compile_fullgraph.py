@@ -112,8 +112,45 @@ def whole_vla() -> None:
     print(f"VLA.forward: fullgraph OK, loss {out.loss.item():.5f}, {len(grads)} gradients")
 
 
+def vlm_and_blocks() -> None:
+    """PaliGemma's layout (placeholders, prefix-LM, NextTokenHead) and pi0-style role
+    blocks with a proprio token, compiled whole."""
+    from vlakit.core import PrefixLMMask, RoleBlockMask, TokenRole
+    from vlakit.interleave import PlaceholderInterleaver
+    from vlakit.projectors import LinearProjector, ProprioProjector
+
+    torch.manual_seed(0)
+    encoder = vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64)
+    vlm = VLA(encoder, LinearProjector(32, 64),
+              PlaceholderInterleaver(310, bos_id=1, eos_id=2, position_offset=1),
+              llama(vocab_size=VOCAB_SIZE, dim=64, num_layers=2, num_heads=4, mlp_dim=128),
+              PrefixLMMask())
+    ids = torch.tensor([[310] * 4 + [1, 5, 6, 7, 8, 2], [310] * 4 + [1, 9, 10, 2, 0, 0]])
+    inputs = VLAInputs(
+        input_ids=ids, text_valid=ids != 0,
+        token_type_ids=torch.tensor([[0] * 7 + [1] * 3, [0] * 6 + [1] * 2 + [0] * 2]),
+        pixels=torch.randn(2, 1, 3, 28, 28),
+    )
+    close(torch.compile(vlm, backend=BACKEND, fullgraph=True)(inputs).loss, vlm(inputs).loss,
+          "VLM loss")
+    blocks = RoleBlockMask([{TokenRole.BOS, TokenRole.IMAGE, TokenRole.TEXT},
+                            {TokenRole.PROPRIO}, {TokenRole.ACTION, TokenRole.EOS}])
+    pi0ish = VLA(encoder, LinearProjector(32, 64), PrefixInterleaver(bos_id=1, eos_id=2),
+                 llama(vocab_size=VOCAB_SIZE, dim=64, num_layers=2, num_heads=4, mlp_dim=128),
+                 blocks, head=DiscreteActionHead(
+                     ActionTokenizer(vocab_end=ACTION_VOCAB_END, action_dim=3)),
+                 proprio_projector=ProprioProjector(4, 64))
+    inputs = VLAInputs(input_ids=ids[:, 4:], text_valid=ids[:, 4:] != 0,
+                       pixels=torch.randn(2, 1, 3, 28, 28), proprio=torch.randn(2, 4),
+                       actions=torch.rand(2, 1, 3) * 2 - 1)
+    close(torch.compile(pi0ish, backend=BACKEND, fullgraph=True)(inputs).loss,
+          pi0ish(inputs).loss, "role-block VLA loss")
+    print("VLM (prefix-LM) and role-block VLA: fullgraph OK")
+
+
 if __name__ == "__main__":
     decoder_and_layer()
     vit_block()
     whole_vla()
+    vlm_and_blocks()
     print("COMPILE OK")

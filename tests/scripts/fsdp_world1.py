@@ -71,6 +71,14 @@ def check(tied: bool) -> None:
                                rtol=0, atol=0)
     torch.testing.assert_close(sharded.generate(predict, 3), reference.generate(predict, 3),
                                rtol=0, atol=0)
+    # every public path works on a freshly sharded model, not only the registered ones
+    fresh = fully_shard_vla(copy.deepcopy(reference))
+    runner = fresh.runner(predict)
+    torch.testing.assert_close(runner.generate(3), reference.generate(predict, 3), rtol=0, atol=0)
+    torch.testing.assert_close(fresh.image_tokens(predict), reference.image_tokens(predict))
+    prefix = runner.prefix()
+    assert prefix.batch_size == 2
+    torch.testing.assert_close(fresh(inputs).loss, loss_ref, rtol=0, atol=1e-6)
     print(f"tied={tied}: loss {loss.item():.6f}, {len(grads)} gradients, actions equal")
 
 

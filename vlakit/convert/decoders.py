@@ -67,16 +67,12 @@ def load_hf_decoder_state_dict(
 
     A tied decoder takes its head from the embedding: a stored ``lm_head.weight`` is
     dropped. Missing or unexpected keys and shape mismatches raise
-    [`CheckpointError`][vlakit.core.CheckpointError] (a ``KeyError`` and a ``ValueError``) naming
-    the
-    key; see [`load_checked`][vlakit.core.load_checked].
+    [`CheckpointError`][vlakit.core.CheckpointError] (a ``KeyError`` and a ``ValueError``)
+    naming the key; see [`load_checked`][vlakit.core.load_checked].
     """
     converted = convert_hf_decoder_state_dict(state_dict, prefix)
     if decoder.tied_embeddings:
         converted.pop("lm_head.weight", None)
-        if "lm_head.weight" in decoder.state_dict() and "embed.weight" in converted:
-            # a tied head module holding the embedding's Parameter lists it under both names
-            converted["lm_head.weight"] = converted["embed.weight"]
     load_checked(decoder, converted, source="transformers decoder checkpoint")
 
 
@@ -153,14 +149,5 @@ def decoder_from_transformers(model: nn.Module) -> TransformerDecoder:
         device="meta",
     )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    load_hf_decoder_state_dict(decoder, state)
-    _retie(decoder)
+    load_hf_decoder_state_dict(decoder, state)  # the decoder re-ties a tied head after loading
     return decoder.to(device=weight.device, dtype=weight.dtype)
-
-
-def _retie(decoder: TransformerDecoder) -> None:
-    # Loading by assignment (the decoder was on meta) replaces Parameters one name at a
-    # time, which unties a head module holding the embedding's Parameter.
-    tie = getattr(decoder, "tie_weights", None)
-    if decoder.tied_embeddings and callable(tie):
-        tie()

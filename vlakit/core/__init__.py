@@ -5,7 +5,7 @@ Imports nothing else of vlakit.
 
 from vlakit.core.checkpoint import CheckpointError, load_checked
 from vlakit.core.checks import set_validation, validation, validation_enabled
-from vlakit.core.init import init_parameters
+from vlakit.core.init import building, init_parameters
 from vlakit.core.linear import LinearFactory
 from vlakit.core.masks import (
     MaskSpec,
@@ -29,6 +29,7 @@ from vlakit.core.sequence import IGNORE_ID, TokenSequence
 __all__ = [
     "LinearFactory",
     "init_parameters",
+    "building",
     "CheckpointError",
     "load_checked",
     "TokenRole",

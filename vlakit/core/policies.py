@@ -101,10 +101,15 @@ class RoleBlockMask(MaskPolicy):
                 seen.add(role)
                 self.block_of[int(role)] = index
         self.blocks = [sorted(TokenRole(r) for r in block) for block in blocks]
+        self._tables: dict[torch.device, Tensor] = {}
 
     def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
-        table = [self.block_of.get(int(role), 0) for role in TokenRole]
-        return torch.tensor(table, dtype=torch.long, device=seq.roles.device)[seq.roles]
+        device = seq.roles.device
+        table = self._tables.get(device)
+        if table is None:  # one host-to-device copy per device, not per call
+            values = [self.block_of.get(int(role), 0) for role in TokenRole]
+            table = self._tables[device] = torch.tensor(values, dtype=torch.long, device=device)
+        return table[seq.roles]
 
     def __repr__(self) -> str:
         names = [[r.name for r in block] for block in self.blocks]

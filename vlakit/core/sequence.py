@@ -74,7 +74,8 @@ class TokenSequence:
 
     def replace(self, **changes) -> "TokenSequence":
         """A copy with some fields replaced (traceable by ``torch.compile``, unlike
-        ``dataclasses.replace``)."""
+        ``dataclasses.replace``). Replacing ``valid`` drops ``right_padded`` unless it is
+        given too, so a pruner that marks tokens invalid keeps masks exact."""
         fields = {
             "embeds": self.embeds,
             "roles": self.roles,
@@ -90,5 +91,7 @@ class TokenSequence:
                 f"TokenSequence has no field {sorted(unknown)[0]!r}; its fields are "
                 f"{list(fields)}"
             )
+        if "valid" in changes and "right_padded" not in changes:
+            fields["right_padded"] = False  # new validity: padding may no longer be at the end
         fields.update(changes)
         return TokenSequence(**fields)

@@ -8,12 +8,11 @@ sizes. Build on the ``meta`` device to count parameters without allocating::
         model = llama2_7b()
 """
 
-import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from vlakit.core.init import building
 from vlakit.core.linear import LinearFactory
 from vlakit.decoders.attention import Attention
 from vlakit.decoders.embedding import TokenEmbedding
@@ -86,7 +85,7 @@ def transformer_decoder(
     def norm() -> RMSNorm:
         return RMSNorm(dim, eps=norm_eps, unit_offset=norm_unit_offset)
 
-    with _building(dtype, device):
+    with building(dtype, device):
         layers = [
             DecoderLayer(
                 attn=Attention(
@@ -204,7 +203,7 @@ def gemma(
 
 def llama2_7b(
     vocab_size: int = 32000,
-    norm_eps: float = 1e-5,
+    norm_eps: float | None = None,
     max_seq_len: int = 4096,
     *,
     rms_norm_eps: float | None = None,
@@ -219,7 +218,7 @@ def llama2_7b(
 
     Args:
         vocab_size: vocabulary ``V``.
-        norm_eps: RMSNorm epsilon.
+        norm_eps: RMSNorm epsilon (default 1e-5, Llama-2's).
         max_seq_len: positions must be below this.
         rms_norm_eps: alias of ``norm_eps`` (the transformers config name), kept for
             existing callers; give one or the other.
@@ -244,7 +243,7 @@ def llama2_7b(
 
 def gemma_2b(
     vocab_size: int = 256000,
-    norm_eps: float = 1e-6,
+    norm_eps: float | None = None,
     max_seq_len: int = 8192,
     *,
     rms_norm_eps: float | None = None,
@@ -259,7 +258,7 @@ def gemma_2b(
 
     Args:
         vocab_size: vocabulary ``V``.
-        norm_eps: RMSNorm epsilon.
+        norm_eps: RMSNorm epsilon (default 1e-6, Gemma's).
         max_seq_len: positions must be below this.
         rms_norm_eps: alias of ``norm_eps`` (the transformers config name), kept for
             existing callers; give one or the other.
@@ -283,29 +282,15 @@ def gemma_2b(
     )
 
 
-def _norm_eps_alias(norm_eps: float, rms_norm_eps: float | None, default: float) -> float:
-    """``norm_eps``, or its alias ``rms_norm_eps`` when only that was given."""
-    if rms_norm_eps is None:
-        return norm_eps
-    if norm_eps != default and norm_eps != rms_norm_eps:
+def _norm_eps_alias(
+    norm_eps: float | None, rms_norm_eps: float | None, default: float
+) -> float:
+    """``norm_eps``, or its alias ``rms_norm_eps``, or ``default`` when neither was given."""
+    if norm_eps is not None and rms_norm_eps is not None and norm_eps != rms_norm_eps:
         raise TypeError(
             f"got norm_eps={norm_eps} and its alias rms_norm_eps={rms_norm_eps}, which "
             f"disagree; pass only one of them"
         )
-    return rms_norm_eps
-
-
-@contextlib.contextmanager
-def _building(dtype: torch.dtype | None, device: torch.device | str | None) -> Iterator[None]:
-    """Create parameters directly on ``device`` and in ``dtype`` (torch's default dtype is
-    set for the duration, then restored); ``None`` leaves either as it is."""
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-    previous = torch.get_default_dtype()
-    with contextlib.ExitStack() as stack:
-        if device is not None:
-            stack.enter_context(torch.device(device))
-        if dtype is not None:
-            torch.set_default_dtype(dtype)
-            stack.callback(torch.set_default_dtype, previous)
-        yield
+    if norm_eps is not None:
+        return norm_eps
+    return default if rms_norm_eps is None else rms_norm_eps

@@ -40,6 +40,7 @@ class KVCache:
         self.is_read_only = False
         self.max_len = max_len
         self.index: Tensor | None = None  # preallocated: next write slot, a 0-d long tensor
+        self.length = 0  # append mode: positions every layer holds (advanced per forward)
 
     @property
     def num_layers(self) -> int:
@@ -52,16 +53,15 @@ class KVCache:
     def __len__(self) -> int:
         """Number of key slots attention sees before new tokens are added: the cached
         positions (append mode) or ``max_len`` (preallocated, once written)."""
-        k = self.keys[0]
-        if k is None:
-            return 0
-        return k.shape[-2]
+        if self.is_preallocated and not self.is_read_only:
+            return 0 if self.keys[0] is None else self.max_len
+        return self.length
 
     def filled(self) -> int:
         """Positions written so far (reads the write index back in preallocated mode)."""
-        if self.is_preallocated:
+        if self.is_preallocated and not self.is_read_only:
             return 0 if self.index is None else int(self.index)
-        return len(self)
+        return self.length
 
     def key_length(self, new_tokens: int) -> int:
         """Keys attention sees when ``new_tokens`` are added: the mask's last dimension."""
@@ -103,10 +103,16 @@ class KVCache:
         return k, v
 
     def advance(self, new_tokens: int) -> None:
-        """Move the write index of a preallocated cache past ``new_tokens`` positions
-        (the decoder calls this once per forward, after its last layer)."""
-        if self.is_preallocated and not self.is_read_only and self.index is not None:
-            self.index.add_(new_tokens)
+        """Count ``new_tokens`` more cached positions (the decoder calls this once per
+        forward, after its last layer, so a forward split into layer ranges sees the same
+        cached length in every layer). A preallocated cache moves its write index."""
+        if self.is_read_only:
+            return
+        if self.is_preallocated:
+            if self.index is not None:
+                self.index.add_(new_tokens)
+        else:
+            self.length += new_tokens
 
     def read_only(self) -> "KVCache":
         """A view sharing this cache's tensors that never stores anything.
@@ -114,12 +120,13 @@ class KVCache:
         A preallocated cache gives a view of the positions written so far.
         """
         view = KVCache(self.num_layers)
+        n = self.filled()
         if self.is_preallocated:
-            n = self.filled()
             view.keys = [None if k is None else k[:, :, :n] for k in self.keys]
             view.values = [None if v is None else v[:, :, :n] for v in self.values]
         else:
             view.keys, view.values = list(self.keys), list(self.values)
+        view.length = n
         view.is_read_only = True
         return view
 

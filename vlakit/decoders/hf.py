@@ -57,6 +57,9 @@ class HFDecoder(nn.Module):
         model: a transformers causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...).
     """
 
+    supports_read_only_cache = False
+    """transformers caches store every forward: no prefix read by many suffixes."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:

@@ -66,6 +66,7 @@ class TransformerDecoder(nn.Module):
         self.rope = rope
         self.lm_head = TiedLMHead(embed) if lm_head is None else lm_head
         self.max_seq_len = max_seq_len
+        self.register_load_state_dict_post_hook(_retie_after_load)
 
     @property
     def dim(self) -> int:
@@ -88,6 +89,9 @@ class TransformerDecoder(nn.Module):
         """Re-point a tied LM head at the embedding's weight (after ``to_empty`` etc.)."""
         if isinstance(self.lm_head, TiedLMHead):
             self.lm_head.tie(self.embed)
+
+    supports_read_only_cache = True
+    """A prefix cache can be read by many suffixes (diffusion, flow matching)."""
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -199,3 +203,11 @@ class TransformerDecoder(nn.Module):
                     f"decoder was built with"
                 )
         return mask
+
+
+def _retie_after_load(decoder: TransformerDecoder, incompatible_keys) -> None:
+    # load_state_dict(assign=True) replaces the embedding's Parameter: point the tied head
+    # at the new one, then refuse a stored lm_head.weight that differs from it
+    decoder.tie_weights()
+    if isinstance(decoder.lm_head, TiedLMHead):
+        decoder.lm_head.check_loaded()

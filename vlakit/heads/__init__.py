@@ -11,6 +11,7 @@ from vlakit.heads.base import (
     HeadTokens,
     PredictionRunner,
     PrefixRunner,
+    PrefixTrainedHead,
 )
 from vlakit.heads.discrete import ActionCodec, DiscreteActionHead
 from vlakit.heads.lm_loss import next_token_loss
@@ -22,6 +23,7 @@ __all__ = [
     "HeadTokens",
     "PredictionRunner",
     "PrefixRunner",
+    "PrefixTrainedHead",
     "DiscreteActionHead",
     "ActionCodec",
     "NextTokenHead",

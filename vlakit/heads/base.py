@@ -29,12 +29,20 @@ as callables, the rest through the runner.
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlakit.core import TokenRole, TokenSequence
 
-__all__ = ["HeadTokens", "Head", "ActionHead", "PredictionRunner", "PrefixRunner"]
+__all__ = [
+    "HeadTokens",
+    "Head",
+    "ActionHead",
+    "PrefixTrainedHead",
+    "PredictionRunner",
+    "PrefixRunner",
+]
 
 EmbedFn = Callable[[Tensor], Tensor]
 """``ids [b, t] -> embeddings [b, t, d]`` (the decoder's token embedding)."""
@@ -97,6 +105,9 @@ class PredictionRunner(Protocol):
     [`ActionHead.predict`][vlakit.heads.ActionHead.predict]."""
 
     batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+    """The decoder's compute dtype: what new slot embeddings should be."""
 
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
         """The decoder's token embedding."""
@@ -130,8 +141,17 @@ class Head(Protocol):
         targets, so the model computes a loss."""
         ...
 
-    def place(self, actions: Float[Tensor, "b c a"] | None, embed_tokens: EmbedFn) -> HeadTokens:
-        """Tokens to place: for training (``actions`` normalised) or prediction (``None``)."""
+    def place(
+        self,
+        actions: Float[Tensor, "b c a"] | None,
+        embed_tokens: EmbedFn,
+        like: Float[Tensor, "b p d"],
+    ) -> HeadTokens:
+        """Tokens to place: for training (``actions`` normalised) or prediction (``None``).
+
+        ``like`` is the batch's projected image tokens: its batch size, device and dtype
+        are the ones new tokens (zero slots, noise, a timestep token) must have.
+        """
         ...
 
     def loss(
@@ -142,6 +162,27 @@ class Head(Protocol):
         lm_logits: LogitsFn,
     ) -> Float[Tensor, ""]:
         """Scalar training loss from the final hidden states."""
+        ...
+
+
+@runtime_checkable
+class PrefixTrainedHead(Protocol):
+    """A head that trains its suffix against the prefix cache (pi0's action expert).
+
+    [VLA.forward][vlakit.VLA.forward] calls ``prefix_loss`` instead of running the whole
+    sequence through the decoder: the head encodes the prefix with ``runner.prefix()`` and
+    runs its suffix (e.g. through its own expert decoder, ``run_suffix(..., decoder=)``);
+    gradients flow through the cached keys and values into the prefix. When the prefix
+    cannot see the suffix (a block mask), this equals one joint pass.
+    """
+
+    def has_targets(self, inputs: Any) -> bool:
+        ...
+
+    def prefix_loss(
+        self, runner: PredictionRunner, actions: Float[Tensor, "b c a"]
+    ) -> Float[Tensor, ""]:
+        """Scalar loss for normalised target ``actions``."""
         ...
 
 

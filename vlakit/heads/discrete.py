@@ -83,7 +83,12 @@ class DiscreteActionHead(nn.Module):
                 f", got shape {tuple(actions.shape)}"
             )
 
-    def place(self, actions: Float[Tensor, "b c a"] | None, embed_tokens: EmbedFn) -> HeadTokens:
+    def place(
+        self,
+        actions: Float[Tensor, "b c a"] | None,
+        embed_tokens: EmbedFn,
+        like: Float[Tensor, "b p d"] | None = None,
+    ) -> HeadTokens:
         """Action-token slots for normalised ``actions`` (training); nothing at prediction."""
         if actions is None:
             return HeadTokens()
@@ -110,7 +115,7 @@ class DiscreteActionHead(nn.Module):
         return next_token_loss(
             hidden,
             seq.token_ids,
-            seq.role_mask(*roles),
+            seq.role_mask(*roles) & seq.is_suffix,  # not an </s> id inside the prompt
             lm_logits,
             max_targets=self.num_action_tokens + int(self.predict_eos),
         )

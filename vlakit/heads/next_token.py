@@ -32,7 +32,9 @@ class NextTokenHead(nn.Module):
         """A batch with a prefix/suffix split (``token_type_ids``) has suffix targets."""
         return getattr(inputs, "token_type_ids", None) is not None
 
-    def place(self, actions: Tensor | None, embed_tokens: EmbedFn) -> HeadTokens:
+    def place(
+        self, actions: Tensor | None, embed_tokens: EmbedFn, like: Tensor | None = None
+    ) -> HeadTokens:
         return HeadTokens()
 
     def loss(
@@ -42,7 +44,8 @@ class NextTokenHead(nn.Module):
         tokens: HeadTokens,
         lm_logits: LogitsFn,
     ) -> Float[Tensor, ""]:
-        """Mean next-token cross-entropy over the suffix targets (NaN if there are none)."""
+        """Mean next-token cross-entropy over the suffix targets (0 if there are none: a
+        prompt-only batch)."""
         targets = seq.is_suffix & seq.role_mask(*self.roles)
         return next_token_loss(hidden, seq.token_ids, targets, lm_logits)
 

@@ -5,12 +5,11 @@ import torch
 from torch import nn
 
 from vlakit.actions import ActionNormalizer, ActionTokenizer
-from vlakit.core import CausalMask, LinearFactory
+from vlakit.core import CausalMask, LinearFactory, building
 from vlakit.decoders import llama2_7b
 from vlakit.heads import DiscreteActionHead
 from vlakit.interleave import PrefixInterleaver
 from vlakit.model import VLA
-from vlakit.models._common import building
 from vlakit.projectors import MLPProjector
 from vlakit.vision import FusedEncoder, dinov2_large_reg4, siglip_so400m
 
@@ -47,7 +46,7 @@ def openvla(
 def openvla_7b(
     img_size: int = 224,
     vocab_size: int = 32064,
-    norm_eps: float = 1e-5,
+    norm_eps: float | None = None,
     encoder_output_layer: int = -2,
     action_dim: int = 7,
     action_vocab_end: int = 32000,
@@ -67,8 +66,9 @@ def openvla_7b(
     Args:
         img_size: image size of both towers (224: 256 image tokens per view).
         vocab_size: Llama vocabulary incl. the pad token, padded to a multiple of 64.
-        norm_eps: the Llama's RMSNorm epsilon. Llama-2 was trained with 1e-5; the released
-            OpenVLA runs with 1e-6 (its saved config falls back to transformers' default).
+        norm_eps: the Llama's RMSNorm epsilon; default 1e-6, what the released OpenVLA
+            runs with (its saved config falls back to transformers' default, although
+            Llama-2 was trained with 1e-5; the two move logits by ~2e-4).
         rms_norm_eps: alias of ``norm_eps`` (the transformers config name), kept for
             existing callers; give one or the other.
         encoder_output_layer: block both towers return (second-to-last).
@@ -90,7 +90,12 @@ def openvla_7b(
         return openvla(
             encoder=encoder,
             projector=MLPProjector([2176, 8704, 4096, 4096]),
-            decoder=llama2_7b(vocab_size, norm_eps, rms_norm_eps=rms_norm_eps, linear=linear),
+            decoder=llama2_7b(
+                vocab_size,
+                norm_eps if norm_eps is not None or rms_norm_eps is not None else 1e-6,
+                rms_norm_eps=rms_norm_eps,
+                linear=linear,
+            ),
             action_tokenizer=ActionTokenizer(vocab_end=action_vocab_end, action_dim=action_dim),
             action_normalizer=action_normalizer,
         )

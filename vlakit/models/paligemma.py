@@ -5,12 +5,11 @@ from torch import nn
 
 from vlakit.convert.decoders import decoder_from_transformers
 from vlakit.convert.vision import vit_from_transformers
-from vlakit.core import LinearFactory, PrefixLMMask
+from vlakit.core import LinearFactory, PrefixLMMask, building
 from vlakit.decoders import gemma_2b
 from vlakit.heads import NextTokenHead
 from vlakit.interleave import PlaceholderInterleaver
 from vlakit.model import VLA
-from vlakit.models._common import building
 from vlakit.projectors import LinearProjector
 from vlakit.vision import siglip_so400m
 
