@@ -19,9 +19,11 @@ D = 64
 def _inputs(ids=None, proprio=None, actions=None, channels=3):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 200, (2, 6), generator=g) if ids is None else ids
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, -2:] = False
     return VLAInputs(
         input_ids=ids,
-        text_valid=torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool),
+        text_valid=valid,
         pixels=torch.randn(2, 1, channels, 28, 28, generator=g),
         proprio=proprio, actions=actions,
     )
@@ -83,3 +85,66 @@ def test_proprio_is_normalised_then_projected_into_one_token():
     model.proprio_normalizer = None
     seq = model(_inputs(proprio=proprio)).sequence
     assert not torch.allclose(seq.embeds[seq.role_mask(TokenRole.PROPRIO)], token)
+
+
+def _openvla_like(dtype=None):
+    from vlakit.models import openvla
+
+    torch.manual_seed(0)
+    return openvla(
+        encoder=vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64),
+        projector=LinearProjector(32, D),
+        decoder=llama(vocab_size=VOCAB_SIZE, dim=D, num_layers=1, num_heads=4, mlp_dim=128),
+        action_tokenizer=ActionTokenizer(vocab_end=ACTION_VOCAB_END, action_dim=2),
+        action_normalizer=ActionNormalizer({"q01": [-0.5, 0.0], "q99": [0.5, 2.0],
+                                            "mask": [True, False]}),
+    )
+
+
+def test_a_meta_built_model_gets_its_normaliser_statistics_back_on_init():
+    from vlakit.core import init_parameters
+
+    reference = _openvla_like()
+    with torch.device("meta"):
+        model = _openvla_like()
+    model.to_empty(device="cpu")
+    init_parameters(model)
+    for name, buffer in reference.action_normalizer.named_buffers():
+        assert torch.equal(getattr(model.action_normalizer, name), buffer), name
+    model.load_state_dict(reference.state_dict())
+    inputs = _inputs()
+    torch.testing.assert_close(model.predict_action(inputs), reference.predict_action(inputs))
+
+
+def test_a_bf16_model_takes_a_float32_processor_batch():
+    model = _openvla_like().to(torch.bfloat16)
+    inputs = _inputs(actions=torch.rand(2, 1, 2) - 0.5)
+    assert inputs.pixels.dtype == torch.float32
+    loss = model(inputs).loss
+    assert loss is not None and torch.isfinite(loss)
+    assert model.predict_action(inputs).shape == (2, 1, 2)
+    cast = inputs.to(dtype=torch.bfloat16)  # floats only: ids and masks keep their dtypes
+    assert cast.pixels.dtype == torch.bfloat16 and cast.input_ids.dtype == torch.long
+    assert cast.text_valid.dtype == torch.bool
+
+
+def test_batch_fields_are_checked_before_they_reach_torch():
+    import pytest
+
+    model = _openvla_like()
+    inputs = _inputs()
+    inputs.text_valid = inputs.text_valid.long()
+    with pytest.raises(ValueError, match="text_valid must be a boolean mask"):
+        model(inputs)
+
+
+def test_prompts_holding_special_tokens_are_refused_with_the_fix():
+    import pytest
+
+    model = _openvla_like()
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])  # a tokenizer's default <s>
+    with pytest.raises(ValueError, match=r"start with <s> \(id 1\).*add_special_tokens=False"):
+        model.predict_action(_inputs(ids=ids))
+    ids = torch.tensor([[5, 6, 7, 2], [8, 9, 10, 2]])
+    with pytest.raises(ValueError, match=r"hold </s> \(id 2\) inside the prompt"):
+        model.predict_action(_inputs(ids=ids))

@@ -35,12 +35,47 @@ _MODEL_ENTRY_POINTS = (
 
 
 def shard_units(model: VLA) -> list[nn.Module]:
-    """The per-block units, in order: every vision transformer block of the encoder, then
-    every layer of an own [TransformerDecoder][vlakit.decoders.TransformerDecoder]."""
+    """The per-block units, in order: every transformer block of the encoder, then every
+    layer of the decoder.
+
+    vlakit's own blocks are found by type ([ViTBlock][vlakit.vision.ViTBlock], the
+    [TransformerDecoder][vlakit.decoders.TransformerDecoder]'s layers); inside wrapped
+    models (timm, open_clip, transformers) the blocks are the children of their block lists
+    (``blocks``, ``layers``, ``resblocks``: a ``ModuleList`` or ``Sequential`` of one
+    block type).
+    """
     units: list[nn.Module] = [m for m in model.encoder.modules() if isinstance(m, ViTBlock)]
+    if not units:
+        units += _block_lists(model.encoder)
     if isinstance(model.decoder, TransformerDecoder):
         units += list(model.decoder.layers)
+    else:
+        units += _block_lists(model.decoder)
     return units
+
+
+_BLOCK_LIST_NAMES = ("blocks", "layers", "resblocks", "layer", "h")
+
+
+def _block_lists(module: nn.Module) -> list[nn.Module]:
+    """Children of every ``nn.ModuleList`` named like a block list whose children all share
+    one type and hold parameters (not nested inside another such list)."""
+    found: list[nn.Module] = []
+    taken: set[int] = set()
+    for name, sub in module.named_modules():
+        is_list = isinstance(sub, (nn.ModuleList, nn.Sequential))
+        if not is_list or name.rsplit(".", 1)[-1] not in _BLOCK_LIST_NAMES:
+            continue
+        children = list(sub)
+        if len(children) < 2 or len({type(c) for c in children}) != 1:
+            continue
+        if any(id(m) in taken for m in sub.modules()) or not any(
+            True for _ in children[0].parameters()
+        ):
+            continue
+        found += children
+        taken.update(id(m) for m in sub.modules())
+    return found
 
 
 def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:

@@ -42,14 +42,27 @@ class VLAInputs:
     actions: Float[Tensor, "b chunk a"] | None = None
     proprio: Float[Tensor, "b p"] | None = None
 
-    def to(self, device: torch.device | str) -> "VLAInputs":
-        """Move every tensor to ``device``."""
-        return VLAInputs(
-            **{
-                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                for f in dataclasses.fields(self)
-            }
-        )
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "VLAInputs":
+        """Move every tensor to ``device``; ``dtype`` casts the floating ones (pixels,
+        actions, proprio), never the ids or masks."""
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                value = value.to(device=device, dtype=cast)
+            moved[f.name] = value
+        return VLAInputs(**moved)
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating parameter (``None`` if it has none)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
 
 
 def _check_batch(inputs: VLAInputs) -> None:
@@ -58,6 +71,12 @@ def _check_batch(inputs: VLAInputs) -> None:
     if ids.dim() != 2:
         raise ValueError(
             f"inputs.input_ids must be [batch, tokens], got shape {tuple(ids.shape)}"
+        )
+    if inputs.text_valid.dtype != torch.bool:
+        raise ValueError(
+            f"inputs.text_valid must be a boolean mask (True = real prompt token), got dtype "
+            f"{inputs.text_valid.dtype}; from a transformers tokenizer pass "
+            f"attention_mask.bool()"
         )
     for name in ("text_valid", "token_type_ids"):
         value = getattr(inputs, name)
@@ -226,7 +245,12 @@ class VLA(nn.Module):
         condition = None
         if getattr(self.encoder, "has_film", False):
             condition = self.film_condition(inputs)
-        return self.encode_images(inputs.pixels, condition)
+        pixels = inputs.pixels
+        dtype = _float_dtype(self.encoder)
+        if dtype is not None and pixels.dtype != dtype:
+            pixels = pixels.to(dtype)  # processors give float32; a bf16 model takes bf16
+            condition = None if condition is None else condition.to(dtype)
+        return self.encode_images(pixels, condition)
 
     def _extras(self, inputs: VLAInputs) -> list[tuple[Tensor, TokenRole]]:
         if inputs.proprio is None:
@@ -240,6 +264,9 @@ class VLA(nn.Module):
         proprio = inputs.proprio
         if self.proprio_normalizer is not None:
             proprio = self.proprio_normalizer.normalize(proprio)
+        dtype = _float_dtype(self.proprio_projector)
+        if dtype is not None:
+            proprio = proprio.to(dtype)
         return [(self.proprio_projector(proprio)[:, None], TokenRole.PROPRIO)]
 
     def place_head_tokens(

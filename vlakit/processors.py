@@ -9,6 +9,7 @@ counts come from the model rather than being typed in a second time.
 examples, tests and documentation.
 """
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,6 +44,8 @@ def _as_float_tensor(x: Any, what: str, dims: int) -> Tensor:
 
 
 def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    if not rows:
+        raise ValueError("got no prompts: a batch needs at least one example")
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     valid = torch.zeros(len(rows), length, dtype=torch.bool)
@@ -116,9 +119,13 @@ def word_tokenizer(
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    pre = pre_tokenizers.Whitespace()
+    # words, and every punctuation mark on its own ("block?" -> "block", "?")
+    pre = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
     vocab = {tok: i for i, tok in enumerate(specials)}
     for text in _as_list(texts) if isinstance(texts, str) else texts:
+        text = re.sub(r"\{\w*\}", " ", text)  # a template's {fields} are not words
         for word, _ in pre.pre_tokenize_str(text):
             vocab.setdefault(word, len(vocab))
     pad, bos, eos, unk = specials
@@ -159,7 +166,8 @@ class _Processor:
         if pixels.shape[0] != batch:
             raise ValueError(
                 f"expected one image (or one stack of views) per prompt, but got "
-                f"{pixels.shape[0]} images (or image sets) for {batch} prompts"
+                f"{pixels.shape[0]} images (or stacks) for {batch} prompt"
+                f"{'' if batch == 1 else 's'}"
             )
         return pixels
 
@@ -374,9 +382,10 @@ class PaliGemmaProcessor(_Processor):
             if kwargs.get(name) is None and getattr(interleaver, name, None) is not None:
                 kwargs[name] = getattr(interleaver, name)
         processor = cls(tokenizer, **kwargs)
+        # the placeholder is replaced before embedding, so it may lie outside the vocabulary
+        # (pi0's PaliGemma: vocab 257152 = image_token_id), as VLA's own check allows
         _check_ids_in_vocab(
             {
-                "image_token_id": processor.image_token_id,
                 "bos_id": processor.bos_id,
                 "eos_id": processor.eos_id,
                 "pad_id": processor.pad_id,

@@ -140,7 +140,8 @@ def vlm_and_blocks() -> None:
                  blocks, head=DiscreteActionHead(
                      ActionTokenizer(vocab_end=ACTION_VOCAB_END, action_dim=3)),
                  proprio_projector=ProprioProjector(4, 64))
-    inputs = VLAInputs(input_ids=ids[:, 4:], text_valid=ids[:, 4:] != 0,
+    prompt = torch.tensor([[5, 6, 7, 8, 9], [9, 10, 11, 0, 0]])  # no <s>/</s>: added by it
+    inputs = VLAInputs(input_ids=prompt, text_valid=prompt != 0,
                        pixels=torch.randn(2, 1, 3, 28, 28), proprio=torch.randn(2, 4),
                        actions=torch.rand(2, 1, 3) * 2 - 1)
     close(torch.compile(pi0ish, backend=BACKEND, fullgraph=True)(inputs).loss,

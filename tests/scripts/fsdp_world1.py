@@ -82,6 +82,38 @@ def check(tied: bool) -> None:
     print(f"tied={tied}: loss {loss.item():.6f}, {len(grads)} gradients, actions equal")
 
 
+def check_wrapped() -> None:
+    """A timm encoder and a transformers decoder: per-block units inside the wrapped models."""
+    from _tiny import tiny_decoder, tiny_encoder
+
+    from vlakit.distributed import shard_units
+    from vlakit.projectors import LinearProjector
+
+    torch.manual_seed(0)
+    encoder = tiny_encoder("timm")
+    reference = VLA(
+        encoder, LinearProjector(encoder.dim, 64), PrefixInterleaver(bos_id=1, eos_id=2),
+        tiny_decoder("hf", dim=64), CausalMask(),
+        head=DiscreteActionHead(ActionTokenizer(vocab_end=ACTION_VOCAB_END, action_dim=3),
+                                chunk_size=2),
+    )
+    names = [type(u).__name__ for u in shard_units(reference)]
+    assert names == ["Block", "Block", "LlamaDecoderLayer", "LlamaDecoderLayer"], names
+    sharded = fully_shard_vla(copy.deepcopy(reference))
+    inputs = batch()
+    inputs.pixels = torch.randn(2, 1, 3, 28, 28)
+    loss_ref = reference(inputs).loss
+    loss_ref.backward()
+    loss = sharded(inputs).loss
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-6)
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    for name, param in sharded.named_parameters():
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    print(f"wrapped timm + transformers: loss {loss.item():.6f}, {len(grads)} gradients equal")
+
+
 def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,6 +123,7 @@ def main() -> None:
     try:
         check(tied=False)
         check(tied=True)
+        check_wrapped()
     finally:
         dist.destroy_process_group()
     print("FSDP2 OK")

@@ -172,6 +172,27 @@ class ActionNormalizer(nn.Module):
             self.register_buffer("high", torch.tensor(second, dtype=dtype))
             self.register_buffer("constant", torch.tensor(constant, dtype=torch.bool))
         self.register_buffer("mask", torch.tensor(mask, dtype=torch.bool))
+        # the values on the host, so reset_parameters can refill buffers after to_empty
+        self._host_values = {"first": first, "second": second, "mask": mask}
+        self._host_values["constant"] = None if mode == "normal" else constant
+
+    def reset_parameters(self) -> None:
+        """Refill the statistics buffers from the values given at construction (a normalizer
+        built on ``meta`` and materialised with ``to_empty`` holds garbage until then;
+        [`init_parameters`][vlakit.core.init_parameters] calls this)."""
+        values = self._host_values
+        sources = {"mask": values["mask"]}
+        if self.mode == "normal":
+            sources.update(mean=values["first"], std=values["second"])
+        else:
+            sources.update(low=values["first"], high=values["second"],
+                           constant=values["constant"])
+        with torch.no_grad():
+            for name, value in sources.items():
+                buffer = getattr(self, name)
+                if buffer.is_meta:
+                    continue
+                buffer.copy_(torch.as_tensor(value, dtype=buffer.dtype))
 
     @classmethod
     def from_stats(

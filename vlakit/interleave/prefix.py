@@ -7,6 +7,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from vlakit.core import TokenRole, TokenSequence
+from vlakit.core.checks import should_validate
 from vlakit.interleave._pack import _pack, _piece
 
 __all__ = ["PrefixInterleaver"]
@@ -62,6 +63,7 @@ class PrefixInterleaver(nn.Module):
         Returns:
             the [`TokenSequence`][vlakit.core.TokenSequence].
         """
+        self._check_specials(input_ids, text_valid)
         b, _, d = image_tokens.shape
         device = image_tokens.device
         bos = torch.full((b, 1), self.bos_id, dtype=torch.long, device=device)
@@ -86,6 +88,23 @@ class PrefixInterleaver(nn.Module):
                 eos = torch.full((b, 1), self.eos_id, dtype=torch.long, device=device)
                 pieces.append(_piece(embed_tokens(eos), TokenRole.EOS, token_ids=eos, suffix=True))
         return _pack(pieces, self.position_offset)
+
+    def _check_specials(self, input_ids: Tensor, text_valid: Tensor) -> None:
+        """Refuse prompts that already hold ``<s>`` first or ``</s>`` (a tokenizer called
+        with its default ``add_special_tokens=True``): the interleaver adds both itself."""
+        if not should_validate(input_ids) or input_ids.numel() == 0:
+            return
+        if bool((input_ids[:, 0] == self.bos_id).any()):
+            raise ValueError(
+                f"input_ids start with <s> (id {self.bos_id}), which this interleaver adds "
+                f"itself: tokenize prompts with add_special_tokens=False (the processors do)"
+            )
+        if self.eos_id is not None and bool(((input_ids == self.eos_id) & text_valid).any()):
+            raise ValueError(
+                f"input_ids hold </s> (id {self.eos_id}) inside the prompt; the interleaver "
+                f"appends </s> after the action slots itself: tokenize prompts with "
+                f"add_special_tokens=False (the processors do)"
+            )
 
     def extra_repr(self) -> str:
         return f"bos_id={self.bos_id}, eos_id={self.eos_id}, position_offset={self.position_offset}"

@@ -42,6 +42,8 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
+from vlakit.core.checks import should_validate
+
 __all__ = ["PreprocessConfig", "preprocess_images", "images_to_tensor"]
 
 FLOAT_RANGE_TOLERANCE = 1e-3
@@ -188,7 +190,9 @@ def preprocess_images(
         images: a tensor or numpy array, ``uint8`` in ``[0, 255]`` or float in ``[0, 1]``
             (outside it, beyond ``1e-3``, raises), ``[b, 3, H, W]``, ``[b, v, 3, H, W]`` or
             one image ``[3, H, W]`` (becomes ``b = 1``), numpy also channels-last; or a PIL
-            image (``b = 1``); or a list of such images, which may differ in size (each is
+            image (``b = 1``); a list of lists, one list of views per example (``[[front,
+            wrist], [front, wrist]]`` gives ``[b, v, c, h, w]``); or a list of such images,
+            which may differ in size (each is
             resized, then they are stacked along the batch: ``b = len(images)``).
         config: the encoder's preprocessing.
 
@@ -203,6 +207,16 @@ def preprocess_images(
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("preprocess_images got an empty list of images")
+        if all(isinstance(img, (list, tuple)) for img in images):
+            # one list of views per example: [[view0, view1], [view0, view1], ...]
+            stacks = [preprocess_images(list(views), config) for views in images]  # [v, c, h, w]
+            shapes = {tuple(stack.shape) for stack in stacks}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"every example needs the same number of views; got view stacks of "
+                    f"shapes {sorted(shapes)}"
+                )
+            return torch.stack(stacks)  # [b, v, c, h, w]
         parts = [preprocess_images(_single(img), config) for img in images]
         ranks = [part.dim() for part in parts]
         if len(set(ranks)) > 1:
@@ -222,9 +236,15 @@ def preprocess_images(
             f"image), got {pixels.dim()} dims with shape {tuple(pixels.shape)}"
         )
     if pixels.shape[-3] != 3:
+        hint = ""
+        if pixels.shape[-1] == 3:
+            hint = (
+                "; this looks channels-last [..., H, W, 3]: tensors must be channels-first, "
+                "e.g. images.permute(0, 3, 1, 2) (numpy arrays are moved automatically)"
+            )
         raise ValueError(
-            f"images must have 3 (RGB) channels, got {pixels.shape[-3]} "
-            f"(shape {tuple(pixels.shape)})"
+            f"images must have 3 (RGB) channels, got {pixels.shape[-3]} at dim -3 "
+            f"(shape {tuple(pixels.shape)}){hint}"
         )
     if pixels.dtype == torch.uint8:
         pixels = pixels.float() / 255.0
@@ -275,9 +295,10 @@ def _normalise(flat: Tensor, config: PreprocessConfig) -> Tensor:
 
 
 def _check_float_range(pixels: Tensor) -> None:
-    """Refuse float images outside ``[0, 1]`` (CPU only: reading values on an accelerator
-    would synchronise it; skipped while ``torch.compile`` traces)."""
-    if pixels.device.type != "cpu" or pixels.numel() == 0 or torch.compiler.is_compiling():
+    """Refuse float images outside ``[0, 1]``: a value check, so it runs on CPU tensors
+    always and on accelerator tensors while validation is on (the default; see
+    [`validation`][vlakit.core.validation]); skipped while ``torch.compile`` traces."""
+    if pixels.numel() == 0 or not should_validate(pixels):
         return
     low, high = (float(v) for v in torch.aminmax(pixels))
     tol = FLOAT_RANGE_TOLERANCE

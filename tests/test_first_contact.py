@@ -1,0 +1,53 @@
+"""What a new user hit on a clean clone (a second first-contact pass), each pinned."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlakit.models import paligemma_3b
+from vlakit.processors import (
+    OPENVLA_PROMPT,
+    OpenVLAProcessor,
+    PaliGemmaProcessor,
+    word_tokenizer,
+)
+from vlakit.vision import PreprocessConfig, preprocess_images
+
+CONFIG = PreprocessConfig(size=28, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def test_word_tokenizer_splits_punctuation_and_ignores_template_fields():
+    tok = word_tokenizer([OPENVLA_PROMPT, "pick up the red block"])
+    prompt = OPENVLA_PROMPT.format(instruction="pick up the red block")
+    pieces = tok.convert_ids_to_tokens(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert "<unk>" not in pieces and pieces[-4:] == ["block", "?", "Out", ":"]
+    assert "{" not in tok.get_vocab() and "instruction" not in tok.get_vocab()
+
+
+def test_paligemma_processor_accepts_a_placeholder_outside_the_vocabulary():
+    model = paligemma_3b(vocab_size=257152, device="meta")  # pi0's PaliGemma
+    processor = PaliGemmaProcessor.from_model(word_tokenizer(["caption en"]), model)
+    assert processor.image_token_id == 257152 and processor.num_image_tokens == 256
+
+
+def test_several_views_as_nested_lists_of_pil_images():
+    rng = np.random.default_rng(0)
+    pils = [Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)) for _ in range(4)]
+    out = preprocess_images([[pils[0], pils[1]], [pils[2], pils[3]]], CONFIG)
+    assert out.shape == (2, 2, 3, 28, 28)
+    assert torch.equal(out[1, 0], preprocess_images(pils[2], CONFIG)[0])
+    with pytest.raises(ValueError, match="same number of views"):
+        preprocess_images([[pils[0], pils[1]], [pils[2]]], CONFIG)
+
+
+def test_channels_last_tensors_get_a_hint():
+    with pytest.raises(ValueError, match=r"looks channels-last.*permute\(0, 3, 1, 2\)"):
+        preprocess_images(torch.rand(2, 32, 32, 3), CONFIG)
+
+
+def test_an_empty_batch_says_so():
+    tok = word_tokenizer([OPENVLA_PROMPT])
+    processor = OpenVLAProcessor(tok, lambda images: preprocess_images(images, CONFIG))
+    with pytest.raises(ValueError, match="got no prompts"):
+        processor(torch.zeros(0, 3, 28, 28, dtype=torch.uint8), [])
