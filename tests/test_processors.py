@@ -77,7 +77,7 @@ def test_bad_actions_and_proprio(tokenizer):
         processor(image, "open drawer", proprio=[[float("nan"), 0.0]])
     with pytest.raises(ValueError, match="3 dims"):
         processor(image, "open drawer", actions=[0.0, 1.0])
-    with pytest.raises(ValueError, match="one image .* per prompt, but got 2 images .* for 1 prompt$"):
+    with pytest.raises(ValueError, match="per prompt, but got 2 images .* for 1 prompt$"):
         processor(torch.rand(2, 3, 28, 28), "open drawer")
 
 
