@@ -52,10 +52,8 @@ def batch() -> VLAInputs:
     )
 
 
-def check(tied: bool) -> None:
-    reference = build(tied)
-    sharded = fully_shard_vla(copy.deepcopy(reference))
-    inputs = batch()
+def training_step_matches(reference, sharded, inputs):
+    """One forward/backward on both models: equal loss and every gradient equal."""
     loss_ref = reference(inputs).loss
     loss_ref.backward()
     loss = sharded(inputs).loss
@@ -65,6 +63,14 @@ def check(tied: bool) -> None:
     for name, param in sharded.named_parameters():
         grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
         torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    return loss_ref, loss, grads
+
+
+def check(tied: bool) -> None:
+    reference = build(tied)
+    sharded = fully_shard_vla(copy.deepcopy(reference))
+    inputs = batch()
+    loss_ref, loss, grads = training_step_matches(reference, sharded, inputs)
     predict = VLAInputs(input_ids=inputs.input_ids, text_valid=inputs.text_valid,
                         pixels=inputs.pixels)
     torch.testing.assert_close(sharded.predict_action(predict), reference.predict_action(predict),
@@ -102,15 +108,7 @@ def check_wrapped() -> None:
     sharded = fully_shard_vla(copy.deepcopy(reference))
     inputs = batch()
     inputs.pixels = torch.randn(2, 1, 3, 28, 28)
-    loss_ref = reference(inputs).loss
-    loss_ref.backward()
-    loss = sharded(inputs).loss
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-6)
-    grads = {n: p.grad for n, p in reference.named_parameters()}
-    for name, param in sharded.named_parameters():
-        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
-        torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    loss_ref, loss, grads = training_step_matches(reference, sharded, inputs)
     print(f"wrapped timm + transformers: loss {loss.item():.6f}, {len(grads)} gradients equal")
 
 
