@@ -51,3 +51,31 @@ def test_an_empty_batch_says_so():
     processor = OpenVLAProcessor(tok, lambda images: preprocess_images(images, CONFIG))
     with pytest.raises(ValueError, match="got no prompts"):
         processor(torch.zeros(0, 3, 28, 28, dtype=torch.uint8), [])
+
+
+@pytest.mark.parametrize("name", ["timm", "open_clip", "hf"])
+def test_wrapped_encoders_built_on_meta_are_fully_initialised(name):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiny import tiny_encoder
+
+    from vlakit.core import init_parameters
+
+    with torch.device("meta"):
+        encoder = tiny_encoder(name)
+    encoder.to_empty(device="cpu")
+    for tensor in [*encoder.parameters(), *encoder.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data.fill_(float("nan"))
+        else:
+            tensor.data.fill_(-7)
+    init_parameters(encoder)
+    bad = [n for n, p in encoder.named_parameters() if not torch.isfinite(p).all()]
+    assert not bad, bad
+    out = encoder(torch.rand(1, 3, 28, 28) * 2 - 1)
+    assert torch.isfinite(out).all()
+    for n, b in encoder.named_buffers():
+        if n.endswith("position_ids"):
+            assert torch.equal(b[0], torch.arange(b.shape[-1])), n

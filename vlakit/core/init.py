@@ -39,6 +39,8 @@ def init_parameters(module: nn.Module) -> nn.Module:
     """
     for sub in reversed(list(module.modules())):
         reset = getattr(sub, "reset_parameters", None)
+        if reset is None and isinstance(sub, nn.MultiheadAttention):
+            reset = sub._reset_parameters  # torch's one layer with another name for it
         if callable(reset):
             reset()
     return module

@@ -245,6 +245,15 @@ class OpenClipEncoder(VisionEncoder):
         self._timm.add_film(cond_dim, zero_init, linear=linear)
         return self
 
+    def reset_parameters(self) -> None:
+        """Initialise what the tower's submodules do not reset themselves (a timm trunk:
+        see [`TimmEncoder`][vlakit.vision.TimmEncoder]; open_clip's own tower: class and
+        position embeddings and ``proj``, as its constructor draws them)."""
+        if self._timm is not None:
+            self._timm.reset_parameters()
+        else:
+            _reset_open_clip_tower(self.visual)
+
     def truncate(self) -> "OpenClipEncoder":
         """Drop the blocks after ``output_layer`` (and the final norm if it is unused)."""
         last = self.output_layer == self.depth - 1
@@ -296,6 +305,28 @@ class OpenClipEncoder(VisionEncoder):
         return out["image_intermediates"][0]
 
 
+def _reset_open_clip_tower(visual: nn.Module) -> None:
+    """open_clip's ``VisionTransformer`` parameters no submodule resets (its own
+    ``init_parameters`` is empty), drawn as its constructor draws them:
+    ``normal(std=width ** -0.5)`` for the class and position embeddings and ``proj``."""
+    scale = float(visual.transformer.width) ** -0.5
+    with torch.no_grad():
+        for name in ("class_embedding", "positional_embedding", "proj"):
+            param = getattr(visual, name, None)
+            if isinstance(param, torch.Tensor):
+                nn.init.normal_(param, std=scale)
+
+
+def _reset_hf_vision_model(model: nn.Module) -> None:
+    """transformers' own initialisation (``initialize_weights``), and the ``position_ids``
+    buffers it leaves alone (``arange`` over their last axis)."""
+    model.initialize_weights()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.rsplit(".", 1)[-1] == "position_ids" and not buffer.is_meta:
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+
+
 class HFVisionEncoder(VisionEncoder):
     """A transformers vision model (``SiglipVisionModel``, ``CLIPVisionModel``, ...) as a
     vlakit encoder.
@@ -338,6 +369,11 @@ class HFVisionEncoder(VisionEncoder):
         if not isinstance(preprocessing, PreprocessConfig):
             preprocessing = PreprocessConfig.from_hf_image_processor(preprocessing)
         self.preprocessing = preprocessing
+
+    def reset_parameters(self) -> None:
+        """Initialise the wrapped model as transformers does (after ``to_empty``), including
+        its ``position_ids`` buffers."""
+        _reset_hf_vision_model(self.model)
 
     def truncate(self) -> "HFVisionEncoder":
         """Keep only the encoder layers up to ``output_layer``."""
