@@ -39,6 +39,9 @@ def test_several_views_as_nested_lists_of_pil_images():
     assert torch.equal(out[1, 0], preprocess_images(pils[2], CONFIG)[0])
     with pytest.raises(ValueError, match="same number of views"):
         preprocess_images([[pils[0], pils[1]], [pils[2]]], CONFIG)
+    image = torch.rand(1, 3, 28, 28)  # a batch, not one view
+    with pytest.raises(ValueError, match="each view must be one image"):
+        preprocess_images([[image], [image]], CONFIG)
 
 
 def test_channels_last_tensors_get_a_hint():

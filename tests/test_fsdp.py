@@ -17,6 +17,8 @@ def test_fully_shard_vla_matches_unsharded_loss_gradients_and_actions():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "tied=True" in done.stdout and "FSDP2 OK" in done.stdout
     assert "wrapped timm + transformers" in done.stdout
+    assert "prefix-trained expert head" in done.stdout
+    assert "target action tokens unchanged" in done.stdout
 
 
 def test_shard_units_are_vision_blocks_then_decoder_layers():

@@ -123,9 +123,9 @@ def test_a_bf16_model_takes_a_float32_processor_batch():
     loss = model(inputs).loss
     assert loss is not None and torch.isfinite(loss)
     assert model.predict_action(inputs).shape == (2, 1, 2)
-    cast = inputs.to(dtype=torch.bfloat16)  # floats only: ids and masks keep their dtypes
+    cast = inputs.to(dtype=torch.bfloat16)  # pixels only: targets, ids and masks stay
     assert cast.pixels.dtype == torch.bfloat16 and cast.input_ids.dtype == torch.long
-    assert cast.text_valid.dtype == torch.bool
+    assert cast.text_valid.dtype == torch.bool and cast.actions.dtype == torch.float32
 
 
 def test_batch_fields_are_checked_before_they_reach_torch():
@@ -148,3 +148,13 @@ def test_prompts_holding_special_tokens_are_refused_with_the_fix():
     ids = torch.tensor([[5, 6, 7, 2], [8, 9, 10, 2]])
     with pytest.raises(ValueError, match=r"hold </s> \(id 2\) inside the prompt"):
         model.predict_action(_inputs(ids=ids))
+
+
+def test_special_token_checks_leave_suffix_text_and_empty_prompts_alone():
+    model = _openvla_like()
+    ids = torch.tensor([[5, 6, 7, 2], [0, 0, 0, 0]])  # row 0: suffix text ending in </s>
+    inputs = _inputs(ids=ids)
+    inputs.text_valid = torch.tensor([[True] * 4, [False] * 4])  # row 1: an empty prompt
+    inputs.token_type_ids = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    model.interleaver.bos_id = 0  # pad id == bos id, as some tokenizers have it
+    assert model(inputs).sequence.valid.shape[0] == 2

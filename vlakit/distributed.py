@@ -11,6 +11,7 @@ embeds the prompt before the decoder runs; heads read logits after it), and the 
 ``predict_action`` and ``generate`` (which run the decoder without ``VLA.forward``).
 """
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -94,16 +95,25 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
     Args:
         model: the VLA (on its device, or on ``meta`` before materialising).
         **fsdp_kwargs: passed to every ``fully_shard`` call (``mesh``, ``mp_policy``,
-            ``reshard_after_forward``, ``offload_policy``).
+            ``reshard_after_forward``, ``offload_policy``); the root's and the head's
+            ``mp_policy`` get ``cast_forward_inputs=False`` so target actions are never
+            rounded to the compute dtype before normalisation.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    # The root and the head take raw target actions: a mixed-precision policy must not round
+    # them to bf16 before normalisation (that moves action tokens). The model casts pixels
+    # and proprio to its modules' dtypes itself; inner units still cast their own inputs.
+    outer_kwargs = dict(fsdp_kwargs)
+    policy = fsdp_kwargs.get("mp_policy")
+    if policy is not None and getattr(policy, "cast_forward_inputs", False):
+        outer_kwargs["mp_policy"] = dataclasses.replace(policy, cast_forward_inputs=False)
     for unit in shard_units(model):
         fully_shard(unit, **fsdp_kwargs)
     for name in ("encoder", "projector", "proprio_projector", "pruner", "head"):
         part = getattr(model, name, None)
         if part is not None and next(part.parameters(), None) is not None:
-            fully_shard(part, **fsdp_kwargs)
+            fully_shard(part, **(outer_kwargs if name == "head" else fsdp_kwargs))
             if name == "head":
                 for method in _HEAD_ENTRY_POINTS:
                     if callable(getattr(part, method, None)):
@@ -111,7 +121,7 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
     fully_shard(model.decoder, **fsdp_kwargs)
     for name in _DECODER_ENTRY_POINTS:
         register_fsdp_forward_method(model.decoder, name)
-    fully_shard(model, **fsdp_kwargs)
+    fully_shard(model, **outer_kwargs)
     for name in _MODEL_ENTRY_POINTS:
         register_fsdp_forward_method(model, name)
     return model

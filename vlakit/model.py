@@ -45,14 +45,14 @@ class VLAInputs:
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> "VLAInputs":
-        """Move every tensor to ``device``; ``dtype`` casts the floating ones (pixels,
-        actions, proprio), never the ids or masks."""
+        """Move every tensor to ``device``; ``dtype`` casts the pixels only. Target actions
+        and proprio stay as they are (rounding them to bf16 before normalisation would move
+        action tokens); the model casts what it feeds its modules to their dtype itself."""
         moved = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None:
-                cast = dtype if dtype is not None and value.is_floating_point() else None
-                value = value.to(device=device, dtype=cast)
+                value = value.to(device=device, dtype=dtype if f.name == "pixels" else None)
             moved[f.name] = value
         return VLAInputs(**moved)
 
@@ -347,6 +347,11 @@ class VLA(nn.Module):
                 f"{type(self.head).__name__}.prefix_loss returned without encoding a prefix "
                 f"(runner.prefix()); a head that does not need one implements loss() instead"
             )
+        # A zero term through the decoder's output: the loss depends on the prefix only via
+        # the cached keys and values, so without it backward never passes the last layer's
+        # output, and FSDP2 (which re-gathers a layer's weights when a gradient reaches its
+        # output) would run the layers' backward on freed weights.
+        loss = loss + 0.0 * prefix.hidden.sum()
         logits = self.decoder.logits(prefix.hidden) if return_logits else None
         return VLAOutput(loss=loss, hidden=prefix.hidden, sequence=prefix.sequence, logits=logits)
 

@@ -112,6 +112,67 @@ def check_wrapped() -> None:
     print(f"wrapped timm + transformers: loss {loss.item():.6f}, {len(grads)} gradients equal")
 
 
+class ExpertHead(torch.nn.Module):
+    """pi0's shape at toy size: an action expert trained against the prefix cache."""
+
+    num_action_tokens = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expert = llama(vocab_size=8, dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                            head_dim=16, mlp_dim=64)
+        self.out = torch.nn.Linear(32, 1)
+
+    def has_targets(self, inputs):
+        return inputs.actions is not None
+
+    def _actions(self, runner):
+        from vlakit.core import TokenRole
+
+        slots = torch.zeros(runner.batch_size, self.num_action_tokens, 32)
+        hidden = runner.prefix().run_suffix(slots, TokenRole.ACTION, decoder=self.expert)
+        return self.out(hidden).reshape(-1, 2, 3)
+
+    def prefix_loss(self, runner, actions):
+        return (self._actions(runner) - actions).abs().mean()
+
+    def predict(self, runner):
+        return self._actions(runner)
+
+
+def check_prefix_trained_and_mixed_precision() -> None:
+    """A head trained through the prefix cache (backward reaches every sharded layer), and
+    a bf16 mixed-precision policy that must not round the target actions."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from vlakit.core import RoleBlockMask, TokenRole
+
+    reference = build(tied=False)
+    reference.head = ExpertHead()
+    reference.mask_policy = RoleBlockMask(
+        [{TokenRole.BOS, TokenRole.IMAGE, TokenRole.TEXT}, {TokenRole.ACTION}])
+    sharded = fully_shard_vla(copy.deepcopy(reference))
+    inputs = batch()
+    loss_ref, loss, grads = training_step_matches(reference, sharded, inputs)
+    print(f"prefix-trained expert head: loss {loss.item():.6f}, {len(grads)} gradients equal")
+
+    reference = build(tied=False)
+    reference.action_normalizer = ActionNormalizer({"q01": [-0.05] * 3, "q99": [0.05] * 3})
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    mixed = fully_shard_vla(copy.deepcopy(reference), mp_policy=policy)
+    g = torch.Generator().manual_seed(2)
+    many = VLAInputs(  # 16 rows of small raw actions, as real robot data has
+        input_ids=torch.randint(3, 100, (16, 5), generator=g),
+        text_valid=torch.ones(16, 5, dtype=torch.bool),
+        pixels=torch.randn(16, 1, 3, 28, 28, generator=g),
+        actions=(torch.rand(16, 2, 3, generator=g) - 0.5) * 0.1,
+    )
+    ids_ref = reference(many).sequence.token_ids
+    ids = mixed(many).sequence.token_ids
+    assert torch.equal(ids, ids_ref), "bf16 mixed precision moved the target action tokens"
+    print("bf16 mixed precision: target action tokens unchanged")
+
+
 def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,6 +183,7 @@ def main() -> None:
         check(tied=False)
         check(tied=True)
         check_wrapped()
+        check_prefix_trained_and_mixed_precision()
     finally:
         dist.destroy_process_group()
     print("FSDP2 OK")

@@ -63,7 +63,8 @@ class PrefixInterleaver(nn.Module):
         Returns:
             the [`TokenSequence`][vlakit.core.TokenSequence].
         """
-        self._check_specials(input_ids, text_valid)
+        prompt = text_valid if token_type_ids is None else text_valid & (token_type_ids != 1)
+        self._check_specials(input_ids, prompt)
         b, _, d = image_tokens.shape
         device = image_tokens.device
         bos = torch.full((b, 1), self.bos_id, dtype=torch.long, device=device)
@@ -89,17 +90,18 @@ class PrefixInterleaver(nn.Module):
                 pieces.append(_piece(embed_tokens(eos), TokenRole.EOS, token_ids=eos, suffix=True))
         return _pack(pieces, self.position_offset)
 
-    def _check_specials(self, input_ids: Tensor, text_valid: Tensor) -> None:
+    def _check_specials(self, input_ids: Tensor, prompt: Tensor) -> None:
         """Refuse prompts that already hold ``<s>`` first or ``</s>`` (a tokenizer called
-        with its default ``add_special_tokens=True``): the interleaver adds both itself."""
+        with its default ``add_special_tokens=True``): the interleaver adds both itself.
+        ``prompt`` marks real prefix tokens (suffix text may end in its own ``</s>``)."""
         if not should_validate(input_ids) or input_ids.numel() == 0:
             return
-        if bool((input_ids[:, 0] == self.bos_id).any()):
+        if bool(((input_ids[:, 0] == self.bos_id) & prompt[:, 0]).any()):
             raise ValueError(
                 f"input_ids start with <s> (id {self.bos_id}), which this interleaver adds "
                 f"itself: tokenize prompts with add_special_tokens=False (the processors do)"
             )
-        if self.eos_id is not None and bool(((input_ids == self.eos_id) & text_valid).any()):
+        if self.eos_id is not None and bool(((input_ids == self.eos_id) & prompt).any()):
             raise ValueError(
                 f"input_ids hold </s> (id {self.eos_id}) inside the prompt; the interleaver "
                 f"appends </s> after the action slots itself: tokenize prompts with "

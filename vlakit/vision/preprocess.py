@@ -210,6 +210,12 @@ def preprocess_images(
         if all(isinstance(img, (list, tuple)) for img in images):
             # one list of views per example: [[view0, view1], [view0, view1], ...]
             stacks = [preprocess_images(list(views), config) for views in images]  # [v, c, h, w]
+            if any(stack.dim() != 4 for stack in stacks):
+                raise ValueError(
+                    "in a list of view lists each view must be one image ([3, H, W], an array "
+                    f"or a PIL image); got view stacks of shapes "
+                    f"{[tuple(stack.shape) for stack in stacks]}"
+                )
             shapes = {tuple(stack.shape) for stack in stacks}
             if len(shapes) > 1:
                 raise ValueError(
