@@ -125,8 +125,11 @@ def test_tied_head_is_a_module_holding_the_embedding_parameter():
     state["lm_head.weight"] = state["embed.weight"].clone()
     dec.load_state_dict(state)  # a checkpoint that stores the tied head too loads unchanged
     state["lm_head.weight"] = torch.zeros(VOCAB_SIZE, 32)
-    with pytest.raises(ValueError, match="lm_head.weight differs from its embedding"):
+    state["embed.weight"] = state["embed.weight"] + 1
+    before = dec.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match="lm_head.weight differs from its embed.weight"):
         dec.load_state_dict(state)
+    assert torch.equal(dec.embed.weight, before)  # refused before anything was loaded
     with torch.device("meta"):
         meta = _decoder(tied=True)
     meta.to_empty(device="cpu")

@@ -1,6 +1,5 @@
 """The LM head tied to the token embedding, as a module (so FSDP2 gathers it in forward)."""
 
-import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -15,8 +14,8 @@ class TiedLMHead(nn.Module):
     inside this module's ``forward`` (what FSDP2 needs to gather it) and trained once.
     The state dict stores it once, under the embedding: this module saves no key. A
     checkpoint that stores a tied ``lm_head.weight`` too (as transformers' do) loads
-    unchanged; one whose ``lm_head.weight`` differs from its embedding raises, since a
-    tied head cannot hold it.
+    unchanged; one whose ``lm_head.weight`` differs from its embedding raises before the
+    decoder loads anything, since a tied head cannot hold it.
 
     Whatever replaces the embedding's ``Parameter`` (``to_empty``, ``.to``,
     ``load_state_dict(assign=True)``) leaves the head pointing at the old one unless the
@@ -38,22 +37,8 @@ class TiedLMHead(nn.Module):
         return None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # kept aside until the owner re-ties and compares it with the loaded embedding
-        self._loaded_weight = state_dict.pop(prefix + "weight", None)
-
-    def check_loaded(self) -> None:
-        """Raise if the last load brought an ``lm_head.weight`` unequal to the embedding."""
-        loaded, self._loaded_weight = getattr(self, "_loaded_weight", None), None
-        if loaded is None or loaded.is_meta or self.weight.is_meta:
-            return
-        if loaded.shape != self.weight.shape or not torch.equal(
-            loaded.to(self.weight.device, self.weight.dtype), self.weight.detach()
-        ):
-            raise ValueError(
-                "the checkpoint's lm_head.weight differs from its embedding weight, but this "
-                "decoder ties the two (built with lm_head=None / tie_embeddings=True); build "
-                "an untied decoder to load it"
-            )
+        # a stored tied weight was compared with the embedding by the decoder's pre-hook
+        state_dict.pop(prefix + "weight", None)
 
     def tie(self, embed: nn.Embedding) -> None:
         """Point this head at ``embed.weight`` again."""

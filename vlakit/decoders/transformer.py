@@ -66,6 +66,7 @@ class TransformerDecoder(nn.Module):
         self.rope = rope
         self.lm_head = TiedLMHead(embed) if lm_head is None else lm_head
         self.max_seq_len = max_seq_len
+        self.register_load_state_dict_pre_hook(_check_stored_tied_head)
         self.register_load_state_dict_post_hook(_retie_after_load)
 
     @property
@@ -205,9 +206,23 @@ class TransformerDecoder(nn.Module):
         return mask
 
 
+def _check_stored_tied_head(decoder: TransformerDecoder, state_dict, prefix, *args) -> None:
+    # Before this decoder loads anything: a checkpoint may store a tied lm_head.weight too
+    # (transformers' do); it must equal the embedding, since a tied head cannot hold it.
+    if not isinstance(decoder.lm_head, TiedLMHead):
+        return
+    head, embed = state_dict.get(prefix + "lm_head.weight"), state_dict.get(prefix + "embed.weight")
+    if head is None or embed is None or head.is_meta or embed.is_meta:
+        return
+    if head.shape != embed.shape or not torch.equal(head, embed.to(head.device, head.dtype)):
+        raise ValueError(
+            f"the checkpoint's {prefix}lm_head.weight differs from its {prefix}embed.weight, "
+            f"but this decoder ties the two (built with lm_head=None / tie_embeddings=True); "
+            f"build an untied decoder to load it"
+        )
+
+
 def _retie_after_load(decoder: TransformerDecoder, incompatible_keys) -> None:
     # load_state_dict(assign=True) replaces the embedding's Parameter: point the tied head
-    # at the new one, then refuse a stored lm_head.weight that differs from it
+    # at the new one
     decoder.tie_weights()
-    if isinstance(decoder.lm_head, TiedLMHead):
-        decoder.lm_head.check_loaded()
