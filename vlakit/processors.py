@@ -66,7 +66,7 @@ def _model_counts(model: Any) -> tuple[Callable[[Any], Tensor], int, int, int | 
     if per_view is None:
         per_view = encoder.num_patches()
     head = getattr(model, "head", None)
-    actions = getattr(head, "num_action_tokens", getattr(head, "num_tokens", 0))
+    actions = getattr(head, "num_action_tokens", 0)
     vocab = getattr(model.decoder, "vocab_size", None)
     return encoder.preprocess, int(per_view), int(actions or 0), vocab
 

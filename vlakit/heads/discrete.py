@@ -64,8 +64,6 @@ class DiscreteActionHead(nn.Module):
         """Action tokens per example: ``chunk_size * action_dim``."""
         return self.chunk_size * self.action_dim
 
-    num_tokens = num_action_tokens  # the name before the head contract
-
     @property
     def token_ids(self) -> range:
         """The vocabulary ids the head reads and writes (checked against the decoder)."""
@@ -95,13 +93,6 @@ class DiscreteActionHead(nn.Module):
         self.check_actions(actions)
         ids = rearrange(self.tokenizer.encode(actions), "b c a -> b (c a)")
         return HeadTokens(action_embeds=embed_tokens(ids), action_ids=ids)
-
-    def action_slots(
-        self, actions: Float[Tensor, "b c a"], embed_tokens: EmbedFn
-    ) -> tuple[Float[Tensor, "b m d"], Int[Tensor, "b m"]]:
-        """Slot embeddings and ids for normalised ``actions [b, chunk, a]`` (``m = chunk*a``)."""
-        tokens = self.place(actions, embed_tokens)
-        return tokens.action_embeds, tokens.action_ids
 
     def loss(
         self,
