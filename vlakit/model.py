@@ -274,10 +274,14 @@ class VLA(nn.Module):
     ) -> HeadTokens:
         """The head's tokens: for training (normalised target actions) or prediction;
         ``image_tokens`` give the batch size, device and dtype of new tokens."""
-        actions = inputs.actions if with_targets else None
+        actions = self._normalized_actions(inputs) if with_targets else None
+        return self.head.place(actions, self.decoder.embed_tokens, image_tokens)
+
+    def _normalized_actions(self, inputs: VLAInputs) -> Tensor | None:
+        actions = inputs.actions
         if actions is not None and self.action_normalizer is not None:
             actions = self.action_normalizer.normalize(actions)
-        return self.head.place(actions, self.decoder.embed_tokens, image_tokens)
+        return actions
 
     def build_sequence(
         self,
@@ -292,9 +296,10 @@ class VLA(nn.Module):
             tokens: the head's tokens (from [place_head_tokens][vlakit.VLA.place_head_tokens]).
             image_tokens: projected image tokens computed earlier, to reuse.
         """
-        _check_batch(inputs)
         if image_tokens is None:
-            image_tokens = self.image_tokens(inputs)
+            image_tokens = self.image_tokens(inputs)  # checks the batch first
+        else:
+            _check_batch(inputs)
         seq = self.interleaver(
             self.decoder.embed_tokens,
             image_tokens,
@@ -336,11 +341,8 @@ class VLA(nn.Module):
     ) -> VLAOutput:
         # A head that trains its suffix against the prefix cache (pi0's action expert):
         # the prefix runs once through the decoder, gradients flow through the cache.
-        actions = inputs.actions
-        if self.action_normalizer is not None:
-            actions = self.action_normalizer.normalize(actions)
         runner = VLARunner(self, inputs, image_tokens)
-        loss = self.head.prefix_loss(runner, actions)
+        loss = self.head.prefix_loss(runner, self._normalized_actions(inputs))
         prefix = runner.last_prefix
         if prefix is None:
             raise RuntimeError(

@@ -50,22 +50,27 @@ class KVCache:
     def is_preallocated(self) -> bool:
         return self.max_len is not None
 
+    @property
+    def _writes_in_place(self) -> bool:
+        """A preallocated cache that stores (not a read-only view of one)."""
+        return self.max_len is not None and not self.is_read_only
+
     def __len__(self) -> int:
         """Number of key slots attention sees before new tokens are added: the cached
         positions (append mode) or ``max_len`` (preallocated, once written)."""
-        if self.is_preallocated and not self.is_read_only:
+        if self._writes_in_place:
             return 0 if self.keys[0] is None else self.max_len
         return self.length
 
     def filled(self) -> int:
         """Positions written so far (reads the write index back in preallocated mode)."""
-        if self.is_preallocated and not self.is_read_only:
+        if self._writes_in_place:
             return 0 if self.index is None else int(self.index)
         return self.length
 
     def key_length(self, new_tokens: int) -> int:
         """Keys attention sees when ``new_tokens`` are added: the mask's last dimension."""
-        if self.is_preallocated and not self.is_read_only:
+        if self._writes_in_place:
             return self.max_len
         return len(self) + new_tokens
 
@@ -83,7 +88,7 @@ class KVCache:
                 f"cache batch size is {old_k.shape[0]} but the new tokens have batch "
                 f"{k.shape[0]}; use KVCache.expand_batch to share one prefix"
             )
-        if self.is_preallocated and not self.is_read_only:
+        if self._writes_in_place:
             if old_k is None:
                 b, h, _, hd = k.shape
                 old_k = k.new_zeros(b, h, self.max_len, hd)

@@ -2,7 +2,7 @@
 
 ```
               training                                  prediction
-  actions ─ head.place(actions, embed) ─┐      head.predict(runner) ─┬─ runner.generate(m)
+  actions ─ head.place(actions, embed, like) ┐ head.predict(runner) ─┬─ runner.generate(m)
             HeadTokens(extras, slots)   │                             ├─ runner.run(tokens)
   VLA: interleave ─ decoder ─ hidden ───┤                             ├─ runner.prefix(r)
   head.loss(hidden, seq, tokens, lm) ◄──┘                             │   .run_suffix(x, role)
