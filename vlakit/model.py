@@ -309,6 +309,7 @@ class VLA(nn.Module):
             action_embeds=tokens.action_embeds,
             action_ids=tokens.action_ids,
             token_type_ids=inputs.token_type_ids,
+            action_roles=tokens.action_roles,
         )
         return self.pruner(seq)
 
@@ -369,19 +370,53 @@ class VLA(nn.Module):
         return self.runner(inputs).generate(max_new_tokens)
 
     @torch.no_grad()
-    def predict_action(self, inputs: VLAInputs) -> Float[Tensor, "b chunk a"]:
+    def predict_action(
+        self, inputs: VLAInputs, num_samples: int | None = None
+    ) -> Float[Tensor, "b chunk a"] | Float[Tensor, "b n chunk a"]:
         """Unnormalised actions ``[b, chunk, a]`` for every example of the batch.
 
         Head-agnostic: the head predicts normalised actions through a runner (generation,
         one pass with slots, or suffix passes against a cached prefix); the model
-        unnormalises them.
+        unnormalises them. ``num_samples`` (sampling heads: diffusion, flow matching) draws
+        that many chunks per example from one shared prefix: ``[b, num_samples, chunk, a]``.
         """
         if not callable(getattr(self.head, "predict", None)):
             raise TypeError(
                 f"this model's head ({type(self.head).__name__}) predicts no actions; use "
                 f"generate() for text"
             )
-        actions = self.head.predict(self.runner(inputs))
+        runner = self.runner(inputs)
+        if num_samples is None:
+            actions = self.head.predict(runner)
+        elif getattr(self.head, "supports_sampling", False):
+            actions = self.head.predict(runner, num_samples=num_samples)
+        else:
+            raise ValueError(
+                f"num_samples={num_samples}: {type(self.head).__name__} is deterministic and "
+                f"draws no samples; num_samples is for sampling heads (DiffusionActionHead, "
+                f"FlowMatchingHead)"
+            )
         if self.action_normalizer is not None:
             actions = self.action_normalizer.unnormalize(actions)
         return actions
+
+    def compile_for_inference(self, mode: str | None = None, **compile_kwargs) -> "VLA":
+        """Compile the pieces prediction runs, in place; returns the model.
+
+        The vision encoder, the projector and the decoder are compiled with
+        ``fullgraph=True, dynamic=False`` (each decoder call shape compiles once: the
+        prompt, a generation step, a prefix, a suffix step). The loops around them (greedy
+        generation, diffusion and flow steps) have fixed step counts and read nothing back
+        from the device, so they run as plain Python around compiled calls. On a GPU,
+        ``mode="reduce-overhead"`` also captures each call in a CUDA graph. Value checks
+        are skipped inside compiled code (see [validation][vlakit.core.validation]).
+
+        Args:
+            mode: ``torch.compile`` mode (``None``, ``"reduce-overhead"``,
+                ``"max-autotune"``).
+            **compile_kwargs: more ``torch.compile`` arguments (e.g. ``backend``).
+        """
+        options = {"fullgraph": True, "dynamic": False, "mode": mode, **compile_kwargs}
+        for module in (self.encoder, self.projector, self.decoder):
+            module.compile(**options)
+        return self

@@ -20,6 +20,7 @@ from vlakit.core.policies import (
     BidirectionalMask,
     CausalMask,
     MaskPolicy,
+    ParallelDecodingMask,
     PrefixLMMask,
     RoleBlockMask,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "CausalMask",
     "BidirectionalMask",
     "PrefixLMMask",
+    "ParallelDecodingMask",
     "RoleBlockMask",
     "set_validation",
     "validation",

@@ -141,5 +141,16 @@ class MaskSpec:
         """The boolean mask ``[b, n, n]`` (``True`` = may attend)."""
         return segment_mask(self.segment_ids, self.valid)
 
+    def rows(self, start: int) -> Bool[Tensor, "b q n"]:
+        """Rows ``start..n-1`` of [dense][vlakit.core.MaskSpec.dense] without building the
+        rest: the mask of suffix queries against ``prefix + suffix`` keys."""
+        n = self.valid.shape[1]
+        queries = self.segment_ids[:, start:, None]  # [b, q, 1]
+        allowed = (self.segment_ids[:, None, :] <= queries) & self.valid[:, None, :]
+        diagonal = torch.arange(start, n, device=queries.device)[:, None] == torch.arange(
+            n, device=queries.device
+        )
+        return allowed | diagonal
+
     def __repr__(self) -> str:
         return f"MaskSpec(shape={self.shape}, is_causal={self.is_causal})"

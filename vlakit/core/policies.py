@@ -15,7 +15,14 @@ from vlakit.core.masks import MaskSpec
 from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import TokenSequence
 
-__all__ = ["MaskPolicy", "CausalMask", "BidirectionalMask", "PrefixLMMask", "RoleBlockMask"]
+__all__ = [
+    "MaskPolicy",
+    "CausalMask",
+    "BidirectionalMask",
+    "PrefixLMMask",
+    "ParallelDecodingMask",
+    "RoleBlockMask",
+]
 
 
 class MaskPolicy:
@@ -73,6 +80,40 @@ class PrefixLMMask(MaskPolicy):
 
     def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
         return torch.cumsum(seq.is_suffix.long(), dim=1)
+
+
+class ParallelDecodingMask(MaskPolicy):
+    """The suffix (``seq.is_suffix``: action slots, a timestep token, ``</s>``) is one block
+    that sees the whole prefix and all of itself; the prefix never sees the suffix.
+
+    The mask for decoding an action chunk in one pass whose prefix can be cached: the prefix
+    attends ``"causal"`` (as the language model was trained; default) or
+    ``"bidirectional"``ly (PaliGemma's prefix), and a prefix encoded once stays exact for any
+    suffix run against it (diffusion and flow-matching steps).
+
+    Args:
+        prefix: ``"causal"`` or ``"bidirectional"`` attention inside the prefix.
+    """
+
+    def __init__(self, prefix: str = "causal") -> None:
+        if prefix not in ("causal", "bidirectional"):
+            raise ValueError(f"prefix must be 'causal' or 'bidirectional', got {prefix!r}")
+        self.prefix = prefix
+
+    def segment_ids(self, seq: TokenSequence) -> Int[Tensor, "b n"]:
+        b, n = seq.valid.shape
+        if self.prefix == "causal":
+            index = torch.arange(n, device=seq.valid.device).expand(b, n)
+        else:
+            index = torch.zeros(b, n, dtype=torch.long, device=seq.valid.device)
+        # the suffix shares one segment past every prefix token: the prefix's last segment
+        # plus one, and suffix segments never decrease (padding follows the suffix)
+        suffix = seq.is_suffix.long()
+        first_suffix = torch.where(seq.is_suffix, index, n).amin(dim=1, keepdim=True)  # [b, 1]
+        return torch.where(torch.cumsum(suffix, 1) > 0, first_suffix + n, index)
+
+    def __repr__(self) -> str:
+        return f"ParallelDecodingMask(prefix={self.prefix!r})"
 
 
 class RoleBlockMask(MaskPolicy):

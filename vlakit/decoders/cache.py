@@ -1,6 +1,7 @@
 """Key/value cache for the own decoder: append, preallocated, and read-only prefix views."""
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
@@ -21,10 +22,12 @@ class KVCache:
        and a compiled decoder compiles once; the mask must give ``False`` to slots not yet
        written (a mask narrower than ``N`` is padded with ``False`` by the decoder).
     3. **Read-only prefix** (diffusion and flow-matching heads): fill a cache once with the
-       prefix, then call [`read_only`][vlakit.decoders.KVCache.read_only] and run as many different
-       suffixes as needed
-       against the view. Each suffix attends to ``prefix + itself``; nothing is stored, so
-       the prefix stays exactly as it was.
+       prefix, then call [`read_only`][vlakit.decoders.KVCache.read_only] and run as many
+       different suffixes as needed against the view. Each suffix attends to
+       ``prefix + itself``; nothing is stored, so the prefix stays exactly as it was. A plain
+       view concatenates the prefix with each suffix's keys (a copy of the prefix per layer
+       and step); [`suffix_view`][vlakit.decoders.KVCache.suffix_view] reserves slots for the
+       suffix after the prefix once, and every step overwrites only those slots.
 
     The mask given to the decoder with a cache covers all keys it will attend:
     ``[b, q, key_length(q)]``.
@@ -41,6 +44,7 @@ class KVCache:
         self.max_len = max_len
         self.index: Tensor | None = None  # preallocated: next write slot, a 0-d long tensor
         self.length = 0  # append mode: positions every layer holds (advanced per forward)
+        self.suffix_slots = 0  # suffix view: slots reserved after the prefix
 
     @property
     def num_layers(self) -> int:
@@ -74,6 +78,18 @@ class KVCache:
             return self.max_len
         return len(self) + new_tokens
 
+    def _suffix_update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # suffix view: write the suffix into the slots after the prefix, attend to a view
+        n, q = self.length, k.shape[-2]
+        keys, values = self.keys[layer], self.values[layer]
+        recording = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        if q > self.suffix_slots or recording:
+            # more tokens than reserved, or a backward to keep: concatenate (copies)
+            return torch.cat((keys[:, :, :n], k), -2), torch.cat((values[:, :, :n], v), -2)
+        keys[:, :, n : n + q].copy_(k)
+        values[:, :, n : n + q].copy_(v)
+        return keys[:, :, : n + q], values[:, :, : n + q]
+
     def update(
         self, layer: int, k: Float[Tensor, "b h q hd"], v: Float[Tensor, "b h q hd"]
     ) -> tuple[Float[Tensor, "b h kv hd"], Float[Tensor, "b h kv hd"]]:
@@ -83,6 +99,8 @@ class KVCache:
         index; [`advance`][vlakit.decoders.KVCache.advance] moves it after all layers ran.
         """
         old_k, old_v = self.keys[layer], self.values[layer]
+        if self.suffix_slots and old_k is not None and old_k.shape[0] == k.shape[0]:
+            return self._suffix_update(layer, k, v)
         if old_k is not None and old_k.shape[0] != k.shape[0]:
             raise ValueError(
                 f"cache batch size is {old_k.shape[0]} but the new tokens have batch "
@@ -132,6 +150,35 @@ class KVCache:
         else:
             view.keys, view.values = list(self.keys), list(self.values)
         view.length = n
+        view.is_read_only = True
+        return view
+
+    def suffix_view(self, suffix_slots: int, repeats: int = 1) -> "KVCache":
+        """A read-only view of the prefix with ``suffix_slots`` reserved after it.
+
+        The prefix is copied once into buffers of ``prefix + suffix_slots`` positions (every
+        row ``repeats`` times, as [expand_batch][vlakit.decoders.KVCache.expand_batch]); each
+        suffix run then writes its keys and values into the reserved slots in place and
+        attends to ``prefix + suffix`` through a view. Fifty diffusion steps cost one prefix
+        and one suffix of memory, and no per-step copy of the prefix. While autograd records
+        (training through the cache) a run concatenates instead, as a plain read-only view.
+        """
+        if suffix_slots < 1:
+            raise ValueError(f"suffix_slots must be >= 1, got {suffix_slots}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        n = self.filled()
+        view = KVCache(self.num_layers)
+        for store, target in ((self.keys, view.keys), (self.values, view.values)):
+            for layer, cached in enumerate(store):
+                if cached is None:
+                    continue
+                b, h, _, hd = cached.shape
+                buffer = cached.new_zeros(b, repeats, h, n + suffix_slots, hd)
+                buffer[:, :, :, :n].copy_(cached[:, None, :, :n])  # broadcast: one copy
+                target[layer] = rearrange(buffer, "b r h n hd -> (b r) h n hd")
+        view.length = n
+        view.suffix_slots = suffix_slots
         view.is_read_only = True
         return view
 

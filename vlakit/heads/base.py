@@ -59,9 +59,15 @@ class HeadTokens:
         action_embeds: ``[b, m, d]`` action-slot embeddings, or ``None`` (no slots).
         action_ids: ``[b, m]`` vocabulary ids of the slots (discrete tokens), or ``None``.
         state: anything the head's loss needs (sampled noise, targets), by name.
+        action_roles: ``[b, m]`` roles of the slot tokens, default all ``ACTION``; a head
+            that leads its slots with another token (a diffusion timestep in the
+            cache-friendly layout) marks it here (``TIMESTEP``).
+
+    Everything in ``action_embeds`` is suffix: the interleaver places it after the prompt
+    (and ``</s>`` after it), and a prefix cache never holds it.
     """
 
-    __slots__ = ("extras", "action_embeds", "action_ids", "state")
+    __slots__ = ("extras", "action_embeds", "action_ids", "state", "action_roles")
 
     def __init__(
         self,
@@ -69,11 +75,13 @@ class HeadTokens:
         action_embeds: Float[Tensor, "b m d"] | None = None,
         action_ids: Int[Tensor, "b m"] | None = None,
         state: dict[str, Any] | None = None,
+        action_roles: Int[Tensor, "b m"] | None = None,
     ) -> None:
         self.extras = list(extras)
         self.action_embeds = action_embeds
         self.action_ids = action_ids
         self.state = {} if state is None else state
+        self.action_roles = action_roles
 
     def __repr__(self) -> str:
         slots = None if self.action_embeds is None else tuple(self.action_embeds.shape)
@@ -87,10 +95,19 @@ class PrefixRunner(Protocol):
     batch_size: int
     """Rows of the suffix batch: the model's batch times ``repeats``."""
 
+    def run(self, tokens: HeadTokens) -> tuple[Float[Tensor, "B s d"], TokenSequence]:
+        """Run the head's slot tokens as the suffix (as the interleaver appends them, e.g.
+        slots then ``</s>``) against the cached prefix.
+
+        Returns final hidden states and the sequence of ``[last prefix token] + suffix``:
+        heads find their slots by role, exactly as in a full pass.
+        """
+        ...
+
     def run_suffix(
         self, embeds: Float[Tensor, "B m d"], roles: TokenRole | Int[Tensor, "B m"]
     ) -> Float[Tensor, "B m d"]:
-        """Run ``m`` suffix tokens against the cached prefix; their final hidden states.
+        """Run ``m`` raw suffix tokens against the cached prefix; their final hidden states.
 
         Suffix tokens follow each row's last prefix token (positions continue from there);
         which prefix and suffix tokens each one sees is the model's mask policy over
@@ -126,9 +143,17 @@ class PredictionRunner(Protocol):
         states and the sequence (to find the slots by role)."""
         ...
 
-    def prefix(self, repeats: int = 1) -> PrefixRunner:
+    supports_prefix_cache: bool
+    """Whether ``prefix`` works (the decoder keeps a read-only prefix cache)."""
+
+    def prefix(self, repeats: int = 1, suffix_len: int | None = None) -> PrefixRunner:
         """Encode the prefix once; ``repeats`` > 1 repeats every row (several samples per
-        observation share one prefix)."""
+        observation share one prefix); ``suffix_len`` reserves cache slots for the suffix
+        so steps copy nothing of the prefix."""
+        ...
+
+    def repeat(self, repeats: int) -> "PredictionRunner":
+        """The same batch with every row repeated ``repeats`` times (adjacent copies)."""
         ...
 
 
@@ -194,5 +219,9 @@ class ActionHead(Head, Protocol):
     """Tokens the head places in the sequence for training (for length checks)."""
 
     def predict(self, runner: PredictionRunner) -> Float[Tensor, "b c a"]:
-        """Normalised actions ``[b, chunk, a]`` (float32)."""
+        """Normalised actions ``[b, chunk, a]`` (float32).
+
+        A sampling head (``supports_sampling = True``: diffusion, flow matching) also takes
+        ``num_samples`` and then returns ``[b, num_samples, chunk, a]``.
+        """
         ...

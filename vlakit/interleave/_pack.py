@@ -69,3 +69,18 @@ def _pack(pieces: list[_Piece], position_offset: int) -> TokenSequence:
         token_ids=torch.where(valid, take("token_ids"), IGNORE_ID),
         right_padded=True,
     )
+
+
+def _concat(pieces: list[_Piece]) -> TokenSequence:
+    """Concatenate pieces as they are (no padding to move), positions from 0."""
+    dtype = pieces[0].embeds.dtype
+    valid = torch.cat([p.valid for p in pieces], 1)
+    return TokenSequence(
+        embeds=torch.cat([p.embeds.to(dtype) for p in pieces], 1),
+        roles=torch.cat([p.roles for p in pieces], 1),
+        positions=positions_from_valid(valid),
+        valid=valid,
+        is_suffix=torch.cat([p.is_suffix for p in pieces], 1),
+        token_ids=torch.cat([p.token_ids for p in pieces], 1),
+        right_padded=True,
+    )

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from vlakit.core import IGNORE_ID, TokenRole, TokenSequence
 from vlakit.core.checks import should_validate
-from vlakit.interleave._pack import _pack, _piece
+from vlakit.interleave._pack import _concat, _pack, _piece
 
 __all__ = ["PlaceholderInterleaver"]
 
@@ -55,6 +55,7 @@ class PlaceholderInterleaver(nn.Module):
         action_embeds: Float[Tensor, "b m d"] | None = None,
         action_ids: Int[Tensor, "b m"] | None = None,
         token_type_ids: Int[Tensor, "b t"] | None = None,
+        action_roles: Int[Tensor, "b m"] | None = None,
     ) -> TokenSequence:
         """Interleave (arguments as
         [`PrefixInterleaver.forward`][vlakit.interleave.PrefixInterleaver.forward]).
@@ -76,10 +77,23 @@ class PlaceholderInterleaver(nn.Module):
         pieces = [_piece(embeds, roles, token_ids=ids, valid=text_valid, suffix=suffix)]
         pieces += [_piece(tokens, role, suffix=True) for tokens, role in extras]
         if action_embeds is not None:
-            pieces.append(
-                _piece(action_embeds, TokenRole.ACTION, token_ids=action_ids, suffix=True)
-            )
+            pieces += self._suffix_pieces(action_embeds, action_ids, action_roles)
         return _pack(pieces, self.position_offset)
+
+    def _suffix_pieces(self, action_embeds, action_ids, action_roles) -> list:
+        role = TokenRole.ACTION if action_roles is None else action_roles
+        return [_piece(action_embeds, role, token_ids=action_ids, suffix=True)]
+
+    def suffix_tokens(
+        self,
+        embed_tokens: Callable[[Tensor], Tensor],
+        action_embeds: Float[Tensor, "b m d"],
+        action_ids: Int[Tensor, "b m"] | None = None,
+        action_roles: Int[Tensor, "b m"] | None = None,
+    ) -> TokenSequence:
+        """The action slots alone, as [forward][vlakit.interleave.PlaceholderInterleaver.forward]
+        appends them after each row's last real token (positions from 0)."""
+        return _concat(self._suffix_pieces(action_embeds, action_ids, action_roles))
 
     def _check_count(self, placeholder: Tensor, num_image_tokens: int) -> None:
         if not should_validate(placeholder):

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from vlakit.core import TokenRole, TokenSequence
 from vlakit.core.checks import should_validate
-from vlakit.interleave._pack import _pack, _piece
+from vlakit.interleave._pack import _concat, _pack, _piece
 
 __all__ = ["PrefixInterleaver"]
 
@@ -45,6 +45,7 @@ class PrefixInterleaver(nn.Module):
         action_embeds: Float[Tensor, "b m d"] | None = None,
         action_ids: Int[Tensor, "b m"] | None = None,
         token_type_ids: Int[Tensor, "b t"] | None = None,
+        action_roles: Int[Tensor, "b m"] | None = None,
     ) -> TokenSequence:
         """Interleave.
 
@@ -59,6 +60,7 @@ class PrefixInterleaver(nn.Module):
             action_ids: ``[b, m]`` vocabulary ids of the slots (discrete actions), if any.
             token_type_ids: accepted for interface parity with the placeholder family; a
                 prompt token with ``token_type_ids == 1`` is marked ``is_suffix``.
+            action_roles: ``[b, m]`` roles of the slot tokens (default all ``ACTION``).
 
         Returns:
             the [`TokenSequence`][vlakit.core.TokenSequence].
@@ -82,13 +84,29 @@ class PrefixInterleaver(nn.Module):
             ),
         ]
         if action_embeds is not None:
-            pieces.append(
-                _piece(action_embeds, TokenRole.ACTION, token_ids=action_ids, suffix=True)
-            )
-            if self.eos_id is not None:
-                eos = torch.full((b, 1), self.eos_id, dtype=torch.long, device=device)
-                pieces.append(_piece(embed_tokens(eos), TokenRole.EOS, token_ids=eos, suffix=True))
+            pieces += self._suffix_pieces(embed_tokens, action_embeds, action_ids, action_roles)
         return _pack(pieces, self.position_offset)
+
+    def _suffix_pieces(self, embed_tokens, action_embeds, action_ids, action_roles) -> list:
+        role = TokenRole.ACTION if action_roles is None else action_roles
+        pieces = [_piece(action_embeds, role, token_ids=action_ids, suffix=True)]
+        if self.eos_id is not None:
+            b = action_embeds.shape[0]
+            eos = torch.full((b, 1), self.eos_id, dtype=torch.long, device=action_embeds.device)
+            pieces.append(_piece(embed_tokens(eos), TokenRole.EOS, token_ids=eos, suffix=True))
+        return pieces
+
+    def suffix_tokens(
+        self,
+        embed_tokens: Callable[[Tensor], Tensor],
+        action_embeds: Float[Tensor, "b m d"],
+        action_ids: Int[Tensor, "b m"] | None = None,
+        action_roles: Int[Tensor, "b m"] | None = None,
+    ) -> TokenSequence:
+        """The suffix alone, exactly as [forward][vlakit.interleave.PrefixInterleaver.forward]
+        appends it after the prompt: the slots, then ``</s>``. Positions count from 0; a
+        prefix cache continues them after its own last token."""
+        return _concat(self._suffix_pieces(embed_tokens, action_embeds, action_ids, action_roles))
 
     def _check_specials(self, input_ids: Tensor, prompt: Tensor) -> None:
         """Refuse prompts that already hold ``<s>`` first or ``</s>`` (a tokenizer called

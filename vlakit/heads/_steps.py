@@ -1,0 +1,55 @@
+"""How an iterative head (diffusion, flow matching) runs its steps for one prediction."""
+
+import warnings
+from collections.abc import Callable
+
+from torch import Tensor
+
+from vlakit.core import TokenSequence
+from vlakit.heads.base import HeadTokens, PredictionRunner
+
+
+def check_num_samples(num_samples: int) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+
+
+class StepRunner:
+    """Runs one step's head tokens, against a cached prefix or as a full pass.
+
+    ``cached``: the prefix (images, extras, prompt) is encoded once, for ``num_samples``
+    samples per row, with ``suffix_len`` cache slots reserved; each step runs only the
+    suffix. Otherwise (the OFT layout, or a decoder with no read-only cache) every step runs
+    the whole sequence at ``b * num_samples`` rows.
+    """
+
+    def __init__(
+        self,
+        head,
+        runner: PredictionRunner,
+        num_samples: int,
+        cached: bool,
+        suffix_len: int,
+    ) -> None:
+        self.batch_size = runner.batch_size * num_samples
+        self.device, self.dtype = runner.device, runner.dtype
+        self.cached = cached and runner.supports_prefix_cache
+        if cached and not self.cached and not getattr(head, "_warned_full_rerun", False):
+            head._warned_full_rerun = True
+            warnings.warn(
+                f"{type(head).__name__}(layout={head.layout!r}): this model's decoder keeps "
+                f"no read-only prefix cache (e.g. HFDecoder), so every step re-runs the whole "
+                f"sequence (same result, about (P+S)/S times the compute per step); vlakit's "
+                f"TransformerDecoder runs the cached path",
+                stacklevel=4,
+            )
+        self._run: Callable[[HeadTokens], tuple[Tensor, TokenSequence]]
+        if self.cached:
+            self._run = runner.prefix(num_samples, suffix_len=suffix_len).run
+        else:
+            self._run = runner.repeat(num_samples).run
+
+    def __call__(self, tokens: HeadTokens) -> tuple[Tensor, TokenSequence]:
+        """Final hidden states and the sequence they belong to (prefix runs: the last prefix
+        token and the suffix; full runs: the whole sequence)."""
+        return self._run(tokens)

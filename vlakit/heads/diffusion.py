@@ -1,0 +1,238 @@
+"""OpenVLA-OFT's diffusion head: noise prediction over the action slots, any diffusers
+scheduler, two layouts (OFT's full re-run, or a cached prefix)."""
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from vlakit.core import TokenRole, TokenSequence
+from vlakit.heads._steps import StepRunner, check_num_samples
+from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
+from vlakit.heads.mlp_resnet import MLPResNet
+from vlakit.heads.slots import read_slots
+from vlakit.heads.time_embedding import sinusoidal_embedding
+
+__all__ = ["DiffusionActionHead", "NoisyActionProjector"]
+
+DIFFUSION_LAYOUTS = ("oft", "cached")
+
+
+class NoisyActionProjector(nn.Module):
+    """One token per action scalar: ``fc2(gelu(fc1(x)))``, ``[b, m, 1] -> [b, m, d]``
+    (OpenVLA-OFT; 16,789,504 parameters at ``d = 4096``).
+
+    Args:
+        dim: the decoder's width ``d``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.fc1 = nn.Linear(1, dim)
+        self.act_fn1 = nn.GELU()
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Float[Tensor, "*batch 1"]) -> Float[Tensor, "*batch d"]:
+        if x.shape[-1] != 1:
+            raise ValueError(
+                f"NoisyActionProjector takes one scalar per token ([..., 1]), got shape "
+                f"{tuple(x.shape)}"
+            )
+        return self.fc2(self.act_fn1(self.fc1(x)))
+
+
+def ddim_scheduler(num_train_timesteps: int = 50):
+    """OFT's scheduler: ``diffusers.DDIMScheduler(num_train_timesteps=50,
+    beta_schedule="squaredcos_cap_v2")`` (diffusers' defaults otherwise)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2"
+    )
+
+
+class DiffusionActionHead(nn.Module):
+    """Denoising diffusion over an action chunk (OpenVLA-OFT's DDIM head by default).
+
+    - place: the noisy actions ``x_k`` projected one token per scalar into the
+      ``chunk * a`` slots ([NoisyActionProjector][vlakit.heads.NoisyActionProjector]), and
+      the timestep ``k`` as one ``TIMESTEP`` token (its sinusoidal embedding of width ``d``).
+      Training samples ``k ~ U{0..T-1}`` and ``eps ~ N(0, 1)`` per example and noises the
+      target with the scheduler's own ``add_noise``.
+    - reads: the hidden states feeding the slots (``read="previous"``, OFT), grouped per
+      chunk step to ``[b, chunk, a * d]``, through a noise-prediction
+      [MLPResNet][vlakit.heads.MLPResNet] to ``[b, chunk, a]``.
+    - loss: mean squared error against ``eps`` (float32).
+    - predict: ``x`` from ``N(0, 1)``, then for each of the scheduler's
+      ``num_inference_steps`` timesteps ``x = scheduler.step(eps_hat, k, x).prev_sample``,
+      the passed scheduler's own arithmetic.
+
+    Layouts (the sequence is ``<s>, images, [proprio], ..., prompt, slots, </s>``):
+
+    - ``"oft"`` (default): the timestep token sits before the prompt, after proprio, as in
+      OpenVLA-OFT; since it changes every step, every step re-runs the whole sequence.
+      Needed for OFT checkpoints, works under any mask.
+    - ``"cached"``: the timestep token leads the slots in the suffix; the prefix (images,
+      proprio, prompt) is encoded once into a read-only KV cache and each step runs only
+      ``1 + chunk * a + 1`` tokens. Needs a mask policy that keeps the prefix blind to the
+      suffix ([ParallelDecodingMask][vlakit.core.ParallelDecodingMask],
+      [CausalMask][vlakit.core.CausalMask]); with ``HFDecoder`` it falls back to full
+      re-runs (same numbers) and warns once.
+
+    Args:
+        hidden_size: the decoder's width ``d``.
+        action_dim: action dimensions ``a``.
+        chunk_size: actions per prediction.
+        scheduler: a diffusers scheduler (default: OFT's DDIM, 50 training steps,
+            ``squaredcos_cap_v2``). The head keeps its own copy.
+        num_inference_steps: denoising steps at prediction (at most the scheduler's
+            ``num_train_timesteps``).
+        mlp_dim: width of the noise predictor (default ``hidden_size``).
+        num_blocks: its residual blocks.
+        layout: ``"oft"`` or ``"cached"``.
+        read: ``"previous"`` (OFT) or ``"slot"``.
+    """
+
+    supports_sampling = True
+
+    def __init__(
+        self,
+        hidden_size: int,
+        action_dim: int,
+        chunk_size: int,
+        scheduler: Any = None,
+        num_inference_steps: int = 50,
+        mlp_dim: int | None = None,
+        num_blocks: int = 2,
+        layout: str = "oft",
+        read: str = "previous",
+    ) -> None:
+        super().__init__()
+        if layout not in DIFFUSION_LAYOUTS:
+            raise ValueError(f"layout must be one of {DIFFUSION_LAYOUTS}, got {layout!r}")
+        if read not in ("previous", "slot"):
+            raise ValueError(f"read must be 'previous' or 'slot', got {read!r}")
+        scheduler = ddim_scheduler() if scheduler is None else copy.deepcopy(scheduler)
+        train_steps = scheduler.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= train_steps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} must be between 1 and the "
+                f"scheduler's num_train_timesteps={train_steps}"
+            )
+        self.hidden_size, self.action_dim, self.chunk_size = hidden_size, action_dim, chunk_size
+        self.scheduler = scheduler
+        self.num_inference_steps = num_inference_steps
+        self.layout, self.read = layout, read
+        self.noisy_action_projector = NoisyActionProjector(hidden_size)
+        self.noise_predictor = nn.ModuleDict(
+            {"mlp_resnet": MLPResNet(action_dim * hidden_size, mlp_dim or hidden_size,
+                                     action_dim, num_blocks)}
+        )
+
+    @property
+    def num_action_tokens(self) -> int:
+        """Slots per example: ``chunk_size * action_dim`` (plus one timestep token)."""
+        return self.chunk_size * self.action_dim
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def has_targets(self, inputs: Any) -> bool:
+        return getattr(inputs, "actions", None) is not None
+
+    def check_actions(self, actions: Tensor) -> None:
+        expected = (self.chunk_size, self.action_dim)
+        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
+            raise ValueError(
+                f"actions must be [batch, chunk={self.chunk_size}, action_dim={self.action_dim}]"
+                f", got shape {tuple(actions.shape)}"
+            )
+
+    def tokens(
+        self, noisy: Float[Tensor, "b c a"], timesteps: Tensor, dtype: torch.dtype
+    ) -> HeadTokens:
+        """The head's tokens for noisy actions at ``timesteps [b]``, in this layout."""
+        proj_dtype = self.noisy_action_projector.fc1.weight.dtype
+        flat = rearrange(noisy, "b c a -> b (c a) 1").to(proj_dtype)
+        slots = self.noisy_action_projector(flat).to(dtype)  # [b, m, d]
+        time = sinusoidal_embedding(timesteps, self.hidden_size).to(dtype)[:, None]  # [b, 1, d]
+        if self.layout == "oft":
+            return HeadTokens(extras=[(time, TokenRole.TIMESTEP)], action_embeds=slots)
+        b, m = slots.shape[:2]
+        roles = torch.full((b, 1 + m), int(TokenRole.ACTION), device=slots.device)
+        roles[:, 0] = int(TokenRole.TIMESTEP)
+        return HeadTokens(action_embeds=torch.cat((time, slots), 1), action_roles=roles)
+
+    def place(
+        self,
+        actions: Float[Tensor, "b c a"] | None,
+        embed_tokens: EmbedFn,
+        like: Float[Tensor, "b p d"],
+    ) -> HeadTokens:
+        """Training: the noised targets at sampled timesteps, the noise kept for the loss.
+        Prediction: nothing (the steps place their own tokens)."""
+        if actions is None:
+            return HeadTokens()
+        self.check_actions(actions)
+        actions = actions.to(torch.float32)
+        noise = torch.randn_like(actions)
+        timesteps = torch.randint(0, self.num_train_timesteps, (actions.shape[0],),
+                                  device=actions.device)
+        noisy = self.scheduler.add_noise(actions, noise, timesteps)
+        tokens = self.tokens(noisy, timesteps, like.dtype)
+        tokens.state["noise"] = noise
+        return tokens
+
+    def predict_noise(
+        self, hidden: Float[Tensor, "b n d"], seq: TokenSequence
+    ) -> Float[Tensor, "b c a"]:
+        """Predicted noise ``[b, chunk, a]`` (float32) from the final hidden states."""
+        slots = read_slots(hidden, seq, self.num_action_tokens, self.read, type(self).__name__)
+        grouped = rearrange(slots, "b (c a) d -> b c (a d)", c=self.chunk_size)
+        mlp = self.noise_predictor["mlp_resnet"]
+        return mlp(grouped.to(mlp.fc1.weight.dtype)).to(torch.float32)
+
+    def loss(
+        self,
+        hidden: Float[Tensor, "b n d"],
+        seq: TokenSequence,
+        tokens: HeadTokens,
+        lm_logits: LogitsFn,
+    ) -> Float[Tensor, ""]:
+        """Mean squared error between predicted and sampled noise."""
+        return F.mse_loss(self.predict_noise(hidden, seq), tokens.state["noise"])
+
+    def predict(
+        self, runner: PredictionRunner, num_samples: int | None = None
+    ) -> Float[Tensor, "b c a"] | Float[Tensor, "b n c a"]:
+        """Denoise from ``N(0, 1)`` over the scheduler's timesteps: normalised actions
+        ``[b, chunk, a]``, or ``[b, num_samples, chunk, a]`` with ``num_samples``."""
+        n = 1 if num_samples is None else num_samples
+        check_num_samples(n)
+        cached = self.layout == "cached"
+        suffix_len = 1 + self.num_action_tokens + 1  # timestep, slots, </s>
+        steps = StepRunner(self, runner, n, cached, suffix_len)
+        b = steps.batch_size
+        self.scheduler.set_timesteps(self.num_inference_steps)
+        x = torch.randn(b, self.chunk_size, self.action_dim, device=steps.device)
+        for k in self.scheduler.timesteps.tolist():  # host ints: no device reads in the loop
+            timesteps = torch.full((b,), k, device=steps.device)
+            hidden, seq = steps(self.tokens(x, timesteps, steps.dtype))
+            x = self.scheduler.step(self.predict_noise(hidden, seq), k, x).prev_sample
+        if num_samples is None:
+            return x
+        return x.view(runner.batch_size, n, self.chunk_size, self.action_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"chunk_size={self.chunk_size}, action_dim={self.action_dim}, "
+            f"scheduler={type(self.scheduler).__name__}, "
+            f"num_inference_steps={self.num_inference_steps}, layout={self.layout!r}, "
+            f"read={self.read!r}"
+        )

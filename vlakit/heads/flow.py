@@ -1,0 +1,179 @@
+"""Flow matching (pi0's recipe) on the action slots of any assembly."""
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from vlakit.core import TokenSequence
+from vlakit.heads._steps import StepRunner, check_num_samples
+from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
+from vlakit.heads.slots import read_slots
+from vlakit.heads.time_embedding import sincos_time_embedding
+
+__all__ = ["FlowMatchingHead"]
+
+FLOW_LAYOUTS = ("cached", "full")
+
+
+class FlowMatchingHead(nn.Module):
+    """Actions from a learned velocity field, integrated from noise in a fixed number of
+    Euler steps (pi0).
+
+    - place: one token per chunk step, ``[b, chunk, d]``: ``action_in_proj(x_t)`` and the
+      time embedding (sin/cos, periods 4e-3..4) concatenated, then
+      ``action_time_mlp_out(swish(action_time_mlp_in(.)))`` (pi0's action-time MLP).
+      Training samples ``t ~ Beta(1.5, 1) * 0.999 + 0.001`` per example, noise
+      ``eps ~ N(0, 1)``, and ``x_t = t eps + (1 - t) a``.
+    - reads: the final hidden state of each action token (``read="slot"``, pi0) or the one
+      before it (``"previous"``), through ``action_out_proj`` to a velocity ``[b, chunk, a]``.
+    - loss: mean squared error against ``eps - a`` (float32).
+    - predict: ``x = eps`` at ``t = 1``, then ``num_steps`` steps of ``x += dt v(x, t)`` with
+      ``dt = -1 / num_steps`` and ``t = 1 + k dt`` (a fixed count, no host reads).
+
+    Layouts: ``"cached"`` (default) encodes images, proprio and prompt once into a read-only
+    KV cache and runs only the action tokens per step; it needs a mask policy that keeps the
+    prefix blind to the suffix ([CausalMask][vlakit.core.CausalMask],
+    [ParallelDecodingMask][vlakit.core.ParallelDecodingMask], ...) and vlakit's decoder (with
+    ``HFDecoder`` it falls back to ``"full"`` and warns once). ``"full"`` re-runs the whole
+    sequence per step (any mask, e.g. OFT's bidirectional one).
+
+    Args:
+        hidden_size: the decoder's width ``d``.
+        action_dim: action dimensions ``a``.
+        chunk_size: actions per prediction (one token each).
+        num_steps: Euler steps at inference (pi0: 10).
+        layout: ``"cached"`` or ``"full"``.
+        read: ``"slot"`` (pi0) or ``"previous"``.
+        min_period, max_period: the time embedding's periods.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        action_dim: int,
+        chunk_size: int,
+        num_steps: int = 10,
+        layout: str = "cached",
+        read: str = "slot",
+        min_period: float = 4e-3,
+        max_period: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if layout not in FLOW_LAYOUTS:
+            raise ValueError(f"layout must be one of {FLOW_LAYOUTS}, got {layout!r}")
+        if read not in ("previous", "slot"):
+            raise ValueError(f"read must be 'previous' or 'slot', got {read!r}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.hidden_size, self.action_dim, self.chunk_size = hidden_size, action_dim, chunk_size
+        self.num_steps, self.layout, self.read = num_steps, layout, read
+        self.min_period, self.max_period = min_period, max_period
+        self.action_in_proj = nn.Linear(action_dim, hidden_size)
+        self.action_time_mlp_in = nn.Linear(2 * hidden_size, hidden_size)
+        self.action_time_mlp_out = nn.Linear(hidden_size, hidden_size)
+        self.action_out_proj = nn.Linear(hidden_size, action_dim)
+
+    supports_sampling = True
+
+    @property
+    def num_action_tokens(self) -> int:
+        """Tokens per example: one per chunk step."""
+        return self.chunk_size
+
+    def has_targets(self, inputs: Any) -> bool:
+        return getattr(inputs, "actions", None) is not None
+
+    def check_actions(self, actions: Tensor) -> None:
+        expected = (self.chunk_size, self.action_dim)
+        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
+            raise ValueError(
+                f"actions must be [batch, chunk={self.chunk_size}, action_dim={self.action_dim}]"
+                f", got shape {tuple(actions.shape)}"
+            )
+
+    def sample_time(self, batch: int, device: torch.device) -> Float[Tensor, " b"]:
+        """Training times ``Beta(1.5, 1) * 0.999 + 0.001`` (float32)."""
+        beta = torch.distributions.Beta(
+            torch.tensor(1.5, device=device), torch.tensor(1.0, device=device)
+        )
+        return beta.sample((batch,)).to(torch.float32) * 0.999 + 0.001
+
+    def embed_actions(
+        self, x: Float[Tensor, "b c a"], t: Float[Tensor, " b"]
+    ) -> Float[Tensor, "b c d"]:
+        """Action tokens for noisy actions ``x`` at time ``t`` (pi0's action-time MLP)."""
+        dtype = self.action_in_proj.weight.dtype
+        actions = self.action_in_proj(x.to(dtype))  # [b, c, d]
+        time = sincos_time_embedding(t, self.hidden_size, self.min_period, self.max_period)
+        time = time.to(dtype)[:, None].expand_as(actions)  # [b, c, d]
+        mixed = self.action_time_mlp_in(torch.cat((actions, time), dim=-1))
+        return self.action_time_mlp_out(F.silu(mixed))
+
+    def velocity(
+        self, hidden: Float[Tensor, "b n d"], seq: TokenSequence
+    ) -> Float[Tensor, "b c a"]:
+        """The predicted velocity ``[b, chunk, a]`` (float32) from the final hidden states."""
+        slots = read_slots(hidden, seq, self.chunk_size, self.read, type(self).__name__)
+        proj = self.action_out_proj
+        return proj(slots.to(proj.weight.dtype)).to(torch.float32)
+
+    def place(
+        self,
+        actions: Float[Tensor, "b c a"] | None,
+        embed_tokens: EmbedFn,
+        like: Float[Tensor, "b p d"],
+    ) -> HeadTokens:
+        """Training: tokens of ``x_t`` at a sampled time, the target velocity kept for the
+        loss. Prediction: nothing (the steps place their own tokens)."""
+        if actions is None:
+            return HeadTokens()
+        self.check_actions(actions)
+        actions = actions.to(torch.float32)
+        t = self.sample_time(actions.shape[0], actions.device)
+        noise = torch.randn_like(actions)
+        x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+        tokens = self.embed_actions(x_t, t).to(like.dtype)
+        return HeadTokens(action_embeds=tokens, state={"target": noise - actions})
+
+    def loss(
+        self,
+        hidden: Float[Tensor, "b n d"],
+        seq: TokenSequence,
+        tokens: HeadTokens,
+        lm_logits: LogitsFn,
+    ) -> Float[Tensor, ""]:
+        """Mean squared error between predicted and target velocity."""
+        return F.mse_loss(self.velocity(hidden, seq), tokens.state["target"])
+
+    def predict(
+        self, runner: PredictionRunner, num_samples: int | None = None
+    ) -> Float[Tensor, "b c a"] | Float[Tensor, "b n c a"]:
+        """Integrate from noise in ``num_steps`` Euler steps: normalised actions
+        ``[b, chunk, a]``, or ``[b, num_samples, chunk, a]`` when ``num_samples`` is given
+        (one prefix shared by the samples)."""
+        n = 1 if num_samples is None else num_samples
+        check_num_samples(n)
+        steps = StepRunner(self, runner, n, self.layout == "cached", self._suffix_len(runner))
+        b = steps.batch_size
+        x = torch.randn(b, self.chunk_size, self.action_dim, device=steps.device)
+        dt = -1.0 / self.num_steps
+        for k in range(self.num_steps):
+            t = torch.full((b,), 1.0 + k * dt, device=steps.device)
+            tokens = HeadTokens(action_embeds=self.embed_actions(x, t).to(steps.dtype))
+            hidden, seq = steps(tokens)
+            x = x + dt * self.velocity(hidden, seq)
+        if num_samples is None:
+            return x
+        return x.view(runner.batch_size, n, self.chunk_size, self.action_dim)
+
+    def _suffix_len(self, runner: PredictionRunner) -> int:
+        return self.chunk_size + 1  # the tokens and, in the OpenVLA family, </s>
+
+    def extra_repr(self) -> str:
+        return (
+            f"chunk_size={self.chunk_size}, action_dim={self.action_dim}, "
+            f"num_steps={self.num_steps}, layout={self.layout!r}, read={self.read!r}"
+        )

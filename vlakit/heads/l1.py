@@ -1,0 +1,124 @@
+"""OpenVLA-OFT's L1 regression head: a whole action chunk from one parallel pass."""
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from vlakit.core import TokenSequence
+from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
+from vlakit.heads.mlp_resnet import MLPResNet
+from vlakit.heads.slots import read_slots
+
+__all__ = ["L1RegressionHead"]
+
+
+class L1RegressionHead(nn.Module):
+    """Continuous actions regressed from the hidden states of ``chunk * a`` action slots.
+
+    - place: ``chunk_size * action_dim`` slots whose input embeddings are exact zeros (for
+      training and prediction alike).
+    - reads: the final hidden state feeding each slot (``read="previous"``: the one before
+      it, as OFT trains; ``"slot"``: its own), grouped per chunk step to
+      ``[b, chunk, action_dim * d]``, through an [MLPResNet][vlakit.heads.MLPResNet] to
+      ``[b, chunk, action_dim]``.
+    - loss: mean absolute error against the normalised target actions (float32).
+    - predict: one pass over the sequence with the zero slots; no loop, no cache.
+
+    OFT LIBERO: ``L1RegressionHead(4096, action_dim=7, chunk_size=8)``: 151,117,831
+    parameters. Works on any decoder (own or ``HFDecoder``) and any mask policy; OFT
+    decodes under [BidirectionalMask][vlakit.core.BidirectionalMask].
+
+    Args:
+        hidden_size: the decoder's width ``d``.
+        action_dim: action dimensions ``a``.
+        chunk_size: actions per prediction.
+        mlp_dim: width of the MLPResNet (default ``hidden_size``).
+        num_blocks: residual blocks of the MLPResNet.
+        read: ``"previous"`` (OFT) or ``"slot"``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        action_dim: int,
+        chunk_size: int,
+        mlp_dim: int | None = None,
+        num_blocks: int = 2,
+        read: str = "previous",
+    ) -> None:
+        super().__init__()
+        if read not in ("previous", "slot"):
+            raise ValueError(f"read must be 'previous' or 'slot', got {read!r}")
+        self.hidden_size, self.action_dim, self.chunk_size = hidden_size, action_dim, chunk_size
+        self.read = read
+        self.model = MLPResNet(
+            action_dim * hidden_size, mlp_dim or hidden_size, action_dim, num_blocks
+        )
+
+    @property
+    def num_action_tokens(self) -> int:
+        """Slots per example: ``chunk_size * action_dim``."""
+        return self.chunk_size * self.action_dim
+
+    def has_targets(self, inputs: Any) -> bool:
+        return getattr(inputs, "actions", None) is not None
+
+    def check_actions(self, actions: Tensor) -> None:
+        """Raise a ``ValueError`` naming the dimension if ``actions`` is not ``[b, chunk, a]``."""
+        expected = (self.chunk_size, self.action_dim)
+        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
+            raise ValueError(
+                f"actions must be [batch, chunk={self.chunk_size}, action_dim={self.action_dim}]"
+                f", got shape {tuple(actions.shape)}"
+            )
+
+    def slot_embeds(
+        self, batch: int, device: torch.device, dtype: torch.dtype
+    ) -> Float[Tensor, "b m d"]:
+        """Zero slot embeddings ``[b, chunk * a, d]``."""
+        shape = (batch, self.num_action_tokens, self.hidden_size)
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+    def place(
+        self,
+        actions: Float[Tensor, "b c a"] | None,
+        embed_tokens: EmbedFn,
+        like: Float[Tensor, "b p d"],
+    ) -> HeadTokens:
+        """Zero slots; training keeps the target actions for the loss."""
+        if actions is not None:
+            self.check_actions(actions)
+        slots = self.slot_embeds(like.shape[0], like.device, like.dtype)
+        return HeadTokens(action_embeds=slots, state={"actions": actions})
+
+    def actions_from(
+        self, hidden: Float[Tensor, "b n d"], seq: TokenSequence
+    ) -> Float[Tensor, "b c a"]:
+        """Normalised actions ``[b, chunk, a]`` (float32) from the final hidden states."""
+        slots = read_slots(hidden, seq, self.num_action_tokens, self.read, type(self).__name__)
+        grouped = rearrange(slots, "b (c a) d -> b c (a d)", c=self.chunk_size)
+        return self.model(grouped.to(self.model.fc1.weight.dtype)).to(torch.float32)
+
+    def loss(
+        self,
+        hidden: Float[Tensor, "b n d"],
+        seq: TokenSequence,
+        tokens: HeadTokens,
+        lm_logits: LogitsFn,
+    ) -> Float[Tensor, ""]:
+        """Mean absolute error between predicted and target normalised actions."""
+        target = tokens.state["actions"].to(torch.float32)
+        return F.l1_loss(self.actions_from(hidden, seq), target)
+
+    def predict(self, runner: PredictionRunner) -> Float[Tensor, "b c a"]:
+        """One pass with zero slots; normalised actions ``[b, chunk, a]`` (float32)."""
+        slots = self.slot_embeds(runner.batch_size, runner.device, runner.dtype)
+        hidden, seq = runner.run(HeadTokens(action_embeds=slots))
+        return self.actions_from(hidden, seq)
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, action_dim={self.action_dim}, read={self.read!r}"
