@@ -139,6 +139,12 @@ class VLA(nn.Module):
         action_normalizer: normalises target actions and unnormalises predictions
             ([`ActionNormalizer`][vlakit.actions.ActionNormalizer]); optional.
         proprio_normalizer: normalises proprio before the projector; optional.
+        num_views: camera views every batch must bring (``pixels [b, v, ...]``); a batch
+            with another count raises a ``ValueError`` naming both. ``None``: any count.
+        film_language: FiLM's language vector (encoders with FiLM): ``"prompt"``, the mean
+            of the real prompt tokens' input embeddings; ``"oft"``, OpenVLA-OFT's: the mean
+            over ``<s>``, every prompt column (padding included, as in its padded training
+            batches) and ``</s>``, i.e. every non-slot text token of its sequence.
 
     Token ids that can be checked when the model is built are: the head's vocabulary ids
     (an action tokenizer's range) and the interleaver's ``<s>`` and ``</s>`` ids must lie
@@ -159,8 +165,23 @@ class VLA(nn.Module):
         pruner: nn.Module | None = None,
         action_normalizer: nn.Module | None = None,
         proprio_normalizer: nn.Module | None = None,
+        num_views: int | None = None,
+        film_language: str = "prompt",
     ) -> None:
         super().__init__()
+        if film_language not in ("prompt", "oft"):
+            raise ValueError(f"film_language must be 'prompt' or 'oft', got {film_language!r}")
+        if num_views is not None and num_views < 1:
+            raise ValueError(f"num_views must be >= 1 or None, got {num_views}")
+        if film_language == "oft" and None in (
+            getattr(interleaver, "bos_id", None), getattr(interleaver, "eos_id", None)
+        ):
+            raise ValueError(
+                "film_language='oft' averages <s>, the prompt and </s>: the interleaver needs "
+                "both bos_id and eos_id"
+            )
+        self.num_views = num_views
+        self.film_language = film_language
         self.encoder = encoder
         self.projector = projector
         self.interleaver = interleaver
@@ -228,11 +249,32 @@ class VLA(nn.Module):
         return self.projector(self.encoder(pixels, condition=condition))
 
     def film_condition(self, inputs: VLAInputs) -> Float[Tensor, "b d"]:
-        """FiLM's language vector: the mean of the prompt's input embeddings over its real
-        tokens ``[b, d]`` (OpenVLA-OFT conditions both vision towers on it)."""
-        embeds = self.decoder.embed_tokens(inputs.input_ids)  # [b, t, d]
+        """FiLM's language vector ``[b, d]`` (see ``film_language``): OpenVLA-OFT
+        conditions both vision towers on it."""
+        ids = inputs.input_ids
+        if self.film_language == "oft":
+            b = ids.shape[0]
+            ends = [
+                torch.full((b, 1), token, dtype=ids.dtype, device=ids.device)
+                for token in (self.interleaver.bos_id, self.interleaver.eos_id)
+            ]
+            ids = torch.cat((ends[0], ids, ends[1]), 1)  # [b, t + 2]
+            return self.decoder.embed_tokens(ids).mean(1)
+        embeds = self.decoder.embed_tokens(ids)  # [b, t, d]
         weights = inputs.text_valid.to(embeds.dtype)[..., None]  # [b, t, 1]
         return (embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def _check_views(self, pixels: Tensor) -> None:
+        if self.num_views is None:
+            return
+        views = pixels.shape[1] if pixels.dim() == 5 else 1
+        if views != self.num_views:
+            raise ValueError(
+                f"the model was built for {self.num_views} camera view(s) per example but "
+                f"inputs.pixels has {views} (shape {tuple(pixels.shape)}; [b, views, c, h, w]"
+                f"); pass {self.num_views} images per example, or build with num_views="
+                f"{views}"
+            )
 
     def image_tokens(self, inputs: VLAInputs) -> Float[Tensor, "b p d"]:
         """Projected image tokens of ``inputs`` (FiLM-conditioned when the encoder has it)."""
@@ -242,6 +284,7 @@ class VLA(nn.Module):
                 "inputs.pixels is None: the model needs preprocessed images, [b, c, h, w] or "
                 "[b, views, c, h, w] (the processor makes them)"
             )
+        self._check_views(inputs.pixels)
         condition = None
         if getattr(self.encoder, "has_film", False):
             condition = self.film_condition(inputs)

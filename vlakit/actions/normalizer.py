@@ -68,9 +68,13 @@ class ActionNormalizer(nn.Module):
     - ``"bounds_q99"`` (OpenVLA, OFT on LIBERO and Bridge): ``low, high = q01, q99``;
     - ``"bounds"`` (OFT on ALOHA): ``low, high = min, max``;
 
-      normalize: ``where(mask, clip(2 (x - low) / (high - low + eps) - 1, -1, 1), x)``, then
-      ``0`` on *constant* dimensions (``min == max`` in the statistics, or ``low == high``
-      when min/max are absent), as OpenVLA's data pipeline does;
+      normalize (``form="pipeline"``, the default):
+      ``where(mask, clip(2 (x - low) / (high - low + eps) - 1, -1, 1), x)``, then ``0`` on
+      *constant* dimensions (``min == max`` in the statistics, or ``low == high`` when
+      min/max are absent), as OpenVLA's training data pipeline does;
+      normalize (``form="oft_eval"``): ``clip(where(mask, 2 (x - low) / (high - low + eps)
+      - 1, x), -1, 1)``, OpenVLA-OFT's evaluation-time proprio normalisation: masked-out
+      dimensions are clipped too and constant dimensions are not zeroed;
       unnormalize: ``where(mask, 0.5 (y + 1) (high - low + eps) + low, y)``, not clipped.
     - ``"normal"``: normalize ``where(mask, (x - mean) / (std + eps), x)``;
       unnormalize ``where(mask, y (std + eps) + mean, y)``.
@@ -105,6 +109,8 @@ class ActionNormalizer(nn.Module):
         name: what the tensor is called in error messages (``"action"``, ``"proprio"``).
         dtype: dtype of the statistic buffers; ``torch.float64`` reproduces numpy
             references bit for bit on float64 inputs.
+        form: ``"pipeline"`` or ``"oft_eval"``: which bounds-mode ``normalize`` (above);
+            ``unnormalize`` is the same for both.
     """
 
     def __init__(
@@ -116,8 +122,11 @@ class ActionNormalizer(nn.Module):
         check_finite: bool = True,
         name: str = "action",
         dtype: torch.dtype = torch.float32,
+        form: str = "pipeline",
     ) -> None:
         super().__init__()
+        if form not in ("pipeline", "oft_eval"):
+            raise ValueError(f"form must be 'pipeline' or 'oft_eval', got {form!r}")
         if mode not in _MODES:
             raise ValueError(f"unknown normalization mode {mode!r}; choose one of {list(_MODES)}")
         if not (eps >= 0.0 and np.isfinite(eps)):
@@ -132,6 +141,7 @@ class ActionNormalizer(nn.Module):
                 f"(available: {sorted(stats)})"
             )
         self.mode = mode
+        self.form = form
         self.eps = float(eps)
         self.check_finite = check_finite
         self.name = name
@@ -205,6 +215,7 @@ class ActionNormalizer(nn.Module):
         eps: float = 1e-8,
         check_finite: bool = True,
         dtype: torch.dtype = torch.float32,
+        form: str = "pipeline",
     ) -> "ActionNormalizer":
         """Build from OpenVLA's ``norm_stats``: ``{dataset: {"action": {...}, "proprio": ...}}``.
 
@@ -217,6 +228,7 @@ class ActionNormalizer(nn.Module):
             eps: see the class docstring.
             check_finite: see the class docstring.
             dtype: see the class docstring.
+            form: see the class docstring.
 
         Raises:
             KeyError: ``unnorm_key`` or ``key`` is not present (the message lists what is),
@@ -246,7 +258,8 @@ class ActionNormalizer(nn.Module):
                 f"dataset {unnorm_key!r} has no {key!r} statistics; available: {available}"
             )
         return cls(
-            dataset_stats[key], mode, eps=eps, check_finite=check_finite, name=key, dtype=dtype
+            dataset_stats[key], mode, eps=eps, check_finite=check_finite, name=key, dtype=dtype,
+            form=form,
         )
 
     def _prepare(
@@ -273,6 +286,8 @@ class ActionNormalizer(nn.Module):
             x, mean, std, mask = self._prepare(x, self.mean, self.std, "normalize")
             return torch.where(mask, (x - mean) / (std + self.eps), x)
         x, low, high, mask = self._prepare(x, self.low, self.high, "normalize")
+        if self.form == "oft_eval":
+            return torch.where(mask, 2 * (x - low) / (high - low + self.eps) - 1, x).clamp(-1, 1)
         y = (2 * (x - low) / (high - low + self.eps) - 1).clamp(-1.0, 1.0)
         y = torch.where(mask, y, x)
         return torch.where(self.constant.to(y.device), torch.zeros_like(y), y)
@@ -303,7 +318,8 @@ class ActionNormalizer(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}, mode={self.mode!r}, dim={self.dim}, eps={self.eps}"
+        form = "" if self.form == "pipeline" else f", form={self.form!r}"
+        return f"{self.name!r}, mode={self.mode!r}, dim={self.dim}, eps={self.eps}{form}"
 
 
 def load_norm_stats(path: str | os.PathLike) -> dict[str, Any]:

@@ -5,9 +5,14 @@
   [`paligemma_from_transformers`][vlakit.models.paligemma_from_transformers]
 - [`openvla_7b`][vlakit.models.openvla_7b], [`openvla`][vlakit.models.openvla.openvla] (component
   builder)
+- [`openvla_oft_7b`][vlakit.models.openvla_oft_7b],
+  [`openvla_oft`][vlakit.models.openvla_oft.openvla_oft] (component builder),
+  [`oft_head`][vlakit.models.oft_head], [`oft_mask`][vlakit.models.oft_mask]
 """
 
 from vlakit.models.openvla import openvla, openvla_7b
+from vlakit.models.openvla_oft import oft_head, oft_mask, openvla_oft, openvla_oft_7b
 from vlakit.models.paligemma import paligemma, paligemma_3b, paligemma_from_transformers
 
-__all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla", "openvla_7b"]
+__all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla", "openvla_7b",
+           "openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask"]

@@ -82,20 +82,36 @@ def openvla_7b(
             quantised, FP8 linears); the projector and the LM head stay ``nn.Linear``.
     """
     with building(dtype, device):
-        encoder = FusedEncoder([
-            dinov2_large_reg4(img_size, output_layer=encoder_output_layer, linear=linear),
-            siglip_so400m(img_size, map_head=True, gelu_approximate="none",
-                          output_layer=encoder_output_layer, linear=linear),
-        ])
+        encoder, projector, decoder = _openvla_7b_parts(
+            img_size, vocab_size, norm_eps, rms_norm_eps, encoder_output_layer, linear
+        )
         return openvla(
             encoder=encoder,
-            projector=MLPProjector([2176, 8704, 4096, 4096]),
-            decoder=llama2_7b(
-                vocab_size,
-                norm_eps if norm_eps is not None or rms_norm_eps is not None else 1e-6,
-                rms_norm_eps=rms_norm_eps,
-                linear=linear,
-            ),
+            projector=projector,
+            decoder=decoder,
             action_tokenizer=ActionTokenizer(vocab_end=action_vocab_end, action_dim=action_dim),
             action_normalizer=action_normalizer,
         )
+
+
+def _openvla_7b_parts(
+    img_size: int,
+    vocab_size: int,
+    norm_eps: float | None,
+    rms_norm_eps: float | None,
+    encoder_output_layer: int,
+    linear: LinearFactory,
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """OpenVLA-7B's fused towers, projector and Llama (inside ``building``)."""
+    encoder = FusedEncoder([
+        dinov2_large_reg4(img_size, output_layer=encoder_output_layer, linear=linear),
+        siglip_so400m(img_size, map_head=True, gelu_approximate="none",
+                      output_layer=encoder_output_layer, linear=linear),
+    ])
+    decoder = llama2_7b(
+        vocab_size,
+        norm_eps if norm_eps is not None or rms_norm_eps is not None else 1e-6,
+        rms_norm_eps=rms_norm_eps,
+        linear=linear,
+    )
+    return encoder, MLPProjector([2176, 8704, 4096, 4096]), decoder
