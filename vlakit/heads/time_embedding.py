@@ -3,13 +3,15 @@
 import math
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 __all__ = ["sinusoidal_embedding", "sincos_time_embedding"]
 
 
-def sinusoidal_embedding(t: Float[Tensor, " b"], dim: int) -> Float[Tensor, "b dim"]:
+def sinusoidal_embedding(
+    t: Float[Tensor, " b"] | Int[Tensor, " b"], dim: int
+) -> Float[Tensor, "b dim"]:
     """OpenVLA-OFT's diffusion timestep embedding: ``[sin(t f), cos(t f)]`` with frequencies
     ``f_i = exp(-log(10000) i / (dim/2 - 1))``, ``i = 0..dim/2-1`` (float32)."""
     if dim % 2:
