@@ -22,6 +22,7 @@ def _run(script: str) -> str:
     [
         ("paligemma_3b.py", "2,923,466,480"),
         ("openvla_7b.py", "7,541,237,184"),
+        ("openvla_oft.py", "total                      7,709,173,191"),
         ("swap_components.py", "swapped (SigLIP only, Gemma)"),
     ],
 )
@@ -44,3 +45,10 @@ def test_quickstart_overfits_and_predicts_the_targets():
         assert max(abs(a - b) for a, b in zip(p, t)) < 0.005, out
     difference = float(re.search(r"largest difference: ([0-9.]+)", out).group(1))
     assert difference < 0.005, out
+
+
+def test_openvla_oft_example_predicts_a_chunk_with_every_head():
+    out = _run("openvla_oft.py")
+    for head, layout in [("L1RegressionHead", "one pass"), ("DiffusionActionHead", "oft"),
+                         ("DiffusionActionHead", "cached"), ("FlowMatchingHead", "cached")]:
+        assert re.search(rf"{head} +attention=\w+ +layout={layout} +actions \(3, 8, 7\)", out), out
