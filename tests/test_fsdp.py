@@ -19,6 +19,8 @@ def test_fully_shard_vla_matches_unsharded_loss_gradients_and_actions():
     assert "wrapped timm + transformers" in done.stdout
     assert "prefix-trained expert head" in done.stdout
     assert "target action tokens unchanged" in done.stdout
+    for head in ("l1/bidirectional", "diffusion/parallel", "flow/parallel"):
+        assert f"continuous head {head}: loss, gradients and actions equal" in done.stdout
 
 
 def test_shard_units_are_vision_blocks_then_decoder_layers():

@@ -26,7 +26,8 @@ Heads import nothing of the decoders or the model: the embedding and the LM head
 as callables, the rest through the runner.
 """
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -50,6 +51,7 @@ LogitsFn = Callable[[Tensor], Tensor]
 """``hidden [..., d] -> logits [..., V]`` (the decoder's LM head)."""
 
 
+@dataclasses.dataclass(repr=False)
 class HeadTokens:
     """What a head places in the sequence, and what its loss needs back.
 
@@ -64,24 +66,20 @@ class HeadTokens:
             cache-friendly layout) marks it here (``TIMESTEP``).
 
     Everything in ``action_embeds`` is suffix: the interleaver places it after the prompt
-    (and ``</s>`` after it), and a prefix cache never holds it.
+    (and ``</s>`` after it), and a prefix cache never holds it. A dataclass, so FSDP2 finds
+    the tensors a sharded head's ``place`` returns and re-gathers the head's weights when
+    their gradients arrive.
     """
 
-    __slots__ = ("extras", "action_embeds", "action_ids", "state", "action_roles")
+    extras: list[tuple[Tensor, TokenRole]] = dataclasses.field(default_factory=list)
+    action_embeds: Float[Tensor, "b m d"] | None = None
+    action_ids: Int[Tensor, "b m"] | None = None
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    action_roles: Int[Tensor, "b m"] | None = None
 
-    def __init__(
-        self,
-        extras: Sequence[tuple[Tensor, TokenRole]] = (),
-        action_embeds: Float[Tensor, "b m d"] | None = None,
-        action_ids: Int[Tensor, "b m"] | None = None,
-        state: dict[str, Any] | None = None,
-        action_roles: Int[Tensor, "b m"] | None = None,
-    ) -> None:
-        self.extras = list(extras)
-        self.action_embeds = action_embeds
-        self.action_ids = action_ids
-        self.state = {} if state is None else state
-        self.action_roles = action_roles
+    def __post_init__(self) -> None:
+        self.extras = list(self.extras)
+        self.state = {} if self.state is None else self.state
 
     def __repr__(self) -> str:
         slots = None if self.action_embeds is None else tuple(self.action_embeds.shape)
