@@ -144,10 +144,16 @@ class PredictionRunner(Protocol):
     supports_prefix_cache: bool
     """Whether ``prefix`` works (the decoder keeps a read-only prefix cache)."""
 
-    def prefix(self, repeats: int = 1, suffix_len: int | None = None) -> PrefixRunner:
+    def prefix(
+        self,
+        repeats: int = 1,
+        tokens: HeadTokens | None = None,
+        suffix_len: int | None = None,
+    ) -> PrefixRunner:
         """Encode the prefix once; ``repeats`` > 1 repeats every row (several samples per
-        observation share one prefix); ``suffix_len`` reserves cache slots for the suffix
-        so steps copy nothing of the prefix."""
+        observation share one prefix); ``tokens.extras`` (if given) go into the prefix;
+        ``suffix_len`` reserves cache slots for the suffix so steps copy nothing of the
+        prefix."""
         ...
 
     def repeat(self, repeats: int) -> "PredictionRunner":
