@@ -9,6 +9,7 @@ predict through.
 """
 
 import dataclasses
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -443,7 +444,7 @@ class VLA(nn.Module):
             actions = self.action_normalizer.unnormalize(actions)
         return actions
 
-    def compile_for_inference(self, mode: str | None = None, **compile_kwargs) -> "VLA":
+    def compile_for_inference(self, mode: str | None = None, **compile_kwargs: Any) -> "VLA":
         """Compile the pieces prediction runs, in place; returns the model.
 
         The vision encoder, the projector and the decoder are compiled with

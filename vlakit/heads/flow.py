@@ -47,7 +47,8 @@ class FlowMatchingHead(nn.Module):
         num_steps: Euler steps at inference (pi0: 10).
         layout: ``"cached"`` or ``"full"``.
         read: ``"slot"`` (pi0) or ``"previous"``.
-        min_period, max_period: the time embedding's periods.
+        min_period: the time embedding's shortest period.
+        max_period: its longest period.
     """
 
     def __init__(

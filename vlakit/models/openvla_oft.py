@@ -63,8 +63,18 @@ def oft_head(
     sees the slots, so iterative heads re-run the whole sequence per step (diffusion:
     ``"oft"``, flow: ``"full"``); under ``"causal"``/``"parallel"`` they cache the prefix
     (``"cached"``). ``num_inference_steps``: denoising steps (diffusion, default 50) or
-    Euler steps (flow, default 10).
+    Euler steps (flow, default 10); ``"l1"`` ignores it. Arguments a head cannot take
+    (a ``layout`` or ``scheduler`` for ``"l1"``; ``scheduler``, ``mlp_dim`` or
+    ``num_blocks`` for ``"flow"``) raise a ``ValueError``.
     """
+    given = {"num_inference_steps": num_inference_steps, "layout": layout,
+             "scheduler": scheduler, "mlp_dim": mlp_dim, "num_blocks": num_blocks != 2 or None}
+    # num_inference_steps is accepted (and unused) by "l1", so one call can loop over heads
+    unused = {"l1": ("layout", "scheduler"),
+              "flow": ("scheduler", "mlp_dim", "num_blocks")}.get(head, ())
+    ignored = [name for name in unused if given[name] is not None]
+    if ignored:
+        raise ValueError(f"oft_head({head!r}) takes no {', '.join(ignored)}")
     if head == "l1":
         return L1RegressionHead(hidden_size, action_dim, chunk_size, mlp_dim, num_blocks)
     cached = attention != "bidirectional"
