@@ -31,6 +31,7 @@ from vlakit import (  # noqa: E402
     models,
     processors,
     projectors,
+    pruners,
     vision,
 )
 from vlakit.core import TokenRole, TokenSequence  # noqa: E402
@@ -64,6 +65,7 @@ __all__ = [
     "models",
     "processors",
     "projectors",
+    "pruners",
     "vision",
     "count_parameters",
     "parameter_table",

@@ -136,7 +136,9 @@ class VLA(nn.Module):
             [`DiscreteActionHead`][vlakit.heads.DiscreteActionHead]) or, for a
             vision-language model, [`NextTokenHead`][vlakit.heads.NextTokenHead].
         proprio_projector: ``[b, p] -> [b, d]``, placed as one ``PROPRIO`` token; optional.
-        pruner: ``TokenSequence -> TokenSequence`` before the decoder; default identity.
+        pruner: a token pruner ([vlakit.pruners][vlakit.pruners]) run on the inputs of
+            decoder layer ``pruner.layer`` (0: the embeddings; ``k > 0`` needs a decoder
+            that runs layer ranges, vlakit's own, and splits the pass there); default none.
         action_normalizer: normalises target actions and unnormalises predictions
             ([`ActionNormalizer`][vlakit.actions.ActionNormalizer]); optional.
         proprio_normalizer: normalises proprio before the projector; optional.
@@ -195,6 +197,7 @@ class VLA(nn.Module):
         self.proprio_normalizer = proprio_normalizer
         self._check_widths()
         self._check_vocabulary()
+        self._check_pruner()
 
     # -- build-time checks -----------------------------------------------------------------
 
@@ -215,6 +218,35 @@ class VLA(nn.Module):
                 f"the projector outputs width {out} (its out_dim) but the decoder's hidden size "
                 f"is {dec}; build the projector with out_dim={dec}"
             )
+
+    @property
+    def pruner_layer(self) -> int:
+        """The decoder layer whose inputs the pruner sees (0 without a pruner)."""
+        return getattr(self.pruner, "layer", 0)
+
+    def _check_pruner(self) -> None:
+        layer, name = self.pruner_layer, type(self.pruner).__name__
+        layers = getattr(self.decoder, "num_layers", None)
+        if layers is not None and not 0 <= layer < layers:
+            raise ValueError(
+                f"{name}.layer={layer}, but the decoder has {layers} layers (0..{layers - 1}): "
+                f"a pruner runs before one of them (0: before the first), not after the last"
+            )
+        decoder = type(self.decoder).__name__
+        if layer > 0 and not getattr(self.decoder, "supports_layer_ranges", False):
+            raise ValueError(
+                f"{name}.layer={layer} prunes between decoder layers, but {decoder} runs only "
+                f"whole passes; use layer=0 or vlakit's TransformerDecoder "
+                f"(vlakit.convert.decoder_from_transformers converts Llama and Gemma)"
+            )
+        if getattr(self.pruner, "needs_attention", False):
+            if not getattr(self.decoder, "supports_attention_tap", False):
+                raise ValueError(
+                    f"{name} reads attention weights through an AttentionTap, which {decoder} "
+                    f"cannot give; use vlakit's TransformerDecoder"
+                )
+            if layer == 0:
+                raise ValueError(f"{name} reads the attention of layer {layer - 1}: use layer >= 1")
 
     def _check_vocabulary(self) -> None:
         vocab = getattr(self.decoder, "vocab_size", None)
@@ -355,7 +387,41 @@ class VLA(nn.Module):
             token_type_ids=inputs.token_type_ids,
             action_roles=tokens.action_roles,
         )
-        return self.pruner(seq)
+        if self.pruner_layer == 0:
+            seq = self.pruner(seq)
+        return seq
+
+    def decode(self, seq: TokenSequence) -> tuple[Float[Tensor, "b m d"], TokenSequence]:
+        """Run the decoder over ``seq`` (one pass, no cache): final hidden states and the
+        sequence they belong to (the pruned one when a pruner sits between layers).
+
+        A pruner before layer 0 already ran in
+        [build_sequence][vlakit.VLA.build_sequence]. A pruner before layer ``k > 0``
+        splits the pass: layers ``0..k-1`` on every token (filling the pruner's
+        [AttentionTap][vlakit.core.AttentionTap] if it reads one), the pruner on their
+        output, then layers ``k..`` on the kept tokens with the mask rebuilt for them.
+        """
+        layer = self.pruner_layer
+        if layer == 0:
+            return self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions), seq
+        tap = self.pruner.attention_tap(seq)
+        x = self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions,
+                         end_layer=layer, tap=tap)
+        seq = self.pruner(seq.replace(embeds=x), None if tap is None else tap.weights)
+        hidden = self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions,
+                              start_layer=layer)
+        return hidden, seq
+
+    def check_cacheable(self, what: str) -> None:
+        """Raise if the pruner sits between decoder layers: a KV cache would then hold a
+        different number of keys in the layers before and after it."""
+        if self.pruner_layer > 0:
+            raise ValueError(
+                f"{what} runs through a KV cache, but {type(self.pruner).__name__} prunes "
+                f"before decoder layer {self.pruner_layer}, which would leave layers with "
+                f"different key counts; prune before layer 0 (layer=0), or use a head that "
+                f"predicts in one pass (L1RegressionHead) or a full re-run layout"
+            )
 
     # -- training / scoring ----------------------------------------------------------------
 
@@ -374,7 +440,7 @@ class VLA(nn.Module):
             return self._forward_through_prefix(inputs, image_tokens, return_logits)
         tokens = self.place_head_tokens(inputs, with_targets, image_tokens)
         seq = self.build_sequence(inputs, tokens, image_tokens)
-        hidden = self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions)
+        hidden, seq = self.decode(seq)
         loss = None
         if with_targets:
             loss = self.head.loss(hidden, seq, tokens, self.decoder.logits)

@@ -68,6 +68,7 @@ class VLARunner:
 
     def generate(self, max_new_tokens: int) -> Int[Tensor, "b m"]:
         """Greedy generation of exactly ``max_new_tokens`` tokens after the prompt."""
+        self.model.check_cacheable("greedy generation")
         seq = self.sequence()
         return greedy_generate(
             self.model.decoder,
@@ -80,14 +81,15 @@ class VLARunner:
 
     def run(self, tokens: HeadTokens) -> tuple[Float[Tensor, "b n d"], TokenSequence]:
         """One pass over the sequence with the head's tokens placed."""
-        seq = self.sequence(tokens)
-        hidden = self.model.decoder(seq.embeds, self.model.mask_policy.spec(seq), seq.positions)
-        return hidden, seq
+        return self.model.decode(self.sequence(tokens))
 
     @property
     def supports_prefix_cache(self) -> bool:
         """Whether [prefix][vlakit.runner.VLARunner.prefix] works: the decoder keeps a prefix
-        cache that many suffixes read (vlakit's own decoder; not ``HFDecoder``)."""
+        cache that many suffixes read (vlakit's own decoder; not ``HFDecoder``), and no
+        pruner sits between decoder layers."""
+        if self.model.pruner_layer > 0:
+            return False
         return bool(getattr(self.model.decoder, "supports_read_only_cache", False))
 
     def repeat(self, repeats: int) -> "VLARunner":
@@ -123,6 +125,7 @@ class VLARunner:
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         decoder = self.model.decoder
+        self.model.check_cacheable("a prefix cache")
         if not self.supports_prefix_cache:
             raise RuntimeError(
                 f"{type(decoder).__name__} cannot keep a prefix cache that many suffixes read "
@@ -281,4 +284,5 @@ def _repeat_rows(seq: TokenSequence, repeats: int) -> TokenSequence:
         is_suffix=rep(seq.is_suffix),
         token_ids=rep(seq.token_ids),
         right_padded=seq.right_padded,
+        num_image_tokens=seq.num_image_tokens,
     )

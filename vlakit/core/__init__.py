@@ -26,6 +26,7 @@ from vlakit.core.policies import (
 )
 from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import IGNORE_ID, TokenSequence
+from vlakit.core.tap import AttentionTap
 
 __all__ = [
     "LinearFactory",
@@ -35,6 +36,7 @@ __all__ = [
     "load_checked",
     "TokenRole",
     "TokenSequence",
+    "AttentionTap",
     "IGNORE_ID",
     "segment_mask",
     "causal_mask",

@@ -31,6 +31,11 @@ class TokenSequence:
         right_padded: a static fact, not a tensor: every row's padding sits at its end
             (the interleavers guarantee it). A causal mask policy uses it to let the
             decoder take SDPA's ``is_causal`` fast path.
+        num_image_tokens: a static fact, not a tensor: every row holds this many ``IMAGE``
+            tokens in one contiguous block (the interleavers set it from the image tokens'
+            shape, all views together), or ``None`` when unknown (e.g. after a pruner kept
+            a different count per row). Pruners read it to keep shapes static; without it
+            they count the roles (one device read).
 
     Blocks that drop or reorder tokens (pruners) use [`gather`][vlakit.core.TokenSequence.gather],
     which keeps every
@@ -44,6 +49,7 @@ class TokenSequence:
     is_suffix: Bool[Tensor, "b n"]
     token_ids: Int[Tensor, "b n"]
     right_padded: bool = False
+    num_image_tokens: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -61,7 +67,11 @@ class TokenSequence:
         return out
 
     def gather(self, index: Int[Tensor, "b m"]) -> "TokenSequence":
-        """Keep tokens ``index [b, m]`` of each row, in that order (all fields in step)."""
+        """Keep tokens ``index [b, m]`` of each row, in that order (all fields in step).
+
+        The static facts (``right_padded``, ``num_image_tokens``) are dropped: a gather may
+        reorder or drop tokens; a caller that knows them passes them to
+        [replace][vlakit.core.TokenSequence.replace]."""
         d = self.embeds.shape[-1]
         return TokenSequence(
             embeds=torch.gather(self.embeds, 1, index[..., None].expand(-1, -1, d)),
@@ -84,6 +94,7 @@ class TokenSequence:
             "is_suffix": self.is_suffix,
             "token_ids": self.token_ids,
             "right_padded": self.right_padded,
+            "num_image_tokens": self.num_image_tokens,
         }
         unknown = set(changes) - set(fields)
         if unknown:
@@ -93,5 +104,7 @@ class TokenSequence:
             )
         if "valid" in changes and "right_padded" not in changes:
             fields["right_padded"] = False  # new validity: padding may no longer be at the end
+        if "roles" in changes and "num_image_tokens" not in changes:
+            fields["num_image_tokens"] = None  # new roles: the image count may have changed
         fields.update(changes)
         return TokenSequence(**fields)

@@ -1,11 +1,13 @@
 """Multi-head attention with RoPE and any query/key-value head ratio (MHA, GQA, MQA)."""
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from vlakit.core.linear import LinearFactory
+from vlakit.core.tap import AttentionTap
 from vlakit.decoders.cache import KVCache
 from vlakit.decoders.rope import apply_rotary
 
@@ -61,6 +63,7 @@ class Attention(nn.Module):
         mask: Bool[Tensor, "b q k"] | None,
         cache: KVCache | None = None,
         layer_idx: int | None = None,
+        tap: AttentionTap | None = None,
     ) -> Float[Tensor, "b q d"]:
         """Attend.
 
@@ -71,6 +74,9 @@ class Attention(nn.Module):
                 attention over ``q == k`` tokens (SDPA's ``is_causal`` fast path).
             cache: optional [KVCache][vlakit.decoders.KVCache].
             layer_idx: this layer's slot in ``cache``; required with a cache.
+            tap: fill ``tap.weights`` with this layer's attention probabilities at the
+                tap's queries (see [AttentionTap][vlakit.core.AttentionTap]); the output
+                is computed by SDPA as without it.
         """
         q = rearrange(self.q_proj(x), "b n (h hd) -> b h n hd", h=self.num_heads)
         k = rearrange(self.k_proj(x), "b n (h hd) -> b h n hd", h=self.num_kv_heads)
@@ -80,6 +86,8 @@ class Attention(nn.Module):
             if layer_idx is None:
                 raise ValueError("Attention got a cache but no layer_idx: pass the layer's index")
             k, v = cache.update(layer_idx, k, v)  # [b, h_kv, keys, hd]
+        if tap is not None:
+            tap.weights = _tapped_weights(q, k, mask, tap.queries, self.scale)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -90,3 +98,27 @@ class Attention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(rearrange(out, "b h n hd -> b n (h hd)"))
+
+
+def _tapped_weights(
+    q: Float[Tensor, "b h n hd"],
+    k: Float[Tensor, "b hkv k hd"],
+    mask: Bool[Tensor, "b n k"] | None,
+    queries: Int[Tensor, "b t"],
+    scale: float | None = None,
+) -> Float[Tensor, "b h t k"]:
+    """Attention probabilities (float32) of the query tokens ``queries`` over all keys: the
+    rows SDPA would compute for them, for every query head (kv heads shared as in GQA).
+    ``mask`` ``None`` is plain causal attention over ``n == k`` tokens."""
+    b, h, _, hd = q.shape
+    keys = k.shape[-2]
+    index = queries[:, None, :, None].expand(b, h, -1, hd)
+    picked = torch.gather(q, 2, index).float()  # [b, h, t, hd]
+    groups = h // k.shape[1]
+    kk = k.float() if groups == 1 else k.float().repeat_interleave(groups, dim=1)
+    scores = picked @ kk.transpose(-1, -2) * (hd**-0.5 if scale is None else scale)
+    if mask is None:
+        allowed = torch.arange(keys, device=q.device) <= queries[..., None]  # [b, t, k]
+    else:
+        allowed = torch.gather(mask, 1, queries[..., None].expand(-1, -1, keys))  # [b, t, k]
+    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)

@@ -3,6 +3,7 @@
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from vlakit.core.tap import AttentionTap
 from vlakit.decoders.attention import Attention
 from vlakit.decoders.cache import KVCache
 
@@ -36,8 +37,13 @@ class DecoderLayer(nn.Module):
         mask: Bool[Tensor, "b q k"] | None,
         cache: KVCache | None = None,
         layer_idx: int | None = None,
+        tap: AttentionTap | None = None,
     ) -> Float[Tensor, "b q d"]:
         """``[b, q, d] -> [b, q, d]``; ``mask`` ``None`` is plain causal attention; with a
-        ``cache``, ``layer_idx`` (this layer's cache slot) is required."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer_idx)
+        ``cache``, ``layer_idx`` (this layer's cache slot) is required; ``tap`` reads this
+        layer's attention weights (see [AttentionTap][vlakit.core.AttentionTap])."""
+        if tap is None:  # the plain call: what compiled and sharded layers usually see
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer_idx)
+        else:
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer_idx, tap)
         return x + self.mlp(self.mlp_norm(x))

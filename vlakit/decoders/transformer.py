@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from vlakit.core.checks import should_validate
 from vlakit.core.masks import MaskSpec, check_mask_shape
+from vlakit.core.tap import AttentionTap
 from vlakit.decoders.cache import KVCache
 from vlakit.decoders.embedding import TokenEmbedding
 from vlakit.decoders.layer import DecoderLayer
@@ -94,6 +95,12 @@ class TransformerDecoder(nn.Module):
     supports_read_only_cache = True
     """A prefix cache can be read by many suffixes (diffusion, flow matching)."""
 
+    supports_layer_ranges = True
+    """``forward`` runs any range of layers (a pruner may sit between two layers)."""
+
+    supports_attention_tap = True
+    """``forward(..., tap=AttentionTap(...))`` reads one layer's attention weights."""
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self.tie_weights()  # to_empty / device moves may replace the shared Parameter
@@ -120,6 +127,7 @@ class TransformerDecoder(nn.Module):
         cache: KVCache | None = None,
         start_layer: int = 0,
         end_layer: int | None = None,
+        tap: AttentionTap | None = None,
     ) -> Float[Tensor, "b q d"]:
         """Run layers ``[start_layer, end_layer)`` (all by default) and, when the range
         ends at the last layer, the final norm.
@@ -137,6 +145,8 @@ class TransformerDecoder(nn.Module):
                 read-only).
             start_layer: first layer to run.
             end_layer: one past the last layer to run (``None``: all).
+            tap: an [AttentionTap][vlakit.core.AttentionTap] to fill with the attention
+                weights of ``tap.layer`` (which must be in the range run) at its queries.
 
         Returns:
             ``[b, q, d]`` hidden states (after the final norm if the last layer ran).
@@ -148,11 +158,20 @@ class TransformerDecoder(nn.Module):
                 f"{self.num_layers} layers: need 0 <= start_layer <= end_layer <= "
                 f"{self.num_layers}"
             )
+        if tap is not None and not start_layer <= tap.layer < end:
+            raise ValueError(
+                f"the attention tap asks for layer {tap.layer}, but this call runs layers "
+                f"[{start_layer}, {end}) of the decoder's {self.num_layers} (0.."
+                f"{self.num_layers - 1})"
+            )
         attn_mask = self._attention_mask(embeds, mask, positions, cache)
         cos, sin = self.rope(positions, embeds.dtype)
         x = embeds
         for i in range(start_layer, end):
-            x = self.layers[i](x, cos, sin, attn_mask, cache, i)
+            if tap is not None and i == tap.layer:
+                x = self.layers[i](x, cos, sin, attn_mask, cache, i, tap)
+            else:
+                x = self.layers[i](x, cos, sin, attn_mask, cache, i)
         if end < self.num_layers:
             return x
         if cache is not None:

@@ -37,8 +37,9 @@ class StepRunner:
         if cached and not self.cached and not getattr(head, "_warned_full_rerun", False):
             head._warned_full_rerun = True
             warnings.warn(
-                f"{type(head).__name__}(layout={head.layout!r}): this model's decoder keeps "
-                f"no read-only prefix cache (e.g. HFDecoder), so every step re-runs the whole "
+                f"{type(head).__name__}(layout={head.layout!r}): this model keeps no read-only "
+                f"prefix cache (its decoder has none, e.g. HFDecoder, or a pruner sits "
+                f"between decoder layers), so every step re-runs the whole "
                 f"sequence (same result, about (P+S)/S times the compute per step); vlakit's "
                 f"TransformerDecoder runs the cached path",
                 stacklevel=4,

@@ -14,7 +14,7 @@ from vlakit.core import TokenRole, TokenSequence
 from vlakit.heads._steps import StepRunner, check_num_samples
 from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
 from vlakit.heads.mlp_resnet import MLPResNet
-from vlakit.heads.slots import read_slots
+from vlakit.heads.slots import check_reads, read_slots
 from vlakit.heads.time_embedding import sinusoidal_embedding
 
 __all__ = ["DiffusionActionHead", "NoisyActionProjector"]
@@ -95,7 +95,10 @@ class DiffusionActionHead(nn.Module):
         mlp_dim: width of the noise predictor (default ``hidden_size``).
         num_blocks: its residual blocks.
         layout: ``"oft"`` or ``"cached"``.
-        read: ``"previous"`` (OFT) or ``"slot"``.
+        read: ``"previous"`` (OFT), ``"slot"`` or ``"next"`` (see
+            [SLOT_READS][vlakit.heads.SLOT_READS]).
+        predict_read: the read at prediction, if it differs from training's
+            (LightVLA's release: ``"next"``); default ``read``.
     """
 
     supports_sampling = True
@@ -111,12 +114,12 @@ class DiffusionActionHead(nn.Module):
         num_blocks: int = 2,
         layout: str = "oft",
         read: str = "previous",
+        predict_read: str | None = None,
     ) -> None:
         super().__init__()
         if layout not in DIFFUSION_LAYOUTS:
             raise ValueError(f"layout must be one of {DIFFUSION_LAYOUTS}, got {layout!r}")
-        if read not in ("previous", "slot"):
-            raise ValueError(f"read must be 'previous' or 'slot', got {read!r}")
+        read, predict_read = check_reads(read, predict_read)
         scheduler = ddim_scheduler() if scheduler is None else copy.deepcopy(scheduler)
         train_steps = scheduler.config.num_train_timesteps
         if not 1 <= num_inference_steps <= train_steps:
@@ -127,7 +130,7 @@ class DiffusionActionHead(nn.Module):
         self.hidden_size, self.action_dim, self.chunk_size = hidden_size, action_dim, chunk_size
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps
-        self.layout, self.read = layout, read
+        self.layout, self.read, self.predict_read = layout, read, predict_read
         self.noisy_action_projector = NoisyActionProjector(hidden_size)
         self.noise_predictor = nn.ModuleDict(
             {"mlp_resnet": MLPResNet(action_dim * hidden_size, mlp_dim or hidden_size,
@@ -190,10 +193,12 @@ class DiffusionActionHead(nn.Module):
         return tokens
 
     def predict_noise(
-        self, hidden: Float[Tensor, "b n d"], seq: TokenSequence
+        self, hidden: Float[Tensor, "b n d"], seq: TokenSequence, read: str | None = None
     ) -> Float[Tensor, "b c a"]:
-        """Predicted noise ``[b, chunk, a]`` (float32) from the final hidden states."""
-        slots = read_slots(hidden, seq, self.num_action_tokens, self.read, type(self).__name__)
+        """Predicted noise ``[b, chunk, a]`` (float32) from the final hidden states
+        (``read``: default the training read)."""
+        read = self.read if read is None else read
+        slots = read_slots(hidden, seq, self.num_action_tokens, read, type(self).__name__)
         grouped = rearrange(slots, "b (c a) d -> b c (a d)", c=self.chunk_size)
         mlp = self.noise_predictor["mlp_resnet"]
         return mlp(grouped.to(mlp.fc1.weight.dtype)).to(torch.float32)
@@ -224,7 +229,8 @@ class DiffusionActionHead(nn.Module):
         for k in self.scheduler.timesteps.tolist():  # host ints: no device reads in the loop
             timesteps = torch.full((b,), k, device=steps.device)
             hidden, seq = steps(self.tokens(x, timesteps, steps.dtype))
-            x = self.scheduler.step(self.predict_noise(hidden, seq), k, x).prev_sample
+            noise = self.predict_noise(hidden, seq, self.predict_read)
+            x = self.scheduler.step(noise, k, x).prev_sample
         if num_samples is None:
             return x
         return x.view(runner.batch_size, n, self.chunk_size, self.action_dim)
@@ -235,4 +241,5 @@ class DiffusionActionHead(nn.Module):
             f"scheduler={type(self.scheduler).__name__}, "
             f"num_inference_steps={self.num_inference_steps}, layout={self.layout!r}, "
             f"read={self.read!r}"
+            + (f", predict_read={self.predict_read!r}" if self.predict_read != self.read else "")
         )

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from vlakit.core import TokenSequence
 from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
 from vlakit.heads.mlp_resnet import MLPResNet
-from vlakit.heads.slots import read_slots
+from vlakit.heads.slots import check_reads, read_slots
 
 __all__ = ["L1RegressionHead"]
 
@@ -38,7 +38,10 @@ class L1RegressionHead(nn.Module):
         chunk_size: actions per prediction.
         mlp_dim: width of the MLPResNet (default ``hidden_size``).
         num_blocks: residual blocks of the MLPResNet.
-        read: ``"previous"`` (OFT) or ``"slot"``.
+        read: ``"previous"`` (OFT), ``"slot"`` or ``"next"`` (see
+            [SLOT_READS][vlakit.heads.SLOT_READS]).
+        predict_read: the read at prediction, if it differs from training's
+            (LightVLA's release: ``"next"``); default ``read``.
     """
 
     def __init__(
@@ -49,12 +52,11 @@ class L1RegressionHead(nn.Module):
         mlp_dim: int | None = None,
         num_blocks: int = 2,
         read: str = "previous",
+        predict_read: str | None = None,
     ) -> None:
         super().__init__()
-        if read not in ("previous", "slot"):
-            raise ValueError(f"read must be 'previous' or 'slot', got {read!r}")
+        self.read, self.predict_read = check_reads(read, predict_read)
         self.hidden_size, self.action_dim, self.chunk_size = hidden_size, action_dim, chunk_size
-        self.read = read
         self.model = MLPResNet(
             action_dim * hidden_size, mlp_dim or hidden_size, action_dim, num_blocks
         )
@@ -96,10 +98,12 @@ class L1RegressionHead(nn.Module):
         return HeadTokens(action_embeds=slots, state={"actions": actions})
 
     def actions_from(
-        self, hidden: Float[Tensor, "b n d"], seq: TokenSequence
+        self, hidden: Float[Tensor, "b n d"], seq: TokenSequence, read: str | None = None
     ) -> Float[Tensor, "b c a"]:
-        """Normalised actions ``[b, chunk, a]`` (float32) from the final hidden states."""
-        slots = read_slots(hidden, seq, self.num_action_tokens, self.read, type(self).__name__)
+        """Normalised actions ``[b, chunk, a]`` (float32) from the final hidden states
+        (``read``: default the training read)."""
+        read = self.read if read is None else read
+        slots = read_slots(hidden, seq, self.num_action_tokens, read, type(self).__name__)
         grouped = rearrange(slots, "b (c a) d -> b c (a d)", c=self.chunk_size)
         return self.model(grouped.to(self.model.fc1.weight.dtype)).to(torch.float32)
 
@@ -118,7 +122,11 @@ class L1RegressionHead(nn.Module):
         """One pass with zero slots; normalised actions ``[b, chunk, a]`` (float32)."""
         slots = self.slot_embeds(runner.batch_size, runner.device, runner.dtype)
         hidden, seq = runner.run(HeadTokens(action_embeds=slots))
-        return self.actions_from(hidden, seq)
+        return self.actions_from(hidden, seq, self.predict_read)
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}, action_dim={self.action_dim}, read={self.read!r}"
+        reads = f"read={self.read!r}"
+        if self.predict_read != self.read:
+            reads += f", predict_read={self.predict_read!r}"
+        return f"chunk_size={self.chunk_size}, action_dim={self.action_dim}, {reads}"
+

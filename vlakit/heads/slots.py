@@ -9,10 +9,12 @@ from vlakit.core.checks import should_validate
 
 __all__ = ["SLOT_READS", "read_slots"]
 
-SLOT_READS = ("previous", "slot")
+SLOT_READS = ("previous", "slot", "next")
 """Which hidden state feeds each slot: ``"previous"``, the state one position before the
 slot (OpenVLA-OFT: slot ``j`` is read at ``j - 1``, the first slot from the prompt's last
-token), or ``"slot"``, the slot's own state (pi0)."""
+token), ``"slot"``, the slot's own state (pi0), or ``"next"``, the state one position after
+it (LightVLA's released ``predict_action``: the last ``chunk * a`` positions of the
+sequence, i.e. slots ``2..m`` and ``</s>``; two positions from its training read)."""
 
 
 def read_slots(
@@ -54,5 +56,16 @@ def read_slots(
     index = first[:, None] + torch.arange(num_slots, device=first.device)  # [b, m]
     if read == "previous":
         index = index - 1
+    elif read == "next":
+        index = index + 1
     d = hidden.shape[-1]
     return torch.gather(hidden, 1, index[..., None].expand(-1, -1, d))
+
+
+def check_reads(read: str, predict_read: str | None) -> tuple[str, str]:
+    """Check a head's ``read`` and ``predict_read``; returns both (``predict_read``
+    defaulting to ``read``)."""
+    for name, value in (("read", read), ("predict_read", predict_read)):
+        if value is not None and value not in SLOT_READS:
+            raise ValueError(f"{name} must be one of {SLOT_READS}, got {value!r}")
+    return read, read if predict_read is None else predict_read

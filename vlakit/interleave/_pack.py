@@ -43,7 +43,9 @@ def _piece(
     return _Piece(embeds, roles, token_ids, valid, suffix)
 
 
-def _pack(pieces: list[_Piece], position_offset: int) -> TokenSequence:
+def _pack(
+    pieces: list[_Piece], position_offset: int, num_image_tokens: int | None = None
+) -> TokenSequence:
     """Concatenate pieces along the sequence and stable-sort each row's real tokens first.
 
     Real tokens keep their relative order, so text padding in the middle of the concatenation
@@ -68,6 +70,7 @@ def _pack(pieces: list[_Piece], position_offset: int) -> TokenSequence:
         is_suffix=take("is_suffix") & valid,
         token_ids=torch.where(valid, take("token_ids"), IGNORE_ID),
         right_padded=True,
+        num_image_tokens=num_image_tokens,
     )
 
 

@@ -78,7 +78,7 @@ class PlaceholderInterleaver(nn.Module):
         pieces += [_piece(tokens, role, suffix=True) for tokens, role in extras]
         if action_embeds is not None:
             pieces += self._suffix_pieces(action_embeds, action_ids, action_roles)
-        return _pack(pieces, self.position_offset)
+        return _pack(pieces, self.position_offset, num_image_tokens=image_tokens.shape[1])
 
     def _suffix_pieces(self, action_embeds, action_ids, action_roles) -> list:
         role = TokenRole.ACTION if action_roles is None else action_roles

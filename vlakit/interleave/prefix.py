@@ -85,7 +85,7 @@ class PrefixInterleaver(nn.Module):
         ]
         if action_embeds is not None:
             pieces += self._suffix_pieces(embed_tokens, action_embeds, action_ids, action_roles)
-        return _pack(pieces, self.position_offset)
+        return _pack(pieces, self.position_offset, num_image_tokens=image_tokens.shape[1])
 
     def _suffix_pieces(self, embed_tokens, action_embeds, action_ids, action_roles) -> list:
         role = TokenRole.ACTION if action_roles is None else action_roles

@@ -8,11 +8,15 @@
 - [`openvla_oft_7b`][vlakit.models.openvla_oft_7b],
   [`openvla_oft`][vlakit.models.openvla_oft.openvla_oft] (component builder),
   [`oft_head`][vlakit.models.oft_head], [`oft_mask`][vlakit.models.oft_mask]
+- [`lightvla_7b`][vlakit.models.lightvla_7b], [`lightvla`][vlakit.models.lightvla.lightvla]
+  (component builder): OpenVLA-OFT with LightVLA's token pruner
 """
 
+from vlakit.models.lightvla import lightvla, lightvla_7b
 from vlakit.models.openvla import openvla, openvla_7b
 from vlakit.models.openvla_oft import oft_head, oft_mask, openvla_oft, openvla_oft_7b
 from vlakit.models.paligemma import paligemma, paligemma_3b, paligemma_from_transformers
 
 __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla", "openvla_7b",
-           "openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask"]
+           "openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask",
+           "lightvla", "lightvla_7b"]

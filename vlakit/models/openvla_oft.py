@@ -53,6 +53,7 @@ def oft_head(
     num_inference_steps: int | None = None,
     layout: str | None = None,
     scheduler=None,
+    predict_read: str | None = None,
 ) -> nn.Module:
     """OFT's action head by name: ``"l1"``
     ([L1RegressionHead][vlakit.heads.L1RegressionHead]), ``"diffusion"``
@@ -63,27 +64,30 @@ def oft_head(
     sees the slots, so iterative heads re-run the whole sequence per step (diffusion:
     ``"oft"``, flow: ``"full"``); under ``"causal"``/``"parallel"`` they cache the prefix
     (``"cached"``). ``num_inference_steps``: denoising steps (diffusion, default 50) or
-    Euler steps (flow, default 10); ``"l1"`` ignores it. Arguments a head cannot take
-    (a ``layout`` or ``scheduler`` for ``"l1"``; ``scheduler``, ``mlp_dim`` or
-    ``num_blocks`` for ``"flow"``) raise a ``ValueError``.
+    Euler steps (flow, default 10); ``"l1"`` ignores it. ``predict_read``: the slot read at
+    prediction (``"l1"``, ``"diffusion"``; LightVLA's release: ``"next"``). Arguments a head
+    cannot take (a ``layout`` or ``scheduler`` for ``"l1"``; ``scheduler``, ``mlp_dim``,
+    ``num_blocks`` or ``predict_read`` for ``"flow"``) raise a ``ValueError``.
     """
     given = {"num_inference_steps": num_inference_steps, "layout": layout,
-             "scheduler": scheduler, "mlp_dim": mlp_dim, "num_blocks": num_blocks != 2 or None}
+             "scheduler": scheduler, "mlp_dim": mlp_dim, "num_blocks": num_blocks != 2 or None,
+             "predict_read": predict_read}
     # num_inference_steps is accepted (and unused) by "l1", so one call can loop over heads
     unused = {"l1": ("layout", "scheduler"),
-              "flow": ("scheduler", "mlp_dim", "num_blocks")}.get(head, ())
+              "flow": ("scheduler", "mlp_dim", "num_blocks", "predict_read")}.get(head, ())
     ignored = [name for name in unused if given[name] is not None]
     if ignored:
         raise ValueError(f"oft_head({head!r}) takes no {', '.join(ignored)}")
     if head == "l1":
-        return L1RegressionHead(hidden_size, action_dim, chunk_size, mlp_dim, num_blocks)
+        return L1RegressionHead(hidden_size, action_dim, chunk_size, mlp_dim, num_blocks,
+                                predict_read=predict_read)
     cached = attention != "bidirectional"
     if head == "diffusion":
         return DiffusionActionHead(
             hidden_size, action_dim, chunk_size, scheduler=scheduler,
             num_inference_steps=50 if num_inference_steps is None else num_inference_steps,
             mlp_dim=mlp_dim, num_blocks=num_blocks,
-            layout=layout or ("cached" if cached else "oft"),
+            layout=layout or ("cached" if cached else "oft"), predict_read=predict_read,
         )
     if head == "flow":
         return FlowMatchingHead(
@@ -107,6 +111,7 @@ def openvla_oft(
     num_views: int | None = None,
     bos_id: int = 1,
     eos_id: int = 2,
+    pruner: nn.Module | None = None,
 ) -> VLA:
     """Component builder: an OpenVLA-OFT-style model from any encoder, projector, decoder and
     continuous head.
@@ -114,7 +119,8 @@ def openvla_oft(
     Sequence: ``<s>``, image tokens of every view, [proprio], [diffusion timestep], prompt
     (ending in ``"▁"``, 29871 for Llama-2: the processor appends it), ``chunk * a`` action
     slots, ``</s>``; positions run contiguously. FiLM's language vector is OFT's (the mean of
-    ``<s>``, the prompt columns and ``</s>``).
+    ``<s>``, the prompt columns and ``</s>``). ``pruner``: a token pruner
+    ([vlakit.pruners][vlakit.pruners]; LightVLA's is [lightvla][vlakit.models.lightvla.lightvla]).
     """
     return VLA(
         encoder=encoder,
@@ -128,6 +134,7 @@ def openvla_oft(
         proprio_normalizer=proprio_normalizer,
         num_views=num_views,
         film_language="oft",
+        pruner=pruner,
     )
 
 
@@ -150,6 +157,8 @@ def openvla_oft_7b(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     linear: LinearFactory = nn.Linear,
+    pruner: nn.Module | None = None,
+    predict_read: str | None = None,
 ) -> VLA:
     """OpenVLA-OFT at full size: OpenVLA-7B's towers, projector and Llama-2 plus OFT's head,
     proprio projector and (optionally) FiLM.
@@ -183,6 +192,11 @@ def openvla_oft_7b(
         dtype: parameter dtype, built directly.
         device: where to build (``"meta"`` for counting).
         linear: factory for the towers' and the Llama's linear layers.
+        pruner: a token pruner before the Llama (LightVLA:
+            [lightvla_7b][vlakit.models.lightvla_7b]).
+        predict_read: the L1/diffusion head's read at prediction (default: its training
+            read, ``"previous"``; LightVLA's release reads ``"next"``, see
+            [SLOT_READS][vlakit.heads.SLOT_READS]).
     """
     with building(dtype, device):
         encoder, projector, decoder = _openvla_7b_parts(
@@ -197,6 +211,7 @@ def openvla_oft_7b(
             head=oft_head(
                 head, decoder.dim, chunk_size, action_dim, attention,
                 num_inference_steps=num_inference_steps, layout=layout,
+                predict_read=predict_read,
             ),
             proprio_projector=(
                 None if proprio_dim is None else ProprioProjector(proprio_dim, decoder.dim)
@@ -205,4 +220,5 @@ def openvla_oft_7b(
             action_normalizer=action_normalizer,
             proprio_normalizer=proprio_normalizer,
             num_views=num_views,
+            pruner=pruner,
         )

@@ -1,0 +1,59 @@
+"""LightVLA: OpenVLA-OFT with a parameter-free token pruner in front of the Llama."""
+
+from typing import Any
+
+from torch import nn
+
+from vlakit.model import VLA
+from vlakit.models.openvla_oft import openvla_oft, openvla_oft_7b
+from vlakit.pruners import LightVLAPruner
+
+__all__ = ["lightvla", "lightvla_7b"]
+
+
+def lightvla(*, pruner: nn.Module | None = None, **parts: Any) -> VLA:
+    """Component builder: [openvla_oft][vlakit.models.openvla_oft.openvla_oft] from any
+    blocks, with a [LightVLAPruner][vlakit.pruners.LightVLAPruner] (or the ``pruner``
+    given) before the first decoder layer. ``parts``: ``openvla_oft``'s arguments
+    (``encoder``, ``projector``, ``decoder``, ``head``, ...)."""
+    return openvla_oft(pruner=LightVLAPruner() if pruner is None else pruner, **parts)
+
+
+def lightvla_7b(
+    head: str = "l1",
+    num_views: int | None = None,
+    proprio_dim: int | None = 8,
+    chunk_size: int = 8,
+    action_dim: int = 7,
+    film: bool = False,
+    attention: str = "bidirectional",
+    *,
+    pruner: nn.Module | None = None,
+    predict_read: str | None = "next",
+    **kwargs: Any,
+) -> VLA:
+    """LightVLA at full size: [openvla_oft_7b][vlakit.models.openvla_oft_7b] (same
+    arguments, same 7,709,173,191 parameters in the LIBERO configuration: the pruner has
+    none) with a [LightVLAPruner][vlakit.pruners.LightVLAPruner] before Llama layer 0.
+
+    The pruner finds the image tokens by role, so the number of views is whatever the
+    batch brings (``num_views=None``, the default here; LIBERO uses 2): no
+    ``set_num_images_in_input``.
+
+    Args:
+        head, num_views, proprio_dim, chunk_size, action_dim, film, attention: as
+            ``openvla_oft_7b``.
+        pruner: another pruner in place of ``LightVLAPruner()``.
+        predict_read: the head's read at prediction. ``"next"`` (default) is what the
+            released LightVLA ``predict_action`` does: it reads the last ``chunk * a``
+            positions (slots ``2..m`` and ``</s>``) while training reads the state before
+            each slot, as OFT does; ``None`` predicts with the training read.
+        **kwargs: the rest of ``openvla_oft_7b``'s keyword arguments (``dtype``,
+            ``device``, ``num_inference_steps``, normalisers, ...).
+    """
+    return openvla_oft_7b(
+        head, num_views, proprio_dim, chunk_size, action_dim, film, attention,
+        pruner=LightVLAPruner() if pruner is None else pruner,
+        predict_read=None if head == "flow" else predict_read,
+        **kwargs,
+    )
