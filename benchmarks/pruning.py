@@ -4,7 +4,10 @@ Full width, reduced depth so that it fits a CPU: a Llama-shaped vlakit decoder w
 d = 4096, 32 heads, MLP 11008 (Llama-2-7B's layer) and ``--layers`` layers (4 by default;
 ``--layers 32`` is the whole Llama-2-7B). The sequence is OpenVLA-OFT's with two views:
 ``<s>``, 512 image tokens, one proprio token, 22 prompt tokens and 56 action slots (80
-tokens besides the images), random embeddings, under OFT's bidirectional mask.
+tokens besides the images), random embeddings, under OFT's bidirectional mask. The image
+tokens are drawn around 48 random centres (neighbouring patches of real images are alike;
+on i.i.d. random tokens LightVLA's queries pick themselves and it keeps almost all 512):
+on these it keeps about 100 of 512, near the ~78 a trained LightVLA keeps on LIBERO.
 
 Rows (all in one run, timed in turns so that load from other processes falls on them
 alike): no pruning; ``TopKPruner`` forced to keep 50 %, 25 % and 15 % of the image tokens;
@@ -48,7 +51,12 @@ def sequence(batch: int, dtype: torch.dtype, device: str) -> TokenSequence:
              + [TokenRole.TEXT] * PROMPT + [TokenRole.ACTION] * SLOTS)
     n = len(roles)
     g = torch.Generator().manual_seed(0)
-    embeds = (torch.randn(batch, n, D, generator=g) * 0.02).to(device, dtype)
+    embeds = torch.randn(batch, n, D, generator=g) * 0.02
+    centres = torch.randn(batch, 48, D, generator=g) * 0.02
+    which = torch.randint(0, 48, (IMAGES,), generator=g)
+    embeds[:, 1:1 + IMAGES] = centres[:, which] + 0.1 * torch.randn(batch, IMAGES, D,
+                                                                   generator=g) * 0.02
+    embeds = embeds.to(device, dtype)
     role_ids = torch.tensor([int(r) for r in roles], device=device).expand(batch, n)
     return TokenSequence(
         embeds=embeds, roles=role_ids.clone(),
@@ -131,7 +139,8 @@ def main() -> None:
                 "latency_ms": t["latency_ms"], "pruner_ms": 0.0 if i == 0 else
                 alone[i - 1]["latency_ms"], "gflops": flops / 1e9,
                 "latency_reduction": lat_red, "flop_reduction": flop_red,
-                "ratio": float("nan") if i == 0 else lat_red / flop_red,
+                # the goal's ratio, where there is a reduction to speak of
+                "ratio": lat_red / flop_red if flop_red > 0.05 else float("nan"),
             }
             rows.append(row)
             points.append((batch, name, kept, t["latency_ms"]))

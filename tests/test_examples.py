@@ -52,3 +52,17 @@ def test_openvla_oft_example_predicts_a_chunk_with_every_head():
     for head, layout in [("L1RegressionHead", "one pass"), ("DiffusionActionHead", "oft"),
                          ("DiffusionActionHead", "cached"), ("FlowMatchingHead", "cached")]:
         assert re.search(rf"{head} +attention=\w+ +layout={layout} +actions \(3, 8, 7\)", out), out
+
+
+def test_lightvla_example_prunes_a_padded_batch_and_draws_the_kept_patches(tmp_path):
+    out_png = tmp_path / "kept.png"
+    result = subprocess.run([sys.executable, str(EXAMPLES / "lightvla.py"), "--out",
+                             str(out_png)], capture_output=True, text=True, timeout=300,
+                            cwd=EXAMPLES)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "LightVLA-7B on the meta device: 7,709,173,191 parameters" in out
+    kept = [int(k) for k in re.findall(r"kept (\d+)/32 image tokens", out)]
+    assert len(kept) == 3 and all(0 < k < 32 for k in kept), out
+    assert re.search(r"1 view, same model: actions \(3, 8, 7\), kept [0-9.]+% of 16", out), out
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,7 @@ function-local imports. Layers, bottom to top::
     models                                 everything below, convert included
     processors                             core and model
     summary (parameter tables)             core
+    viz (pictures of pruned patches)       core
     vlakit (the package root)              anything; nothing imports it
 """
 
@@ -94,6 +95,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"core", "model", "convert", "models"} | _BLOCKS,
     "processors": {"core", "model", "processors"},
     "summary": {"core", "summary"},  # parameter tables: a utility beside the core
+    "viz": {"core", "viz"},  # pictures (matplotlib): a utility beside the core
     "distributed": {"core", "model", "distributed"} | _BLOCKS,  # FSDP2 / checkpointing
 }
 

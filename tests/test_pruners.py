@@ -523,3 +523,22 @@ def test_a_pruner_between_layers_refuses_cached_paths():
     with pytest.raises(ValueError, match="different key counts"):
         model.generate(_inputs(actions=False), 2)
     assert not model.runner(_inputs(actions=False)).supports_prefix_cache
+
+
+# -- pictures --------------------------------------------------------------------------------
+
+def test_plot_kept_patches_one_panel_per_view_with_counts():
+    from vlakit.viz import plot_kept_patches
+
+    images = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    kept = torch.zeros(32, dtype=torch.bool)
+    kept[[0, 5, 20]] = True
+    fig = plot_kept_patches(images, kept, titles=["left", "wrist"])
+    assert [ax.get_title() for ax in fig.axes] == ["left: 2/16 kept", "wrist: 1/16 kept"]
+    assert len(fig.axes[0].patches) == 2  # an outline per kept patch
+    with pytest.raises(ValueError, match="not a square grid"):
+        plot_kept_patches(images, torch.ones(24, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not split into 2 views"):
+        plot_kept_patches(images, torch.ones(33, dtype=torch.bool))
+    fig = plot_kept_patches(images[0].float() / 255, torch.ones(8, dtype=torch.bool), grid=(2, 4))
+    assert fig.axes[0].get_title() == "view 0: 8/8 kept"

@@ -149,9 +149,56 @@ def vlm_and_blocks() -> None:
     print("VLM (prefix-LM) and role-block VLA: fullgraph OK")
 
 
+def pruned_vla() -> None:
+    """Pruners with static shapes inside a whole compiled VLA.forward + backward: LightVLA's
+    training mix, TopK before layer 0, FastV between layers (an AttentionTap inside the
+    graph)."""
+    from vlakit.core import BidirectionalMask
+    from vlakit.heads import L1RegressionHead
+    from vlakit.projectors import LinearProjector
+    from vlakit.pruners import FastVPruner, LightVLAPruner, TopKPruner
+
+    g = torch.Generator().manual_seed(1)
+    inputs = VLAInputs(
+        input_ids=torch.randint(3, 100, (2, 5), generator=g),
+        text_valid=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),
+        pixels=torch.randn(2, 2, 3, 28, 28, generator=g),
+        actions=torch.rand(2, 2, 3, generator=g) * 2 - 1,
+    )
+    for pruner, policy in [(LightVLAPruner(noise_scale=0.5), BidirectionalMask()),
+                           (TopKPruner(0.5), CausalMask()),
+                           (FastVPruner(layer=1, keep_ratio=0.5), CausalMask())]:
+        torch.manual_seed(0)
+        model = VLA(
+            encoder=vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64),
+            projector=LinearProjector(32, 64),
+            interleaver=PrefixInterleaver(bos_id=1, eos_id=2),
+            decoder=llama(vocab_size=VOCAB_SIZE, dim=64, num_layers=2, num_heads=4,
+                          mlp_dim=128),
+            mask_policy=policy, head=L1RegressionHead(64, action_dim=3, chunk_size=2),
+            pruner=pruner,
+        ).train()
+        torch.manual_seed(3)
+        eager = model(inputs)
+        eager.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        torch.manual_seed(3)
+        out = torch.compile(model, backend=BACKEND, fullgraph=True)(inputs)
+        out.loss.backward()
+        name = type(pruner).__name__
+        close(out.loss, eager.loss, f"{name} loss")
+        assert out.sequence.length == eager.sequence.length
+        for pname, param in model.named_parameters():
+            if pname in grads:
+                close(param.grad, grads[pname], f"{name} grad {pname}")
+    print("pruned VLA.forward (LightVLA training, TopK, FastV with a tap): fullgraph OK")
+
+
 if __name__ == "__main__":
     decoder_and_layer()
     vit_block()
     whole_vla()
     vlm_and_blocks()
+    pruned_vla()
     print("COMPILE OK")

@@ -40,9 +40,12 @@ def lightvla_7b(
     batch brings (``num_views=None``, the default here; LIBERO uses 2): no
     ``set_num_images_in_input``.
 
+    ``head``, ``proprio_dim``, ``chunk_size``, ``action_dim``, ``film`` and ``attention``
+    are ``openvla_oft_7b``'s.
+
     Args:
-        head, num_views, proprio_dim, chunk_size, action_dim, film, attention: as
-            ``openvla_oft_7b``.
+        num_views: camera views per example, checked on every batch; ``None`` (default):
+            any count.
         pruner: another pruner in place of ``LightVLAPruner()``.
         predict_read: the head's read at prediction. ``"next"`` (default) is what the
             released LightVLA ``predict_action`` does: it reads the last ``chunk * a``
