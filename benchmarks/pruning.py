@@ -15,7 +15,7 @@ alike): no pruning; ``TopKPruner`` forced to keep 50 %, 25 % and 15 % of the ima
 ~15 % of a trained model, so the row shows its own cost at the count it picked). Each
 timed call is the pruner *and* the decoder (``VLA.decode``-style: prune the embeddings,
 rebuild the mask, run every layer), so the pruner's own cost is included; the pruner alone
-is timed too.
+is timed too, and so is the decoder with an attention tap on layer 0 (FastV's read).
 
 FLOPs are counted analytically (multiply-adds x 2): per layer ``2 n (4 d^2 + 3 d m)`` for
 the projections and MLP plus ``4 n^2 d`` for attention; the LightVLA scorer adds
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine_name, measure_turns, print_table, write_json  # noqa: E402
 
-from vlakit.core import BidirectionalMask, TokenRole, TokenSequence  # noqa: E402
+from vlakit.core import AttentionTap, BidirectionalMask, TokenRole, TokenSequence  # noqa: E402
 from vlakit.decoders import llama  # noqa: E402
 from vlakit.pruners import LightVLAPruner, TopKPruner  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> None:
     pruners = [("none", None)] + [
         (f"TopK {int(r * 100)} %", TopKPruner(r)) for r in (0.5, 0.25, 0.15)
     ] + [("LightVLA (own choice)", LightVLAPruner())]
-    rows, points = [], []
+    rows, points, taps = [], [], []
     for batch in args.batch:
         seq = sequence(batch, dtype, args.device)
 
@@ -124,6 +124,23 @@ def main() -> None:
                               args.repeats, memory=False)
         base_ms, base_flops = timed[0]["latency_ms"], decoder_flops(batch, seq.length,
                                                                      args.layers)
+        # the attention tap's cost: one query per row (FastV's last prompt token) on layer 0
+        last = torch.full((batch, 1), seq.length - 1 - SLOTS, device=args.device)
+
+        def plain(seq=seq):
+            with torch.no_grad():
+                return run_decoder(seq.embeds, policy.spec(seq), seq.positions)
+
+        def tapped(seq=seq, last=last):
+            with torch.no_grad():
+                tap = AttentionTap(0, last)
+                return run_decoder(seq.embeds, policy.spec(seq), seq.positions, tap=tap)
+
+        untapped, with_tap = measure_turns([plain, tapped], args.device, args.warmup,
+                                           args.repeats, memory=False)
+        taps.append({"batch": batch, "plain_ms": untapped["latency_ms"],
+                     "tap_ms": with_tap["latency_ms"],
+                     "overhead": with_tap["latency_ms"] / untapped["latency_ms"] - 1})
         for i, ((name, pruner), t) in enumerate(zip(pruners, timed)):
             with torch.no_grad():
                 pruned = seq if pruner is None else pruner.eval()(seq)
@@ -155,9 +172,12 @@ def main() -> None:
         ("flop_reduction", "FLOPs -", ".1%"), ("latency_reduction", "latency -", ".1%"),
         ("ratio", "ratio", ".2f"),
     ])
+    print("\nattention tap (layer 0, one query per row) vs the same decoder without it:")
+    print_table(taps, [("batch", "batch", "d"), ("plain_ms", "no tap ms", ".1f"),
+                       ("tap_ms", "tap ms", ".1f"), ("overhead", "overhead", "+.2%")])
     write_json(args.json, {
         "machine": machine_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
-        "layers": args.layers, "compiled": args.compile, "rows": rows,
+        "layers": args.layers, "compiled": args.compile, "rows": rows, "tap": taps,
     })
     if args.plot:
         import matplotlib

@@ -19,5 +19,7 @@ def test_hot_paths_compile_without_graph_breaks_and_match_eager():
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     for line in ("TransformerDecoder: fullgraph OK", "compiled once", "ViTBlock: fullgraph OK",
-                 "VLA.forward: fullgraph OK", "role-block VLA: fullgraph OK", "COMPILE OK"):
+                 "VLA.forward: fullgraph OK", "role-block VLA: fullgraph OK",
+                 "FastV with a tap): fullgraph OK", "length_multiple: the decoder compiled once",
+                 "COMPILE OK"):
         assert line in out, out[-4000:]

@@ -19,7 +19,9 @@ def test_fully_shard_vla_matches_unsharded_loss_gradients_and_actions():
     assert "wrapped timm + transformers" in done.stdout
     assert "prefix-trained expert head" in done.stdout
     assert "target action tokens unchanged" in done.stdout
-    for head in ("l1/bidirectional", "diffusion/parallel", "flow/parallel"):
+    for head in ("l1/bidirectional", "diffusion/parallel", "flow/parallel",
+                 "l1/bidirectional + LightVLAPruner", "flow/parallel + TopKPruner",
+                 "l1/causal + FastVPruner"):
         assert f"continuous head {head}: loss, gradients and actions equal" in done.stdout
 
 

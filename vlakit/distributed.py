@@ -32,6 +32,7 @@ _MODEL_ENTRY_POINTS = (
     "film_condition",
     "place_head_tokens",
     "build_sequence",
+    "decode",
 )
 
 

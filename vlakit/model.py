@@ -404,6 +404,7 @@ class VLA(nn.Module):
         layer = self.pruner_layer
         if layer == 0:
             return self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions), seq
+        self._check_pruner()  # static checks, also for a pruner assigned after construction
         tap = self.pruner.attention_tap(seq)
         x = self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions,
                          end_layer=layer, tap=tap)

@@ -194,6 +194,33 @@ def pruned_vla() -> None:
                 close(param.grad, grads[pname], f"{name} grad {pname}")
     print("pruned VLA.forward (LightVLA training, TopK, FastV with a tap): fullgraph OK")
 
+    # LightVLA at evaluation: a data-dependent kept count, bucketed by length_multiple, so
+    # a decoder compiled with dynamic=False (compile_for_inference) compiles once
+    torch.manual_seed(0)
+    model = VLA(
+        encoder=vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64),
+        projector=LinearProjector(32, 64), interleaver=PrefixInterleaver(bos_id=1, eos_id=2),
+        decoder=llama(vocab_size=VOCAB_SIZE, dim=64, num_layers=2, num_heads=4, mlp_dim=128),
+        mask_policy=BidirectionalMask(), head=L1RegressionHead(64, action_dim=3, chunk_size=2),
+        pruner=LightVLAPruner(length_multiple=32),
+    ).eval()
+    predict = VLAInputs(input_ids=inputs.input_ids, text_valid=inputs.text_valid,
+                        pixels=inputs.pixels)
+    other = VLAInputs(input_ids=inputs.input_ids, text_valid=inputs.text_valid,
+                      pixels=torch.randn(2, 2, 3, 28, 28, generator=g))
+    eager, counts = [], []
+    for batch in (predict, other):
+        eager.append(model.predict_action(batch))
+        counts.append(model.pruner.last_kept.sum(1).tolist())
+    assert counts[0] != counts[1], f"the two batches keep the same counts {counts}"
+    counter = CountingBackend()
+    model.decoder.compile(backend=counter, fullgraph=True, dynamic=False)
+    compiled = [model.predict_action(predict), model.predict_action(other)]
+    for a, b in zip(compiled, eager):
+        close(a, b, "LightVLA eval, compiled decoder")
+    assert counter.graphs == 1, f"the decoder compiled {counter.graphs} times"
+    print(f"LightVLA evaluation, kept {counts}, length_multiple: the decoder compiled once")
+
 
 if __name__ == "__main__":
     decoder_and_layer()

@@ -174,13 +174,18 @@ def check_prefix_trained_and_mixed_precision() -> None:
 
 
 def check_continuous_heads() -> None:
-    """L1, diffusion (cached prefix) and flow heads: a sharded training step and sampled
-    predictions equal the unsharded model's (same seeds)."""
+    """L1, diffusion (cached prefix) and flow heads, and pruners (LightVLA's training mix
+    and evaluation set, TopK before a cached prefix, FastV between layers): a sharded
+    training step and sampled predictions equal the unsharded model's (same seeds)."""
     from vlakit.models import oft_head, oft_mask
     from vlakit.projectors import ProprioProjector
+    from vlakit.pruners import FastVPruner, LightVLAPruner, TopKPruner
 
-    for head, attention in [("l1", "bidirectional"), ("diffusion", "parallel"),
-                            ("flow", "parallel")]:
+    for head, attention, pruner in [
+        ("l1", "bidirectional", None), ("diffusion", "parallel", None),
+        ("flow", "parallel", None), ("l1", "bidirectional", LightVLAPruner(noise_scale=0.5)),
+        ("flow", "parallel", TopKPruner(0.5)), ("l1", "causal", FastVPruner(1, 0.5)),
+    ]:
         torch.manual_seed(0)
         reference = VLA(
             encoder=vit(img_size=28, patch_size=14, dim=32, depth=2, num_heads=4, mlp_dim=64),
@@ -191,6 +196,7 @@ def check_continuous_heads() -> None:
             mask_policy=oft_mask(attention),
             head=oft_head(head, 64, 2, 3, attention, num_inference_steps=3),
             proprio_projector=ProprioProjector(4, 64),
+            pruner=pruner,
         )
         sharded = fully_shard_vla(copy.deepcopy(reference))
         inputs = batch()
@@ -209,12 +215,14 @@ def check_continuous_heads() -> None:
         predict = VLAInputs(input_ids=inputs.input_ids, text_valid=inputs.text_valid,
                             pixels=inputs.pixels, proprio=inputs.proprio)
         n = 2 if head != "l1" else None
+        reference.eval(), sharded.eval()
         torch.manual_seed(6)
         want = reference.predict_action(predict, num_samples=n)
         torch.manual_seed(6)
         got = sharded.predict_action(predict, num_samples=n)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-        print(f"continuous head {head}/{attention}: loss, gradients and actions equal")
+        name = "" if pruner is None else f" + {type(pruner).__name__}"
+        print(f"continuous head {head}/{attention}{name}: loss, gradients and actions equal")
 
 
 def main() -> None:

@@ -39,9 +39,10 @@ class StepRunner:
             warnings.warn(
                 f"{type(head).__name__}(layout={head.layout!r}): this model keeps no read-only "
                 f"prefix cache (its decoder has none, e.g. HFDecoder, or a pruner sits "
-                f"between decoder layers), so every step re-runs the whole "
-                f"sequence (same result, about (P+S)/S times the compute per step); vlakit's "
-                f"TransformerDecoder runs the cached path",
+                f"between decoder layers), so every step re-runs the whole sequence (about "
+                f"(P+S)/S times the compute per step; the same result unless a pruner scores "
+                f"against the suffix, as LightVLA does); vlakit's TransformerDecoder with a "
+                f"pruner before layer 0 runs the cached path",
                 stacklevel=4,
             )
         self._run: Callable[[HeadTokens], tuple[Tensor, TokenSequence]]

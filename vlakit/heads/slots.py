@@ -54,6 +54,12 @@ def read_slots(
             )
     first = is_slot.to(torch.int8).argmax(dim=1)  # [b] first slot of each row
     index = first[:, None] + torch.arange(num_slots, device=first.device)  # [b, m]
+    if read == "next" and should_validate(first) and bool((first + num_slots >= seq.length).any()):
+        raise ValueError(
+            f"read='next' reads the token after each slot, but in this sequence the last slot "
+            f"is the last token (nothing follows it, e.g. no </s>); {head} needs a token "
+            f"after the slots (an interleaver with eos_id) or another read"
+        )
     if read == "previous":
         index = index - 1
     elif read == "next":

@@ -86,6 +86,7 @@ def drop_tokens(
     drop: Bool[Tensor, "b n"],
     dropped: int | None = None,
     num_image_tokens: int | None = None,
+    length_multiple: int | None = None,
 ) -> TokenSequence:
     """``seq`` without the tokens marked in ``drop``; every field stays in step.
 
@@ -96,6 +97,8 @@ def drop_tokens(
     (``valid`` ``False``, role ``PAD``, zero embedding), so the batch stays right-padded and
     every row sees exactly what it would see alone. ``num_image_tokens``: the image
     tokens each row keeps, when the caller knows it is the same for every row.
+    ``length_multiple``: round a variable length up to a multiple of it (more padding,
+    fewer distinct shapes for a compiled decoder).
     """
     n = seq.length
     if dropped is not None:
@@ -106,6 +109,8 @@ def drop_tokens(
     keep = seq.valid & ~drop
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
     length = max(1, int(keep.sum(1).max()))  # the variable count: one device read
+    if length_multiple is not None:
+        length = min(n, -(-length // length_multiple) * length_multiple)
     index = order[:, :length]
     out = seq.gather(index)
     valid = torch.gather(keep, 1, index)  # False for the tail of shorter rows
@@ -133,9 +138,9 @@ class TokenPruner(nn.Module):
     Contract for subclasses: implement ``prune(seq, block, attention)`` for a sequence
     that has image tokens; optionally ``attention_tap(seq)`` returning the
     [AttentionTap][vlakit.core.AttentionTap] whose weights ``prune`` receives as
-    ``attention`` (taps read layer ``layer - 1``). After each call ``last_kept`` holds
+    ``attention`` (taps read layer ``layer - 1``). After each eager call ``last_kept`` holds
     ``[b, p]``: which of the ``p`` image tokens of each row were kept (for pictures,
-    [vlakit.viz][vlakit.viz]).
+    [vlakit.viz][vlakit.viz]); inside ``torch.compile`` it is not updated.
 
     Args:
         layer: the decoder layer whose inputs are pruned.

@@ -55,10 +55,19 @@ class LightVLAPruner(TokenPruner):
     prefix alone, so the action slots and ``</s>`` are not among its keys: the pruned
     prefix is what gets cached.
 
+    Shapes: the kept count is data-dependent, so the pruned length is read back once per
+    pass (plus one read for the scorer's keys, see below), and every new length is a new
+    shape for a compiled decoder. ``length_multiple=m`` rounds the pruned length up to a
+    multiple of ``m`` (the extra columns are padding, masked out), so a decoder compiled
+    with ``dynamic=False`` (``compile_for_inference``) sees at most ``n / m + 1`` shapes.
+    Training keeps the length, so it has static shapes and compiles whole.
+
     Args:
         layer: the decoder layer whose inputs are pruned (LightVLA: 0).
         noise_scale: initial scale of the training noise (``None``: no noise).
         eps: the RMSNorm epsilon.
+        length_multiple: round the pruned length up to a multiple of this at evaluation
+            (``None``: the exact length).
         strict: raise on a sequence without image tokens (default: pass it through with a
             warning, once).
     """
@@ -68,11 +77,15 @@ class LightVLAPruner(TokenPruner):
         layer: int = 0,
         noise_scale: float | None = None,
         eps: float = 1e-6,
+        length_multiple: int | None = None,
         strict: bool = False,
     ) -> None:
         super().__init__(layer, strict)
+        if length_multiple is not None and length_multiple < 1:
+            raise ValueError(f"length_multiple must be >= 1 or None, got {length_multiple}")
         self.noise_scale = noise_scale
         self.eps = eps
+        self.length_multiple = length_multiple
 
     def set_noise_scale(self, noise_scale: float | None) -> None:
         """Scale of the uniform noise added to the scores in training (``None``: none)."""
@@ -82,11 +95,30 @@ class LightVLAPruner(TokenPruner):
         """``score[b, i, j]``: how well image token ``i``'s query matches image token ``j``."""
         d = seq.embeds.shape[-1]
         patches = _rms_norm(block.tokens(seq.embeds), self.eps)  # [b, P, d]
-        rest = _rms_norm(seq.embeds, self.eps)  # [b, n, d]; keys: real tokens after images
-        keys = (block.after(seq.length) & seq.valid)[:, None, :]  # [b, 1, n]
+        rest, keys = self._keys(seq, block)
+        rest = _rms_norm(rest, self.eps)
         queries = F.scaled_dot_product_attention(patches, rest, rest, attn_mask=keys)
         queries = _rms_norm(queries, self.eps)  # [b, P, d]
         return queries @ patches.transpose(-1, -2) * d**-0.5  # [b, P, P]
+
+    def _keys(self, seq: TokenSequence, block: ImageBlock) -> tuple[Tensor, Tensor | None]:
+        """The scorer's keys: the real tokens after the image block.
+
+        When every row's block starts at the same index (the interleavers' layouts), the
+        tokens after it are sliced and, without padding among them, attended with no mask:
+        the reference's own call (same kernel, same sum, so bf16 scores match too) over
+        ``n - start - p`` keys. That costs one device read; under ``torch.compile``, or
+        when rows differ, every token is attended with the others masked (same maths)."""
+        if not torch.compiler.is_compiling():
+            ends = block.start + block.count  # [b]
+            first, last = torch.aminmax(ends)
+            after = torch.arange(seq.length, device=ends.device) >= ends[:, None]
+            padded = (after & ~seq.valid).any()
+            first, last, padded = torch.stack((first, last, padded.long())).tolist()
+            if first == last:
+                rest = seq.embeds[:, first:]
+                return rest, None if not padded else seq.valid[:, None, first:]
+        return seq.embeds, (block.after(seq.length) & seq.valid)[:, None, :]
 
     def prune(
         self, seq: TokenSequence, block: ImageBlock, attention: Tensor | None
@@ -97,7 +129,8 @@ class LightVLAPruner(TokenPruner):
             return self._mix(seq, block, score)
         picked = score.argmax(-1)  # [b, P]
         kept = torch.zeros(b, p, dtype=torch.bool, device=score.device).scatter(1, picked, True)
-        return drop_tokens(seq, block.scatter(~kept, seq.length)), kept
+        drop = block.scatter(~kept, seq.length)
+        return drop_tokens(seq, drop, length_multiple=self.length_multiple), kept
 
     def _mix(
         self, seq: TokenSequence, block: ImageBlock, score: Tensor
