@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from vlakit.core import MaskPolicy, TokenRole, TokenSequence
+from vlakit.core import MaskPolicy, TokenRole, TokenSequence, guard_meta_loading
 from vlakit.heads import HeadTokens, NextTokenHead
 from vlakit.runner import VLARunner
 
@@ -149,6 +149,12 @@ class VLA(nn.Module):
             over ``<s>``, every prompt column (padding included, as in its padded training
             batches) and ``</s>``, i.e. every non-slot text token of its sequence.
 
+    A model built on the ``meta`` device (``openvla_7b(device="meta")``) is filled by
+    ``load_state_dict`` on it or on any of its blocks: each stored tensor replaces its meta
+    parameter, cast to the parameter's dtype (see
+    [guard_meta_loading][vlakit.core.guard_meta_loading]); torch alone would copy into
+    meta, a silent no-op.
+
     Token ids that can be checked when the model is built are: the head's vocabulary ids
     (an action tokenizer's range) and the interleaver's ``<s>`` and ``</s>`` ids must lie
     inside the decoder's vocabulary, else a ``ValueError`` names the id. (Placeholder ids are
@@ -198,6 +204,7 @@ class VLA(nn.Module):
         self._check_widths()
         self._check_vocabulary()
         self._check_pruner()
+        guard_meta_loading(self)  # load_state_dict into a meta-built block fills it
 
     # -- build-time checks -----------------------------------------------------------------
 

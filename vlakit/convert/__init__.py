@@ -7,12 +7,21 @@ from vlakit.convert.decoders import (
     HF_DECODER_RULES,
     convert_hf_decoder_state_dict,
     decoder_from_transformers,
+    decoder_spec,
     load_hf_decoder_state_dict,
+)
+from vlakit.convert.files import (
+    CheckpointFiles,
+    LoadReport,
+    load_into,
+    read_torch_weights,
+    strip_prefix,
 )
 from vlakit.convert.rename import Rules, rename_keys
 from vlakit.convert.vision import (
     load_openvla_vision,
     openvla_vision_state_dicts,
+    siglip_vit_spec,
     timm_to_vit,
     transformers_siglip_to_vit,
     vit_from_timm,
@@ -26,6 +35,13 @@ __all__ = [
     "convert_hf_decoder_state_dict",
     "load_hf_decoder_state_dict",
     "decoder_from_transformers",
+    "decoder_spec",
+    "CheckpointFiles",
+    "LoadReport",
+    "load_into",
+    "read_torch_weights",
+    "strip_prefix",
+    "siglip_vit_spec",
     "vit_from_timm",
     "vit_from_transformers",
     "timm_to_vit",

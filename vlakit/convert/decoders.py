@@ -29,6 +29,7 @@ __all__ = [
     "convert_hf_decoder_state_dict",
     "load_hf_decoder_state_dict",
     "decoder_from_transformers",
+    "decoder_spec",
 ]
 
 _M = r"(?:model\.)?"
@@ -114,7 +115,23 @@ def decoder_from_transformers(model: nn.Module) -> TransformerDecoder:
             f"decoder_from_transformers expects a transformers Llama or Gemma model, got "
             f"{type(model).__name__}; wrap other causal LMs with HFDecoder"
         )
-    config = model.config
+    is_causal_lm = hasattr(model, "lm_head")
+    weight = next(model.parameters())
+    decoder = transformer_decoder(**decoder_spec(model.config, family, is_causal_lm),
+                                  device="meta")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    load_hf_decoder_state_dict(decoder, state)  # the decoder re-ties a tied head after loading
+    return decoder.to(device=weight.device, dtype=weight.dtype)
+
+
+def decoder_spec(config, family: str, has_lm_head: bool = True) -> dict:
+    """[transformer_decoder][vlakit.decoders.transformer_decoder]'s arguments for a
+    transformers Llama or Gemma config (``family``: ``"llama"`` or ``"gemma"``): the
+    architecture from the config alone. ``has_lm_head=False`` (a bare ``LlamaModel``) ties
+    the head. Biases, other activations and RoPE scaling raise a ``ValueError`` (wrap such
+    models with ``HFDecoder``)."""
+    if family not in ("llama", "gemma"):
+        raise ValueError(f"family must be 'llama' or 'gemma', got {family!r}")
     if getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False):
         raise ValueError(
             f"this model has biases (attention_bias={getattr(config, 'attention_bias', False)}, "
@@ -127,11 +144,9 @@ def decoder_from_transformers(model: nn.Module) -> TransformerDecoder:
             f"unsupported hidden_act {act_name!r}; expected one of {list(_ACTIVATIONS)} (or "
             f"wrap the model with HFDecoder)"
         )
-    is_causal_lm = hasattr(model, "lm_head")
-    tied = bool(config.tie_word_embeddings) or not is_causal_lm
+    tied = bool(config.tie_word_embeddings) or not has_lm_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    weight = next(model.parameters())
-    decoder = transformer_decoder(
+    return dict(
         vocab_size=config.vocab_size,
         dim=config.hidden_size,
         num_layers=config.num_hidden_layers,
@@ -146,8 +161,4 @@ def decoder_from_transformers(model: nn.Module) -> TransformerDecoder:
         tie_embeddings=tied,
         rope_base=_rope_theta(config),
         max_seq_len=config.max_position_embeddings,
-        device="meta",
     )
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    load_hf_decoder_state_dict(decoder, state)  # the decoder re-ties a tied head after loading
-    return decoder.to(device=weight.device, dtype=weight.dtype)

@@ -2,8 +2,7 @@
 
 import re
 from collections.abc import Mapping, Sequence
-
-from torch import Tensor
+from typing import Any
 
 from vlakit.core.checkpoint import CheckpointError
 
@@ -15,12 +14,13 @@ the key."""
 
 
 def rename_keys(
-    state_dict: Mapping[str, Tensor], rules: Rules, source: str, strict: bool = True
-) -> dict[str, Tensor]:
+    state_dict: Mapping[str, Any], rules: Rules, source: str, strict: bool = True
+) -> dict[str, Any]:
     """Rename every key by the first rule whose regex fully matches it.
 
     Args:
-        state_dict: source weights.
+        state_dict: source weights (any values: a loader renames ``{key: key}`` to plan a
+            lazy load).
         rules: ``(pattern, replacement)`` pairs; ``replacement`` uses ``\\1``-style groups,
             ``None`` drops the key.
         source: name of the format, for error messages.
@@ -30,7 +30,7 @@ def rename_keys(
         CheckpointError: naming the first key no rule matches (``strict``), or two source
             keys that rename to the same key.
     """
-    out: dict[str, Tensor] = {}
+    out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in state_dict.items():
         for pattern, replacement in rules:

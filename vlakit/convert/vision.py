@@ -47,6 +47,7 @@ __all__ = [
     "transformers_siglip_to_vit",
     "openvla_vision_state_dicts",
     "load_openvla_vision",
+    "siglip_vit_spec",
 ]
 
 
@@ -61,7 +62,8 @@ def _vit_rules(attn_pool: bool) -> list[tuple[str, str | None]]:
             rf"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.{wb}",
             r"blocks.\1.\2.\3",
         ),
-        (r"blocks\.(\d+)\.ls([12])\.gamma", r"blocks.\1.ls\2.gamma"),
+        # timm's name, and Prismatic's (OpenVLA patches LayerScale to hold `scale_factor`)
+        (r"blocks\.(\d+)\.ls([12])\.(?:gamma|scale_factor)", r"blocks.\1.ls\2.gamma"),
         (rf"blocks\.(\d+)\.film\.(scale|shift)\.{wb}", r"blocks.\1.film.\2.\3"),
         (rf"norm\.{wb}", r"norm.\1"),
         (r"attn_pool\.latent", r"attn_pool.latent" if attn_pool else None),
@@ -391,12 +393,26 @@ def vit_from_transformers(
     if hasattr(model, "vision_model"):
         model = model.vision_model
     config = getattr(model, "config", None)
+    map_head = bool(getattr(model, "use_head", getattr(config, "vision_use_head", True)))
+    spec = siglip_vit_spec(config, output_layer, preprocessing, map_head=map_head)
+    weights = transformers_siglip_to_vit(model.state_dict())
+    return _build_and_load(spec, weights, model, "transformers SiglipVisionModel")
+
+
+def siglip_vit_spec(
+    config: Any,
+    output_layer: int = -1,
+    preprocessing: PreprocessConfig | None = None,
+    map_head: bool | None = None,
+) -> dict[str, Any]:
+    """The own ViT's arguments ([`vit`][vlakit.vision]) for a transformers
+    ``SiglipVisionConfig``: the architecture from the config alone, nothing built.
+    ``map_head`` defaults to the config's ``vision_use_head``."""
     model_type = getattr(config, "model_type", None)
     if model_type != "siglip_vision_model":
         raise TypeError(
-            "vit_from_transformers expects a SiglipVisionModel (model_type "
-            f"'siglip_vision_model'), got a {type(model).__name__} with model_type "
-            f"{model_type!r}"
+            "expected a SigLIP vision config (model_type 'siglip_vision_model'), got "
+            f"{type(config).__name__} with model_type {model_type!r}"
         )
     act = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}.get(config.hidden_act)
     if act is None:
@@ -405,8 +421,9 @@ def vit_from_transformers(
             f"{config.hidden_act!r}"
         )
     size = as_hw(config.image_size)
-    map_head = bool(getattr(model, "use_head", getattr(config, "vision_use_head", True)))
-    spec = dict(
+    if map_head is None:
+        map_head = bool(getattr(config, "vision_use_head", True))
+    return dict(
         img_size=size,
         patch_size=int(config.patch_size),
         in_chans=config.num_channels,
@@ -427,5 +444,3 @@ def vit_from_transformers(
         dynamic_img_size=False,
         preprocessing=preprocessing or PreprocessConfig(size=size, mean=(0.5,) * 3, std=(0.5,) * 3),
     )
-    weights = transformers_siglip_to_vit(model.state_dict())
-    return _build_and_load(spec, weights, model, "transformers SiglipVisionModel")

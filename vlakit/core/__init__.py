@@ -3,7 +3,7 @@
 Imports nothing else of vlakit.
 """
 
-from vlakit.core.checkpoint import CheckpointError, load_checked
+from vlakit.core.checkpoint import CheckpointError, guard_meta_loading, load_checked
 from vlakit.core.checks import set_validation, validation, validation_enabled
 from vlakit.core.init import building, init_parameters
 from vlakit.core.linear import LinearFactory
@@ -34,6 +34,7 @@ __all__ = [
     "building",
     "CheckpointError",
     "load_checked",
+    "guard_meta_loading",
     "TokenRole",
     "TokenSequence",
     "AttentionTap",

@@ -4,7 +4,7 @@ from collections.abc import Iterable, Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "load_checked"]
+__all__ = ["CheckpointError", "load_checked", "guard_meta_loading"]
 
 
 class CheckpointError(KeyError, ValueError):
@@ -54,3 +54,49 @@ def load_checked(
             )
     on_meta = any(t.is_meta for t in own.values())
     module.load_state_dict({k: state_dict[k] for k in own}, strict=True, assign=on_meta)
+
+
+def guard_meta_loading(module: nn.Module) -> nn.Module:
+    """Make ``load_state_dict`` fill parameters that are on the ``meta`` device, anywhere in
+    ``module`` (torch's default copies into a meta tensor: a silent no-op, with a warning).
+
+    With the guard, loading a state dict into ``module`` or any of its submodules replaces
+    each meta parameter or buffer the state dict holds by the stored tensor, cast to the
+    parameter's dtype (a bf16 checkpoint into an fp32-built model gives fp32), on the
+    stored tensor's device. Integer tensors for a floating parameter raise a
+    [CheckpointError][vlakit.core.CheckpointError] naming the key. Parameters that the
+    state dict lacks stay on ``meta`` (``strict=True``, the default, reports them as
+    missing). [VLA][vlakit.VLA] guards itself when it is built. Returns ``module``.
+    """
+    for sub in module.modules():
+        if not getattr(sub, "_guards_meta_loading", False):
+            sub.register_load_state_dict_pre_hook(_fill_meta_tensors)
+            sub._guards_meta_loading = True
+    return module
+
+
+def _fill_meta_tensors(module, state_dict, prefix, local_metadata, *args) -> None:
+    if local_metadata.get("assign_to_params_buffers", False):
+        return  # torch assigns already
+    persistent = {k: v for k, v in module._buffers.items()
+                  if v is not None and k not in module._non_persistent_buffers_set}
+    for store, name, tensor in [
+        *[(module._parameters, k, v) for k, v in module._parameters.items() if v is not None],
+        *[(module._buffers, k, v) for k, v in persistent.items()],
+    ]:
+        key = prefix + name
+        if not tensor.is_meta or key not in state_dict:
+            continue
+        value = state_dict[key]
+        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(tensor.shape):
+            continue  # torch's own check reports the mismatch
+        if tensor.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(
+                f"{key!r} is stored as {value.dtype}, but the parameter is {tensor.dtype}: "
+                f"quantised (integer) weights are not loaded into a floating model"
+            )
+        filled = value.detach().to(dtype=tensor.dtype)
+        if store is module._parameters:
+            store[name] = nn.Parameter(filled, requires_grad=tensor.requires_grad)
+        else:
+            store[name] = filled
