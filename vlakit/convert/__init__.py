@@ -20,9 +20,11 @@ from vlakit.convert.files import (
 from vlakit.convert.rename import Rules, rename_keys
 from vlakit.convert.vision import (
     load_openvla_vision,
+    openvla_tower_state_dict,
     openvla_vision_state_dicts,
     siglip_vit_spec,
     timm_to_vit,
+    timm_vit_spec,
     transformers_siglip_to_vit,
     vit_from_timm,
     vit_from_transformers,
@@ -42,10 +44,12 @@ __all__ = [
     "read_torch_weights",
     "strip_prefix",
     "siglip_vit_spec",
+    "timm_vit_spec",
     "vit_from_timm",
     "vit_from_transformers",
     "timm_to_vit",
     "transformers_siglip_to_vit",
     "openvla_vision_state_dicts",
+    "openvla_tower_state_dict",
     "load_openvla_vision",
 ]

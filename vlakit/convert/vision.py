@@ -46,8 +46,10 @@ __all__ = [
     "timm_to_vit",
     "transformers_siglip_to_vit",
     "openvla_vision_state_dicts",
+    "openvla_tower_state_dict",
     "load_openvla_vision",
     "siglip_vit_spec",
+    "timm_vit_spec",
 ]
 
 
@@ -202,6 +204,20 @@ def openvla_vision_state_dicts(
     )
 
 
+def openvla_tower_state_dict(
+    state_dict: Mapping[str, Tensor], tower: str, prefix: str = "vision_backbone."
+) -> dict[str, Tensor]:
+    """One OpenVLA vision tower (``tower``: ``"featurizer"`` or ``"fused_featurizer"``) as
+    an own-ViT state dict; keys outside ``{prefix}{tower}.`` are ignored, a key inside that
+    no rule knows raises [`CheckpointError`][vlakit.core.CheckpointError]. Single-tower
+    Prismatic backbones store ``featurizer`` alone."""
+    start = f"{prefix}{tower}."
+    weights = {k[len(start):]: v for k, v in state_dict.items() if k.startswith(start)}
+    if not weights:
+        raise CheckpointError(f"expected OpenVLA vision keys {start}*, but the checkpoint has none")
+    return _openvla_tower_to_vit(weights, f"OpenVLA ({start})")
+
+
 def load_openvla_vision(
     featurizer: nn.Module,
     fused_featurizer: nn.Module,
@@ -255,9 +271,10 @@ def _gelu_kind(act: nn.Module) -> str:
 _WRAP_TIMM = "; wrap the timm model with TimmEncoder instead"
 
 
-def _timm_spec(model: nn.Module, output_layer: int) -> dict[str, Any]:
-    """Read a timm VisionTransformer into [`vit`][vlakit.vision] arguments, refusing
-    what the own ViT cannot express."""
+def timm_vit_spec(model: nn.Module, output_layer: int = -1) -> dict[str, Any]:
+    """Read a timm ``VisionTransformer`` (built on any device, ``meta`` included) into
+    [`vit`][vlakit.vision] arguments, refusing what the own ViT cannot express; the
+    preprocessing comes from the model's ``pretrained_cfg``."""
     from timm.layers import AttentionPoolLatent
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
@@ -371,7 +388,7 @@ def vit_from_timm(model: nn.Module, output_layer: int = -1) -> ViT:
         model: the timm model.
         output_layer: block whose output the ViT returns (OpenVLA: ``-2``).
     """
-    spec = _timm_spec(model, output_layer)
+    spec = timm_vit_spec(model, output_layer)
     weights = timm_to_vit(model.state_dict(), has_attn_pool=spec["map_head"])
     return _build_and_load(spec, weights, model, "timm VisionTransformer")
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlakit.convert import (
     HF_DECODER_RULES,
@@ -31,7 +31,7 @@ from vlakit.models.paligemma import paligemma
 from vlakit.projectors import LinearProjector
 from vlakit.vision import vit
 
-__all__ = ["load_paligemma", "read_config"]
+__all__ = ["load_paligemma", "load_openvla", "read_config"]
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -183,4 +183,218 @@ def load_paligemma(
         report = load_into(model, state, shape_of=state.shape, dtype_of=state.dtype,
                            skipped=skipped, device=device, dtype=dtype,
                            source=f"PaliGemma checkpoint {Path(path)}")
+    return (model, report) if return_report else model
+
+
+# -- OpenVLA -----------------------------------------------------------------------------------
+
+_OPENVLA_PREFIXES = ("vision_backbone.", "projector.", "language_model.")
+
+
+def _timm_towers(raw: dict, path: Path) -> list[nn.Module]:
+    """The vision towers the config names, built on ``meta`` through timm's own registry
+    (as the released code builds them: ``pretrained=False, num_classes=0, img_size=...``)."""
+    import timm
+
+    ids = raw.get("timm_model_ids")
+    sizes = raw.get("image_sizes")
+    if not ids or not sizes or len(ids) != len(sizes):
+        raise CheckpointError(
+            f"{path / 'config.json'} needs 'timm_model_ids' and 'image_sizes' of the same "
+            f"length (one per vision tower), got {ids!r} and {sizes!r}"
+        )
+    overrides = raw.get("timm_override_act_layers") or [None] * len(ids)
+    towers = []
+    for model_id, size, act in zip(ids, sizes, overrides):
+        if act is not None:
+            raise CheckpointError(
+                f"vision tower {model_id!r} overrides its activation with {act!r} (CLIP's "
+                f"quick-GELU); vlakit's ViT has exact and tanh GELU only"
+            )
+        try:
+            with torch.device("meta"):
+                towers.append(timm.create_model(model_id, pretrained=False, num_classes=0,
+                                                img_size=size))
+        except RuntimeError as error:  # timm: unknown model
+            raise CheckpointError(f"timm does not know the vision tower {model_id!r}: "
+                                  f"{error}") from None
+    return towers
+
+
+def _preprocessor_stats(path: Path, count: int) -> list[tuple[tuple, tuple]] | None:
+    """Per-tower (mean, std) from ``preprocessor_config.json`` (the released files hold
+    bf16-rounded ImageNet statistics: take them from the directory, not from constants)."""
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    means, stds = data.get("means"), data.get("stds")
+    if means is None or stds is None or len(means) != count or len(stds) != count:
+        return None
+    return [(tuple(m), tuple(s)) for m, s in zip(means, stds)]
+
+
+def _openvla_projector(files: CheckpointFiles) -> nn.Module:
+    """The projector from its stored shapes: Prismatic's ``fc1..fcN`` GELU MLPs (fused:
+    three layers; plain: two) or a single ``projector.projector`` linear."""
+    from vlakit.projectors import MLPProjector
+
+    layers = sorted(int(k[len("projector.fc"):-len(".weight")]) for k in files
+                    if k.startswith("projector.fc") and k.endswith(".weight"))
+    if layers:
+        if layers != list(range(1, len(layers) + 1)):
+            raise CheckpointError(f"projector layers {layers} are not fc1..fc{len(layers)}")
+        widths = [files.shape("projector.fc1.weight")[1]]
+        widths += [files.shape(f"projector.fc{i}.weight")[0] for i in layers]
+        return MLPProjector(widths)
+    if "projector.projector.weight" in files:
+        out, inp = files.shape("projector.projector.weight")
+        return LinearProjector(inp, out, bias="projector.projector.bias" in files)
+    raise CheckpointError("the checkpoint holds no projector weights (projector.fc1.* or "
+                          "projector.projector.*)")
+
+
+def load_openvla(
+    path: str | os.PathLike,
+    unnorm_key: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    return_report: bool = False,
+) -> VLA | tuple[VLA, LoadReport]:
+    """An OpenVLA checkpoint directory, as published, as a vlakit
+    [openvla][vlakit.models.openvla.openvla] assembly with its weights.
+
+    Reads ``config.json`` (``OpenVLAConfig``: ``timm_model_ids``, ``image_sizes``,
+    ``text_config``, ``norm_stats``, ``n_action_bins``, ``pad_to_multiple_of``, ...),
+    ``model.safetensors`` or ``model.safetensors.index.json`` with its shards, and
+    ``dataset_statistics.json`` and ``preprocessor_config.json`` when present. Everything
+    about the architecture comes from these files:
+
+    - each vision tower from its ``timm_model_ids`` entry through timm's registry (on the
+      meta device; any timm ViT id, including one a test registers), read into the own
+      ViT returning the second-to-last block as OpenVLA does; the parts the forward never
+      uses (each tower's last block and final norm, SigLIP's attention pool) are accepted,
+      skipped and listed in the report. Mean and std come from ``preprocessor_config.json``;
+    - the projector from its stored shapes (fused 3-layer or plain 2-layer GELU MLP);
+    - the LLM from ``text_config`` through transformers' config class, so settings the
+      released config leaves to transformers' defaults are what transformers would run:
+      OpenVLA's Llama-2 runs ``rms_norm_eps`` 1e-6 (Llama-2 trained with 1e-5). Llama goes
+      through vlakit's decoder; other causal LMs (Mistral, Phi-2) through ``HFDecoder``;
+    - the action tokenizer from ``n_action_bins`` and the vocabulary (``vocab_size -
+      pad_to_multiple_of``), the action dimension and the unnormaliser from the statistics
+      (``dataset_statistics.json`` first, else ``config.json``'s ``norm_stats``) of
+      ``unnorm_key`` (needed when there are several datasets).
+
+    Args:
+        path: the directory.
+        unnorm_key: the dataset whose statistics unnormalise actions.
+        dtype: parameter dtype (default float32; the release is bf16, converted and
+            reported).
+        device: where the weights go (default CPU).
+        return_report: also return the [LoadReport][vlakit.convert.LoadReport].
+    """
+    from transformers import AutoConfig
+
+    from vlakit.actions import ActionNormalizer, ActionTokenizer
+    from vlakit.actions.normalizer import load_norm_stats
+    from vlakit.convert import openvla_tower_state_dict, timm_vit_spec
+    from vlakit.decoders import HFDecoder
+    from vlakit.models.openvla import openvla
+    from vlakit.vision import FusedEncoder, PreprocessConfig
+
+    path = Path(path)
+    raw = read_config(path)
+    if raw.get("model_type") != "openvla":
+        raise CheckpointError(
+            f"{path / 'config.json'} describes a {raw.get('model_type')!r} model, not "
+            f"OpenVLA (model_type 'openvla')"
+        )
+    files = CheckpointFiles(path)
+    stray = [k for k in files if not k.startswith(_OPENVLA_PREFIXES)]
+    if stray:
+        raise CheckpointError(
+            f"OpenVLA checkpoint key {stray[0]!r} is outside {list(_OPENVLA_PREFIXES)} "
+            f"({len(stray)} such keys)"
+        )
+    towers = _timm_towers(raw, path)
+    stats = _preprocessor_stats(path, len(towers))
+    text = dict(raw["text_config"])
+    text_type = text.pop("model_type", "llama")
+    llm_config = AutoConfig.for_model(text_type, **text)
+    norm_stats = None
+    if (path / "dataset_statistics.json").is_file():
+        norm_stats = load_norm_stats(path / "dataset_statistics.json")
+    elif raw.get("norm_stats"):
+        norm_stats = raw["norm_stats"]
+    normalizer, action_dim = None, 7
+    if norm_stats:
+        if unnorm_key is None and len(norm_stats) > 1:
+            raise ValueError(
+                f"this OpenVLA was trained on {len(norm_stats)} datasets: pass unnorm_key, "
+                f"one of {sorted(norm_stats)}"
+            )
+        normalizer = ActionNormalizer.from_stats(norm_stats, unnorm_key)
+        action_dim = normalizer.dim
+    vocab_end = llm_config.vocab_size - int(raw.get("pad_to_multiple_of", 0) or 0)
+
+    with building(None, "meta"):
+        vits = []
+        for i, tower in enumerate(towers):
+            spec = timm_vit_spec(tower, output_layer=-2)
+            if stats is not None:
+                base = spec["preprocessing"]
+                spec["preprocessing"] = PreprocessConfig(
+                    size=base.size, mean=stats[i][0], std=stats[i][1],
+                    interpolation=base.interpolation, antialias=base.antialias)
+            vits.append(vit(**spec).truncate())
+        encoder = vits[0] if len(vits) == 1 else FusedEncoder(vits)
+        if text_type == "llama":
+            decoder = transformer_decoder(**decoder_spec(llm_config, "llama", has_lm_head=True))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            decoder = HFDecoder(AutoModelForCausalLM.from_config(llm_config))
+        model = openvla(
+            encoder=encoder, projector=_openvla_projector(files), decoder=decoder,
+            action_tokenizer=ActionTokenizer(vocab_end=vocab_end, action_dim=action_dim,
+                                             num_bins=int(raw.get("n_action_bins", 256))),
+            action_normalizer=normalizer,
+            bos_id=llm_config.bos_token_id, eos_id=llm_config.eos_token_id,
+        )
+
+    state, skipped = _Renamed(), []
+    for key, value in model.state_dict().items():  # from the statistics, not the weights
+        if key.startswith("action_normalizer."):
+            state.tensors[key] = value
+    vision = {k: files[k] for k in files if k.startswith("vision_backbone.")}
+    others = [k for k in vision if not k.startswith(("vision_backbone.featurizer.",
+                                                      "vision_backbone.fused_featurizer."))]
+    if others:
+        raise CheckpointError(f"OpenVLA vision key {others[0]!r} belongs to no tower")
+    names = ("featurizer", "fused_featurizer")[: len(vits)]
+    tower_states = [openvla_tower_state_dict(vision, name) for name in names]
+    for index, (tower, weights) in enumerate(zip(vits, tower_states)):
+        prefix = "encoder." if len(vits) == 1 else f"encoder.encoders.{index}."
+        dropped = tuple(tower.dropped_prefixes)
+        for key, tensor in weights.items():
+            if dropped and key.startswith(dropped):
+                skipped.append(f"{prefix}{key}")
+            else:
+                state.tensors[f"{prefix}{key}"] = tensor
+    for key in files:
+        if key.startswith("projector."):
+            state.add(key, files, key)
+    language = {k[len("language_model."):]: k for k in files if k.startswith("language_model.")}
+    if isinstance(decoder, HFDecoder):
+        for key, src in language.items():
+            state.add(f"decoder.model.{key}", files, src)
+    else:
+        names = rename_keys(language, HF_DECODER_RULES, source="OpenVLA language model")
+        for key, src in names.items():
+            state.add(f"decoder.{key}", files, src)
+    with files:
+        report = load_into(model, state, shape_of=state.shape, dtype_of=state.dtype,
+                           skipped=skipped, device=device, dtype=dtype,
+                           source=f"OpenVLA checkpoint {path}")
     return (model, report) if return_report else model

@@ -1,0 +1,189 @@
+"""load_openvla on a directory the test writes in the published layout: config.json of
+OpenVLAConfig (timm ids of two tiny towers registered here), sharded safetensors with the
+released key names (Prismatic's LayerScale ``scale_factor``), dataset_statistics.json and
+preprocessor_config.json. Outputs equal the published algorithm on the same weights."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vlakit.core import CheckpointError
+from vlakit.model import VLAInputs
+from vlakit.models import load_openvla
+
+
+@register_model
+def vlakit_test_dino_reg4(pretrained=False, **kwargs):
+    args = dict(patch_size=14, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2,
+                class_token=True, reg_tokens=4, no_embed_class=True, init_values=0.5)
+    return _tower(args, kwargs)
+
+
+def _tower(args, kwargs):
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)  # timm's registry passes these to every builder
+    tower = VisionTransformer(**{**args, **kwargs})
+    tower.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                            "interpolation": "bicubic", "input_size": (3, 28, 28)}
+    return tower
+
+
+@register_model
+def vlakit_test_siglip(pretrained=False, **kwargs):
+    args = dict(patch_size=14, embed_dim=40, depth=3, num_heads=4, mlp_ratio=2,
+                class_token=False, global_pool="map")
+    return _tower(args, kwargs)
+
+
+TEXT = dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=96,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=256, pad_token_id=320)  # rms_norm_eps: transformers'
+CONFIG_STATS = {"bridge": {"action": {"q01": [-1.0] * 3, "q99": [1.0] * 3,
+                                      "mask": [True, True, False]}}}
+FINETUNED = {"libero": {"action": {"q01": [-0.5, 0.0, -2.0], "q99": [0.5, 1.0, 2.0],
+                                   "mask": [True, True, False]}}}
+MEANS = [[0.484375, 0.455078125, 0.40625], [0.5, 0.5, 0.5]]  # bf16-rounded, as released
+STDS = [[0.228515625, 0.2236328125, 0.224609375], [0.5, 0.5, 0.5]]
+
+
+def _parts():
+    import timm
+
+    torch.manual_seed(0)
+    dino = timm.create_model("vlakit_test_dino_reg4", num_classes=0, img_size=28).eval()
+    siglip = timm.create_model("vlakit_test_siglip", num_classes=0, img_size=28).eval()
+    llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TEXT.items()
+                                            if k != "model_type"})).eval()
+    projector = {"fc1": torch.nn.Linear(72, 288), "fc2": torch.nn.Linear(288, 64),
+                 "fc3": torch.nn.Linear(64, 64)}
+    return dino, siglip, llama, projector
+
+
+def _write(directory, dino, siglip, llama, projector, config=None):
+    state = {}
+    for key, value in dino.state_dict().items():
+        key = key.replace(".gamma", ".scale_factor")  # Prismatic's LayerScale patch
+        state[f"vision_backbone.featurizer.{key}"] = value
+    for key, value in siglip.state_dict().items():
+        state[f"vision_backbone.fused_featurizer.{key}"] = value
+    for name, layer in projector.items():
+        state[f"projector.{name}.weight"] = layer.weight.detach()
+        state[f"projector.{name}.bias"] = layer.bias.detach()
+    for key, value in llama.state_dict().items():
+        state[f"language_model.{key}"] = value
+    state = {k: v.detach().contiguous().to(torch.bfloat16) for k, v in state.items()}
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, directory / shard)
+        weight_map.update(dict.fromkeys(names, shard))
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(config or {
+        "model_type": "openvla", "vision_backbone_id": "dinosiglip-vit-so-224px",
+        "llm_backbone_id": "llama2-7b-pure", "arch_specifier": "no-align+fused-gelu-mlp",
+        "use_fused_vision_backbone": True, "image_resize_strategy": "resize-naive",
+        "timm_model_ids": ["vlakit_test_dino_reg4", "vlakit_test_siglip"],
+        "timm_override_act_layers": [None, None], "image_sizes": [28, 28],
+        "text_config": TEXT, "n_action_bins": 256, "pad_to_multiple_of": 64,
+        "norm_stats": CONFIG_STATS,
+    }))
+    (directory / "dataset_statistics.json").write_text(json.dumps(FINETUNED))
+    (directory / "preprocessor_config.json").write_text(json.dumps({"means": MEANS,
+                                                                    "stds": STDS}))
+    return state
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("openvla")
+    parts = _parts()
+    state = _write(directory, *parts)
+    return directory, parts, state
+
+
+def _reference_logits(parts, state, pixels, ids):
+    """The published algorithm on the bf16-stored weights (cast back to fp32)."""
+    dino, siglip, llama, projector = (p for p in parts)
+    dino, siglip, llama = (m.float() for m in (dino, siglip, llama))
+    with torch.no_grad():
+        for prefix, module in (("vision_backbone.featurizer.", dino),
+                               ("vision_backbone.fused_featurizer.", siglip),
+                               ("language_model.", llama)):
+            own = {k[len(prefix):].replace(".scale_factor", ".gamma"): v.float()
+                   for k, v in state.items() if k.startswith(prefix)}
+            module.load_state_dict(own)
+        fc = {n: (state[f"projector.{n}.weight"].float(), state[f"projector.{n}.bias"].float())
+              for n in ("fc1", "fc2", "fc3")}
+        f1 = dino.get_intermediate_layers(pixels[:, :3], n={len(dino.blocks) - 2})[0]
+        f2 = siglip.get_intermediate_layers(pixels[:, 3:], n={len(siglip.blocks) - 2})[0]
+        x = torch.cat([f1, f2], -1)
+        x = F.linear(F.gelu(F.linear(F.gelu(F.linear(x, *fc["fc1"])), *fc["fc2"])), *fc["fc3"])
+        embed = llama.get_input_embeddings()(torch.cat([torch.tensor([[1]]), ids], 1))
+        embeds = torch.cat([embed[:, :1], x, embed[:, 1:]], 1)
+        return llama(inputs_embeds=embeds).logits[0]
+
+
+def test_load_openvla_gives_the_published_algorithms_logits(written):
+    directory, parts, state = written
+    model, report = load_openvla(directory, return_report=True)
+    # the parts the forward never uses: each tower's last block and final norm, the pool
+    skipped = set(report.skipped)
+    assert "encoder.encoders.0.blocks.2.attn.qkv.weight" in skipped
+    assert {"encoder.encoders.0.norm.weight", "encoder.encoders.1.attn_pool.latent"} <= skipped
+    assert not any(".blocks.1." in k for k in skipped)
+    statistics = len(model.action_normalizer.state_dict())  # from dataset_statistics.json
+    assert report.cast == {"bfloat16 -> float32": report.loaded - statistics}
+    assert report.loaded - statistics + len(skipped) == len(state)  # every stored tensor
+    assert model.decoder.layers[0].attn_norm.eps == 1e-6  # transformers' default, as released
+    assert model.encoder.encoders[0].preprocessing.mean == tuple(MEANS[0])
+    ids = torch.tensor([[10, 11, 12, 13]])
+    pixels = torch.randn(1, 6, 28, 28)
+    with torch.no_grad():
+        out = model.eval()(VLAInputs(input_ids=ids, text_valid=ids > 0, pixels=pixels[:, None]),
+                           return_logits=True)
+    expected = _reference_logits(parts, state, pixels, ids)
+    torch.testing.assert_close(out.logits[0], expected, atol=1e-4, rtol=0)
+
+
+def test_load_openvla_takes_the_finetuned_statistics_and_the_vocabulary(written):
+    directory, _, _ = written
+    model = load_openvla(directory, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.head.tokenizer.vocab_end == 384 - 64
+    assert model.action_normalizer.dim == 3
+    assert torch.equal(model.action_normalizer.low.float(), torch.tensor([-0.5, 0.0, -2.0]))
+    actions = model.eval().predict_action(VLAInputs(
+        input_ids=torch.tensor([[10, 11]]), text_valid=torch.ones(1, 2, dtype=torch.bool),
+        pixels=torch.randn(1, 1, 6, 28, 28)))
+    assert actions.shape == (1, 1, 3)
+
+
+def test_load_openvla_bad_directories(written, tmp_path):
+    directory, parts, _ = written
+    config = json.loads((directory / "config.json").read_text())
+    bad = tmp_path / "unknown_tower"
+    bad.mkdir()
+    _write(bad, *parts, config={**config, "timm_model_ids": ["no_such_vit", "vlakit_test_siglip"]})
+    with pytest.raises(CheckpointError, match="timm does not know the vision tower 'no_such_vit'"):
+        load_openvla(bad)
+    quick = tmp_path / "quick_gelu"
+    quick.mkdir()
+    _write(quick, *parts, config={**config, "timm_override_act_layers": ["quick_gelu", None]})
+    with pytest.raises(CheckpointError, match="quick-GELU"):
+        load_openvla(quick)
+    several = tmp_path / "several"
+    several.mkdir()
+    _write(several, *parts)
+    (several / "dataset_statistics.json").write_text(json.dumps({**FINETUNED, **CONFIG_STATS}))
+    with pytest.raises(ValueError, match=r"pass unnorm_key, one of \['bridge', 'libero'\]"):
+        load_openvla(several)
+    assert load_openvla(several, unnorm_key="bridge").action_normalizer.dim == 3
