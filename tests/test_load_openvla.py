@@ -187,3 +187,110 @@ def test_load_openvla_bad_directories(written, tmp_path):
     with pytest.raises(ValueError, match=r"pass unnorm_key, one of \['bridge', 'libero'\]"):
         load_openvla(several)
     assert load_openvla(several, unnorm_key="bridge").action_normalizer.dim == 3
+
+
+# -- OpenVLA-OFT and LightVLA run directories -------------------------------------------------
+
+def _film_keys(state, tower, d_vision, d_llm, g):
+    """OFT's FiLM-wrapped blocks: ``blocks.{i}.block.*`` and ``blocks.{i}.{scale,shift}.*``."""
+    out = {}
+    prefix = f"vision_backbone.{tower}.blocks."
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            out[f"{prefix}{index}.block.{rest}"] = value
+            for name in ("scale", "shift"):
+                out[f"{prefix}{index}.{name}.weight"] = torch.randn(d_vision, d_llm, generator=g)
+                out[f"{prefix}{index}.{name}.bias"] = torch.randn(d_vision, generator=g)
+        else:
+            out[key] = value
+    return out
+
+
+def _write_oft(directory, parts, head="l1"):
+    from vlakit.heads import DiffusionActionHead, L1RegressionHead
+    from vlakit.projectors import ProprioProjector
+
+    state = _write(directory, *parts)
+    g = torch.Generator().manual_seed(3)
+    film = _film_keys(state, "featurizer", 32, 64, g)
+    film = _film_keys(film, "fused_featurizer", 40, 64, g)
+    film = {k: v.to(torch.bfloat16) for k, v in film.items()}
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    save_file(film, directory / "model-00001-of-00001.safetensors")
+    index["weight_map"] = dict.fromkeys(film, "model-00001-of-00001.safetensors")
+    for old in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (directory / old).unlink()
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    torch.manual_seed(4)
+    action_head = (L1RegressionHead(64, 3, 8) if head == "l1"
+                   else DiffusionActionHead(64, 3, 8, num_inference_steps=2))
+    head_state = {f"module.{k}": v for k, v in action_head.state_dict().items()
+                  if not k.startswith("noisy_action_projector.")}
+    torch.save(head_state, directory / "action_head--100_checkpoint.pt")
+    if head == "diffusion":
+        torch.save({f"module.{k}": v for k, v in
+                    action_head.noisy_action_projector.state_dict().items()},
+                   directory / "noisy_action_projector--100_checkpoint.pt")
+    proprio = ProprioProjector(5, 64)
+    torch.save({f"module.{k}": v for k, v in proprio.state_dict().items()},
+               directory / "proprio_projector--100_checkpoint.pt")
+    stats = {"libero_spatial": {**FINETUNED["libero"],
+                                "proprio": {"q01": [-1.0] * 5, "q99": [1.0] * 5}}}
+    (directory / "dataset_statistics.json").write_text(json.dumps(stats))
+    return film, action_head, proprio
+
+
+def test_load_openvla_oft_reads_head_proprio_and_film_from_the_directory(tmp_path):
+    from vlakit.convert import decoder_from_transformers, openvla_vision_state_dicts, vit_from_timm
+    from vlakit.models import load_openvla_oft, openvla_oft
+    from vlakit.vision import FusedEncoder
+
+    parts = _parts()
+    film, action_head, proprio = _write_oft(tmp_path, parts)
+    model = load_openvla_oft(tmp_path)
+    assert model.encoder.has_film and model.proprio_projector.in_dim == 5
+    assert type(model.head).__name__ == "L1RegressionHead" and model.head.chunk_size == 8
+    assert model.head.action_dim == 3 and model.num_views is None
+    # the same model assembled by hand from the written weights
+    dino, siglip, llama, _ = parts
+    towers = [vit_from_timm(dino, output_layer=-2).truncate(),
+              vit_from_timm(siglip, output_layer=-2).truncate()]
+    encoder = FusedEncoder(towers)
+    encoder.add_film(64)
+    weights = openvla_vision_state_dicts({k: v.float() for k, v in film.items()})
+    for tower, state in zip(towers, weights):
+        tower.load_state_dict({k: v for k, v in state.items() if k in tower.state_dict()})
+    hand = openvla_oft(
+        encoder=encoder, projector=model.projector, decoder=decoder_from_transformers(
+            llama.float()), head=action_head, proprio_projector=proprio,
+        action_normalizer=model.action_normalizer, proprio_normalizer=model.proprio_normalizer)
+    hand.projector = model.projector
+    hand.decoder.load_state_dict(model.decoder.state_dict())  # bf16-rounded, as stored
+    hand.head.load_state_dict(action_head.state_dict())
+    inputs = VLAInputs(input_ids=torch.tensor([[10, 11, 12]]), text_valid=torch.ones(1, 3,
+                       dtype=torch.bool), pixels=torch.randn(1, 2, 6, 28, 28),
+                       proprio=torch.rand(1, 5))
+    torch.testing.assert_close(model.eval().predict_action(inputs),
+                               hand.eval().predict_action(inputs), atol=1e-5, rtol=0)
+
+
+def test_load_openvla_oft_finds_a_diffusion_head_and_lightvla_prunes(tmp_path):
+    from vlakit.models import load_lightvla, load_openvla_oft
+    from vlakit.pruners import LightVLAPruner
+
+    _, action_head, _ = _write_oft(tmp_path, _parts(), head="diffusion")
+    model = load_openvla_oft(tmp_path, num_inference_steps=2)
+    assert type(model.head).__name__ == "DiffusionActionHead"
+    for key, value in action_head.state_dict().items():
+        assert torch.equal(model.head.state_dict()[key], value), key
+    light = load_lightvla(tmp_path, num_inference_steps=2)
+    assert isinstance(light.pruner, LightVLAPruner) and light.head.predict_read == "next"
+    head_file = tmp_path / "action_head--100_checkpoint.pt"
+    head_file.rename(tmp_path / "action_head--200_checkpoint.pt")
+    with pytest.raises(CheckpointError, match="no action_head--100_checkpoint.pt"):
+        load_openvla_oft(tmp_path, step="100")
+    for file in tmp_path.glob("action_head--*"):
+        file.unlink()
+    with pytest.raises(CheckpointError, match="not an OpenVLA-OFT run directory"):
+        load_openvla_oft(tmp_path)

@@ -10,12 +10,19 @@
   [`oft_head`][vlakit.models.oft_head], [`oft_mask`][vlakit.models.oft_mask]
 - [`lightvla_7b`][vlakit.models.lightvla_7b], [`lightvla`][vlakit.models.lightvla.lightvla]
   (component builder): OpenVLA-OFT with LightVLA's token pruner
-- [`load_paligemma`][vlakit.models.load_paligemma], [`load_openvla`][vlakit.models.load_openvla]:
-  a published checkpoint directory in one call
+- [`load_paligemma`][vlakit.models.load_paligemma], [`load_openvla`][vlakit.models.load_openvla],
+  [`load_openvla_oft`][vlakit.models.load_openvla_oft],
+  [`load_lightvla`][vlakit.models.load_lightvla]: a published checkpoint directory in one call
 """
 
 from vlakit.models.lightvla import lightvla, lightvla_7b
-from vlakit.models.loading import load_openvla, load_paligemma, read_config
+from vlakit.models.loading import (
+    load_lightvla,
+    load_openvla,
+    load_openvla_oft,
+    load_paligemma,
+    read_config,
+)
 from vlakit.models.openvla import openvla, openvla_7b
 from vlakit.models.openvla_oft import oft_head, oft_mask, openvla_oft, openvla_oft_7b
 from vlakit.models.paligemma import paligemma, paligemma_3b, paligemma_from_transformers
@@ -23,4 +30,4 @@ from vlakit.models.paligemma import paligemma, paligemma_3b, paligemma_from_tran
 __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla", "openvla_7b",
            "openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask",
            "lightvla", "lightvla_7b", "load_paligemma", "load_openvla",
-           "read_config"]
+           "load_openvla_oft", "load_lightvla", "read_config"]

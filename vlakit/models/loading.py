@@ -31,7 +31,7 @@ from vlakit.models.paligemma import paligemma
 from vlakit.projectors import LinearProjector
 from vlakit.vision import vit
 
-__all__ = ["load_paligemma", "load_openvla", "read_config"]
+__all__ = ["load_paligemma", "load_openvla", "load_openvla_oft", "load_lightvla", "read_config"]
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -294,16 +294,151 @@ def load_openvla(
         device: where the weights go (default CPU).
         return_report: also return the [LoadReport][vlakit.convert.LoadReport].
     """
+    return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=None)
+
+
+def load_openvla_oft(
+    path: str | os.PathLike,
+    unnorm_key: str | None = None,
+    *,
+    chunk_size: int | None = None,
+    attention: str = "bidirectional",
+    step: str | None = None,
+    pruner: nn.Module | None = None,
+    predict_read: str | None = None,
+    num_inference_steps: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    return_report: bool = False,
+) -> VLA | tuple[VLA, LoadReport]:
+    """An OpenVLA-OFT (or LightVLA) run directory as an
+    [openvla_oft][vlakit.models.openvla_oft.openvla_oft] assembly with its weights.
+
+    The directory is an OpenVLA directory (see [load_openvla][vlakit.models.load_openvla];
+    FiLM weights inside the vision towers are found and loaded) plus OFT's component files,
+    torch pickles read with ``weights_only=True`` and their DDP ``module.`` prefix removed:
+    ``action_head--{step}_checkpoint.pt`` (L1 regression: ``model.*``; diffusion:
+    ``noise_predictor.*``), ``proprio_projector--{step}_checkpoint.pt`` and, for diffusion,
+    ``noisy_action_projector--{step}_checkpoint.pt``. What the model is follows from them:
+    the head kind and its action dimension, MLP width and depth from the head's shapes, the
+    proprio width from the proprio projector's (no file: no proprio token), FiLM from the
+    tower keys. Views are whatever each batch brings.
+
+    The chunk size is the one thing OFT keeps only as a constant chosen by platform: it is
+    taken, as OFT does, from the dataset name (``libero*``: 8, ``aloha*``: 25, ``bridge*``:
+    5), or given as ``chunk_size``. The same platform picks the action normalisation (ALOHA:
+    min/max; else q01/q99); proprio is normalised in OFT's evaluation form.
+
+    Args:
+        path: the run directory.
+        unnorm_key: the dataset whose statistics (un)normalise actions and proprio.
+        chunk_size: actions per chunk, when the dataset name does not say.
+        attention: ``"bidirectional"`` (OFT), ``"causal"`` or ``"parallel"``.
+        step: which ``--{step}_checkpoint.pt`` files to read, when there are several.
+        pruner: a token pruner (LightVLA: [load_lightvla][vlakit.models.load_lightvla]).
+        predict_read: the head's read at prediction (see
+            [SLOT_READS][vlakit.heads.SLOT_READS]).
+        num_inference_steps: diffusion steps at prediction (default 50).
+        dtype: parameter dtype (default float32).
+        device: where the weights go (default CPU).
+        return_report: also return the [LoadReport][vlakit.convert.LoadReport].
+    """
+    oft = dict(chunk_size=chunk_size, attention=attention, step=step, pruner=pruner,
+               predict_read=predict_read, num_inference_steps=num_inference_steps)
+    return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=oft)
+
+
+def load_lightvla(
+    path: str | os.PathLike, unnorm_key: str | None = None, **kwargs
+) -> VLA | tuple[VLA, LoadReport]:
+    """A LightVLA run directory: [load_openvla_oft][vlakit.models.load_openvla_oft] with a
+    [LightVLAPruner][vlakit.pruners.LightVLAPruner] (it has no weights) and the released
+    prediction read (``predict_read="next"``, see [lightvla_7b][vlakit.models.lightvla_7b]);
+    ``kwargs`` as ``load_openvla_oft``'s."""
+    from vlakit.pruners import LightVLAPruner
+
+    kwargs.setdefault("pruner", LightVLAPruner())
+    kwargs.setdefault("predict_read", "next")
+    return load_openvla_oft(path, unnorm_key, **kwargs)
+
+
+_PLATFORMS = (("libero", 8, "bounds_q99"), ("aloha", 25, "bounds"), ("bridge", 5, "bounds_q99"))
+
+
+def _oft_files(path: Path, step: str | None) -> dict[str, Path]:
+    """OFT's component files by kind (``action_head``, ``proprio_projector``,
+    ``noisy_action_projector``), one step's."""
+    found: dict[str, dict[str, Path]] = {}
+    for file in sorted(path.glob("*--*_checkpoint.pt")):
+        kind, _, rest = file.name.partition("--")
+        found.setdefault(kind, {})[rest[: -len("_checkpoint.pt")]] = file
+    unknown = sorted(set(found) - {"action_head", "proprio_projector", "noisy_action_projector"})
+    if unknown:
+        raise CheckpointError(f"{path} holds OFT component files of unknown kind {unknown}")
+    chosen = {}
+    for kind, steps in found.items():
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"{path} has no {kind}--{step}_checkpoint.pt (steps: "
+                                      f"{sorted(steps)})")
+            chosen[kind] = steps[step]
+        elif len(steps) > 1:
+            raise CheckpointError(f"{path} holds {kind} files for several steps "
+                                  f"{sorted(steps)}: pass step=")
+        else:
+            chosen[kind] = next(iter(steps.values()))
+    if "action_head" not in chosen:
+        raise CheckpointError(
+            f"{path} holds no action_head--*_checkpoint.pt: not an OpenVLA-OFT run directory "
+            f"(load_openvla reads plain OpenVLA)"
+        )
+    return chosen
+
+
+def _oft_head(head_state: dict, hidden: int, chunk_size: int, attention: str,
+              options: dict, path: Path) -> nn.Module:
+    from vlakit.models.openvla_oft import oft_head
+
+    if any(k.startswith("noise_predictor.") for k in head_state):
+        kind, prefix = "diffusion", "noise_predictor.mlp_resnet."
+    elif any(k.startswith("model.") for k in head_state):
+        kind, prefix = "l1", "model."
+    else:
+        raise CheckpointError(
+            f"the action head in {path} has neither L1 regression keys (model.*) nor "
+            f"diffusion keys (noise_predictor.*): e.g. {sorted(head_state)[:3]}"
+        )
+    out = head_state[f"{prefix}fc2.weight"].shape[0]
+    mlp_dim, width = head_state[f"{prefix}fc1.weight"].shape
+    if width != out * hidden:
+        raise CheckpointError(
+            f"the action head reads {width} features, but {out} actions x the LLM's width "
+            f"{hidden} is {out * hidden}: the head belongs to another model"
+        )
+    blocks = len({k.split(".")[len(prefix.split("."))]
+                  for k in head_state if k.startswith(f"{prefix}mlp_resnet_blocks.")})
+    extra = {} if kind == "l1" else {"num_inference_steps": options["num_inference_steps"]}
+    return oft_head(kind, hidden, chunk_size, out, attention, mlp_dim=mlp_dim,
+                    num_blocks=blocks, predict_read=options["predict_read"], **extra)
+
+
+def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: dict | None):
     from transformers import AutoConfig
 
     from vlakit.actions import ActionNormalizer, ActionTokenizer
     from vlakit.actions.normalizer import load_norm_stats
-    from vlakit.convert import openvla_tower_state_dict, timm_vit_spec
+    from vlakit.convert import (
+        openvla_tower_state_dict,
+        read_torch_weights,
+        strip_prefix,
+        timm_vit_spec,
+    )
     from vlakit.decoders import HFDecoder
     from vlakit.models.openvla import openvla
+    from vlakit.models.openvla_oft import openvla_oft
+    from vlakit.projectors import ProprioProjector
     from vlakit.vision import FusedEncoder, PreprocessConfig
 
-    path = Path(path)
     raw = read_config(path)
     if raw.get("model_type") != "openvla":
         raise CheckpointError(
@@ -327,15 +462,39 @@ def load_openvla(
         norm_stats = load_norm_stats(path / "dataset_statistics.json")
     elif raw.get("norm_stats"):
         norm_stats = raw["norm_stats"]
-    normalizer, action_dim = None, 7
+    if norm_stats and unnorm_key is None and len(norm_stats) > 1:
+        raise ValueError(
+            f"this OpenVLA was trained on {len(norm_stats)} datasets: pass unnorm_key, one of "
+            f"{sorted(norm_stats)}"
+        )
+    dataset = unnorm_key or (next(iter(norm_stats)) if norm_stats else "")
+    platform = next((p for p in _PLATFORMS if dataset.lower().startswith(p[0])), None)
+    mode = platform[2] if platform and oft is not None else "bounds_q99"
+    normalizer = proprio_normalizer = None
     if norm_stats:
-        if unnorm_key is None and len(norm_stats) > 1:
+        normalizer = ActionNormalizer.from_stats(norm_stats, unnorm_key, mode=mode)
+    film = any(".scale.weight" in k for k in files if k.startswith("vision_backbone."))
+    extra_state: dict[str, Tensor] = {}
+    if oft is not None:
+        parts = {kind: strip_prefix(read_torch_weights(file), "module.")
+                 for kind, file in _oft_files(path, oft["step"]).items()}
+        chunk = oft["chunk_size"] or (platform[1] if platform else None)
+        if chunk is None:
             raise ValueError(
-                f"this OpenVLA was trained on {len(norm_stats)} datasets: pass unnorm_key, "
-                f"one of {sorted(norm_stats)}"
+                f"the chunk size of dataset {dataset!r} is not known (OFT keeps it as a "
+                f"platform constant: libero 8, aloha 25, bridge 5): pass chunk_size="
             )
-        normalizer = ActionNormalizer.from_stats(norm_stats, unnorm_key)
-        action_dim = normalizer.dim
+        proprio = parts.get("proprio_projector")
+        if proprio is not None and norm_stats and "proprio" in norm_stats[dataset]:
+            proprio_normalizer = ActionNormalizer.from_stats(
+                norm_stats, unnorm_key, mode=mode, key="proprio", form="oft_eval")
+        head_state = parts["action_head"]
+        if "noisy_action_projector" in parts:
+            head_state.update({f"noisy_action_projector.{k}": v
+                               for k, v in parts["noisy_action_projector"].items()})
+        extra_state.update({f"head.{k}": v for k, v in head_state.items()})
+        if proprio is not None:
+            extra_state.update({f"proprio_projector.{k}": v for k, v in proprio.items()})
     vocab_end = llm_config.vocab_size - int(raw.get("pad_to_multiple_of", 0) or 0)
 
     with building(None, "meta"):
@@ -355,18 +514,37 @@ def load_openvla(
             from transformers import AutoModelForCausalLM
 
             decoder = HFDecoder(AutoModelForCausalLM.from_config(llm_config))
-        model = openvla(
-            encoder=encoder, projector=_openvla_projector(files), decoder=decoder,
-            action_tokenizer=ActionTokenizer(vocab_end=vocab_end, action_dim=action_dim,
-                                             num_bins=int(raw.get("n_action_bins", 256))),
-            action_normalizer=normalizer,
-            bos_id=llm_config.bos_token_id, eos_id=llm_config.eos_token_id,
-        )
+        if film:
+            encoder.add_film(decoder.dim)
+        projector = _openvla_projector(files)
+        if oft is None:
+            model = openvla(
+                encoder=encoder, projector=projector, decoder=decoder,
+                action_tokenizer=ActionTokenizer(
+                    vocab_end=vocab_end, action_dim=normalizer.dim if normalizer else 7,
+                    num_bins=int(raw.get("n_action_bins", 256))),
+                action_normalizer=normalizer,
+                bos_id=llm_config.bos_token_id, eos_id=llm_config.eos_token_id,
+            )
+        else:
+            proprio_projector = None
+            if proprio is not None:
+                width, proprio_dim = proprio["fc1.weight"].shape
+                proprio_projector = ProprioProjector(proprio_dim, width)
+            model = openvla_oft(
+                encoder=encoder, projector=projector, decoder=decoder,
+                head=_oft_head(head_state, decoder.dim, chunk, oft["attention"], oft, path),
+                proprio_projector=proprio_projector, attention=oft["attention"],
+                action_normalizer=normalizer, proprio_normalizer=proprio_normalizer,
+                bos_id=llm_config.bos_token_id, eos_id=llm_config.eos_token_id,
+                pruner=oft["pruner"],
+            )
 
     state, skipped = _Renamed(), []
     for key, value in model.state_dict().items():  # from the statistics, not the weights
-        if key.startswith("action_normalizer."):
+        if key.startswith(("action_normalizer.", "proprio_normalizer.")):
             state.tensors[key] = value
+    state.tensors.update(extra_state)
     vision = {k: files[k] for k in files if k.startswith("vision_backbone.")}
     others = [k for k in vision if not k.startswith(("vision_backbone.featurizer.",
                                                       "vision_backbone.fused_featurizer."))]
