@@ -132,8 +132,19 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("| " + " | ".join(format(row[k], f) for k, _, f in columns) + " |")
 
 
+def _finite(value):
+    """NaN (a table's "not applicable") as null, so the file is standard JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
+            json.dump(_finite(payload), f, indent=2, allow_nan=False)
         print(f"wrote {path}")

@@ -27,9 +27,12 @@ of the FLOP reduction (``ratio`` column).
     python benchmarks/pruning.py --json benchmarks/results/pruning-cpu.json \\
         --plot benchmarks/results/pruning-cpu.png
     python benchmarks/pruning.py --device cuda --dtype bfloat16 --layers 32   # a GPU
+    python benchmarks/pruning.py --plot-from benchmarks/results/pruning-cpu.json \
+        --plot benchmarks/results/pruning-cpu.png          # redraw only
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -89,7 +92,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG of latency against kept tokens")
+    parser.add_argument("--plot-from", default=None, help="only redraw --plot from this JSON")
     args = parser.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            saved = json.load(f)
+        plot(saved["rows"], args.plot, f"{saved['layers']} layers at d={D}, {saved['dtype']}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -180,23 +189,36 @@ def main() -> None:
         "layers": args.layers, "compiled": args.compile, "rows": rows, "tap": taps,
     })
     if args.plot:
-        import matplotlib
+        plot(rows, args.plot, f"{args.layers} layers at d={D}, {args.device} {args.dtype}")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for batch in args.batch:
-            pts = sorted((k, ms) for b, _, k, ms in points if b == batch)
-            ax.plot([k for k, _ in pts], [ms for _, ms in pts], "o-", label=f"batch {batch}")
-        ax.set_xlabel("image tokens kept (of 512)")
-        ax.set_ylabel("pruner + decoder latency (ms)")
-        ax.set_title(f"{args.layers} layers at d={D}, {args.device} {args.dtype}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"wrote {args.plot}")
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Latency against kept image tokens: TopK's forced counts as a line per batch size,
+    LightVLA's own choice as a marker (a batch runs at its longest row's length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({r["batch"] for r in rows}):
+        mine = [r for r in rows if r["batch"] == batch]
+        fixed = sorted((r["kept"], r["latency_ms"]) for r in mine
+                       if not r["pruner"].startswith("LightVLA"))
+        line, = ax.plot([k for k, _ in fixed], [ms for _, ms in fixed], "o-",
+                        label=f"batch {batch}: none / TopK")
+        for r in mine:
+            if r["pruner"].startswith("LightVLA"):
+                ax.plot(r["kept"], r["latency_ms"], "*", markersize=12, color=line.get_color(),
+                        label=f"batch {batch}: LightVLA (mean kept)")
+    ax.set_xlabel("image tokens kept (of 512)")
+    ax.set_ylabel("pruner + decoder latency (ms)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,13 @@ def test_lightvla_example_prunes_a_padded_batch_and_draws_the_kept_patches(tmp_p
     assert len(kept) == 3 and all(0 < k < 32 for k in kept), out
     assert re.search(r"1 view, same model: actions \(3, 8, 7\), kept [0-9.]+% of 16", out), out
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_checkpoints_example_loads_every_format():
+    out = _run("load_checkpoints.py")
+    assert re.search(r"PaliGemma \(\d+ shards\): loaded 64 tensors .* max \|logits - "
+                     r"transformers\| = (\d\.\d+e-0[5-9]|0\.00e\+00)", out), out
+    assert re.search(r"OpenVLA \(2 bf16 shards\): loaded \d+ tensors .*skipped \d+ unused keys",
+                     out), out
+    assert "OpenVLA-OFT (L1RegressionHead, chunk 8 from the dataset name, proprio 5): actions " \
+           "(1, 8, 3)" in out, out
