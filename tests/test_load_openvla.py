@@ -294,3 +294,57 @@ def test_load_openvla_oft_finds_a_diffusion_head_and_lightvla_prunes(tmp_path):
         file.unlink()
     with pytest.raises(CheckpointError, match="not an OpenVLA-OFT run directory"):
         load_openvla_oft(tmp_path)
+
+
+def _adapter(directory, targets, config=None):
+    directory.mkdir()
+    g = torch.Generator().manual_seed(8)
+    weights = {}
+    for target, (out, inp) in targets.items():
+        weights[f"base_model.model.{target}.lora_A.weight"] = torch.randn(4, inp, generator=g)
+        weights[f"base_model.model.{target}.lora_B.weight"] = torch.randn(out, 4, generator=g)
+    save_file(weights, directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps(
+        config or {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none",
+                   "target_modules": ["q_proj", "qkv"]}))
+    return weights
+
+
+def test_a_lora_adapter_is_merged_into_the_base_weights(written, tmp_path):
+    directory, _, state = written
+    targets = {"language_model.model.layers.0.self_attn.q_proj": (64, 64),
+               "vision_backbone.featurizer.blocks.0.attn.qkv": (96, 32)}
+    weights = _adapter(tmp_path / "lora", targets)
+    model = load_openvla(directory, adapter=tmp_path / "lora")
+    for target, module in (
+        ("language_model.model.layers.0.self_attn.q_proj", model.decoder.layers[0].attn.q_proj),
+        ("vision_backbone.featurizer.blocks.0.attn.qkv", model.encoder.encoders[0].blocks[0]
+         .attn.qkv),
+    ):
+        a = weights[f"base_model.model.{target}.lora_A.weight"]
+        b = weights[f"base_model.model.{target}.lora_B.weight"]
+        base = state[f"{target}.weight"].float()
+        expected = (base + 2.0 * b @ a).to(torch.bfloat16).float()  # alpha / r = 8 / 4
+        torch.testing.assert_close(module.weight, expected, rtol=0, atol=0)
+    untouched = model.decoder.layers[1].attn.q_proj.weight
+    assert torch.equal(untouched,
+                       state["language_model.model.layers.1.self_attn.q_proj.weight"].float())
+
+
+def test_adapters_for_other_layers_or_other_methods_are_refused(written, tmp_path):
+    directory, _, _ = written
+    _adapter(tmp_path / "other", {"language_model.model.layers.9.self_attn.q_proj": (64, 64)})
+    with pytest.raises(CheckpointError, match="adapts 'language_model.model.layers.9.self_attn"
+                                              r"\.q_proj.weight', which the base"):
+        load_openvla(directory, adapter=tmp_path / "other")
+    _adapter(tmp_path / "dora", {"language_model.model.layers.0.self_attn.q_proj": (64, 64)},
+             config={"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True})
+    with pytest.raises(CheckpointError, match="use_dora=True is not supported"):
+        load_openvla(directory, adapter=tmp_path / "dora")
+    _adapter(tmp_path / "ia3", {"language_model.model.layers.0.self_attn.q_proj": (64, 64)},
+             config={"peft_type": "IA3"})
+    with pytest.raises(CheckpointError, match="peft_type 'IA3' is not supported"):
+        load_openvla(directory, adapter=tmp_path / "ia3")
+    _adapter(tmp_path / "shape", {"language_model.model.layers.0.self_attn.q_proj": (64, 32)})
+    with pytest.raises(CheckpointError, match=r"is 64 x 32 \(rank 4\), but the base weight"):
+        load_openvla(directory, adapter=tmp_path / "shape")

@@ -17,6 +17,7 @@ from vlakit.convert.files import (
     read_torch_weights,
     strip_prefix,
 )
+from vlakit.convert.lora import LoraAdapter, MergedCheckpoint
 from vlakit.convert.rename import Rules, rename_keys
 from vlakit.convert.vision import (
     load_openvla_vision,
@@ -43,6 +44,8 @@ __all__ = [
     "load_into",
     "read_torch_weights",
     "strip_prefix",
+    "LoraAdapter",
+    "MergedCheckpoint",
     "siglip_vit_spec",
     "timm_vit_spec",
     "vit_from_timm",

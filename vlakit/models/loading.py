@@ -162,6 +162,7 @@ def load_paligemma(
     vision_weights = {k: files[src] for k, src in parts["vision"].items()}  # q, k, v fused
     for key, tensor in transformers_siglip_to_vit(vision_weights).items():
         state.tensors[f"encoder.{key}"] = tensor
+    del vision_weights  # the separate q, k, v: not kept beside the fused copies
     for key, src in parts["projector"].items():
         state.add(f"projector.{key}", files, src)
     names = rename_keys(parts["decoder"], HF_DECODER_RULES, source="PaliGemma language model")
@@ -234,7 +235,7 @@ def _preprocessor_stats(path: Path, count: int) -> list[tuple[tuple, tuple]] | N
     return [(tuple(m), tuple(s)) for m, s in zip(means, stds)]
 
 
-def _openvla_projector(files: CheckpointFiles) -> nn.Module:
+def _openvla_projector(files: Mapping) -> nn.Module:
     """The projector from its stored shapes: Prismatic's ``fc1..fcN`` GELU MLPs (fused:
     three layers; plain: two) or a single ``projector.projector`` linear."""
     from vlakit.projectors import MLPProjector
@@ -258,6 +259,7 @@ def load_openvla(
     path: str | os.PathLike,
     unnorm_key: str | None = None,
     *,
+    adapter: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     return_report: bool = False,
@@ -289,12 +291,16 @@ def load_openvla(
     Args:
         path: the directory.
         unnorm_key: the dataset whose statistics unnormalise actions.
+        adapter: a peft LoRA adapter folder ([LoraAdapter][vlakit.convert.LoraAdapter]),
+            merged into the base weights as they are read (``W + alpha / r * B A``); an
+            adapter for layers the checkpoint lacks, or a non-LoRA one, is refused.
         dtype: parameter dtype (default float32; the release is bf16, converted and
             reported).
         device: where the weights go (default CPU).
         return_report: also return the [LoadReport][vlakit.convert.LoadReport].
     """
-    return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=None)
+    return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=None,
+                           adapter=adapter)
 
 
 def load_openvla_oft(
@@ -307,6 +313,7 @@ def load_openvla_oft(
     pruner: nn.Module | None = None,
     predict_read: str | None = None,
     num_inference_steps: int | None = None,
+    adapter: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     return_report: bool = False,
@@ -339,13 +346,16 @@ def load_openvla_oft(
         predict_read: the head's read at prediction (see
             [SLOT_READS][vlakit.heads.SLOT_READS]).
         num_inference_steps: diffusion steps at prediction (default 50).
+        adapter: a peft LoRA adapter folder merged into the base weights (OFT fine-tunes
+            the backbone with LoRA r=32; its run folders usually hold the merged weights).
         dtype: parameter dtype (default float32).
         device: where the weights go (default CPU).
         return_report: also return the [LoadReport][vlakit.convert.LoadReport].
     """
     oft = dict(chunk_size=chunk_size, attention=attention, step=step, pruner=pruner,
                predict_read=predict_read, num_inference_steps=num_inference_steps)
-    return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=oft)
+    return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=oft,
+                           adapter=adapter)
 
 
 def load_lightvla(
@@ -422,7 +432,8 @@ def _oft_head(head_state: dict, hidden: int, chunk_size: int, attention: str,
                     num_blocks=blocks, predict_read=options["predict_read"], **extra)
 
 
-def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: dict | None):
+def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: dict | None,
+                    adapter=None):
     from transformers import AutoConfig
 
     from vlakit.actions import ActionNormalizer, ActionTokenizer
@@ -446,6 +457,10 @@ def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: d
             f"OpenVLA (model_type 'openvla')"
         )
     files = CheckpointFiles(path)
+    if adapter is not None:
+        from vlakit.convert import LoraAdapter, MergedCheckpoint
+
+        files = MergedCheckpoint(files, LoraAdapter(adapter))
     stray = [k for k in files if not k.startswith(_OPENVLA_PREFIXES)]
     if stray:
         raise CheckpointError(
