@@ -1,0 +1,246 @@
+"""Recording how a model was built, as data: the constructor tree behind ``save_pretrained``.
+
+Every vlakit block is decorated with [recorded][vlakit.core.recorded]: its constructor
+arguments are kept on the instance (nested blocks, lists and plain values as they were
+passed), and a few methods that change a block after construction (``ViT.truncate``,
+``ViT.add_film``) record themselves as calls. [describe][vlakit.core.describe] turns that
+into JSON-ready data (no pickle: classes and functions by their import path, dtypes and
+enums by name, diffusers schedulers by their config) and [rebuild][vlakit.core.rebuild]
+calls the same constructors again. No registry of names is involved: a class is found by
+importing the module it is defined in.
+"""
+
+import dataclasses
+import enum
+import functools
+import importlib
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["recorded", "record_call", "describe", "rebuild", "DescriptionError"]
+
+FORMAT = "vlakit.constructor-tree"
+
+
+class DescriptionError(TypeError):
+    """A model (or one of its arguments) cannot be described as data, or a description
+    cannot be rebuilt."""
+
+
+def recorded(cls: type) -> type:
+    """Class decorator: keep the constructor arguments of every instance.
+
+    After ``cls(...)`` the instance holds ``(cls, {argument: value})`` for the arguments
+    that were passed (defaults are not stored, so a description stays what the user
+    wrote) and a snapshot of its child modules, so that a child replaced later (say
+    ``model.pruner = ...``) is caught when the model is described, instead of being lost.
+    A subclass must be decorated too (its arguments differ).
+    """
+    init = cls.__init__
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop(next(iter(signature.parameters)))  # self
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is parameter.VAR_KEYWORD and name in arguments:
+                arguments.update(arguments.pop(name))
+            elif parameter.kind is parameter.VAR_POSITIONAL and arguments.get(name):
+                raise DescriptionError(f"{cls.__name__} takes *{name}; it cannot be recorded")
+            elif parameter.kind is parameter.VAR_POSITIONAL:
+                arguments.pop(name, None)
+        self.__dict__["_recorded_init"] = (cls, arguments)
+        self.__dict__["_recorded_calls"] = []
+        _snapshot(self)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def record_call(obj: Any, method: str, **arguments: Any) -> None:
+    """Record that ``obj.method(**arguments)`` changed ``obj`` after construction (a
+    rebuild repeats the call). Called by the method itself, at its end."""
+    if "_recorded_init" in getattr(obj, "__dict__", {}):
+        obj.__dict__["_recorded_calls"].append((method, arguments))
+        _snapshot(obj)
+
+
+def _snapshot(obj: Any) -> None:
+    if isinstance(obj, nn.Module):
+        obj.__dict__["_recorded_children"] = {k: id(v) for k, v in obj._modules.items()}
+
+
+def _path(thing: Any) -> str:
+    return f"{thing.__module__}.{thing.__qualname__}"
+
+
+def _find(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    while module:
+        try:
+            found = importlib.import_module(module)
+            for part in name.split("."):
+                found = getattr(found, part)
+            return found
+        except (ImportError, AttributeError):
+            module, _, head = module.rpartition(".")
+            name = f"{head}.{name}"
+    raise DescriptionError(f"cannot find {path!r} to rebuild it")
+
+
+_TORCH_MODULES = {
+    nn.GELU: lambda m: {"approximate": m.approximate},
+    nn.SiLU: lambda m: {},
+    nn.ReLU: lambda m: {},
+    nn.Tanh: lambda m: {},
+    nn.Sigmoid: lambda m: {},
+    nn.Identity: lambda m: {},
+    nn.Dropout: lambda m: {"p": m.p},
+    nn.LayerNorm: lambda m: {"normalized_shape": tuple(m.normalized_shape), "eps": m.eps,
+                             "elementwise_affine": m.elementwise_affine,
+                             "bias": m.bias is not None},
+    nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features,
+                          "bias": m.bias is not None},
+}
+
+
+def describe(obj: Any, *, _memo: dict | None = None, _where: str = "model") -> Any:
+    """``obj`` as JSON-ready data (see the module docstring); raises a
+    [DescriptionError][vlakit.core.DescriptionError] naming the offending part (a wrapped
+    timm or transformers model, a lambda, a block replaced after construction)."""
+    memo = {} if _memo is None else _memo
+
+    def inner(value: Any, where: str) -> Any:
+        return describe(value, _memo=memo, _where=where)
+
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return {"$enum": _path(type(obj)), "name": obj.name}
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"$float": repr(obj)}
+    if isinstance(obj, torch.dtype):
+        return {"$dtype": str(obj).removeprefix("torch.")}
+    if isinstance(obj, list):
+        return [inner(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return {"$tuple": [inner(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, (set, frozenset)):
+        items = sorted(obj, key=lambda v: (str(type(v)), v))
+        return {"$set": [inner(v, where) for v in items]}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise DescriptionError(f"{where}: a dict with non-string keys cannot be described")
+        return {"$dict": {k: inner(v, f"{where}[{k!r}]") for k, v in obj.items()}}
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() > 64:
+            raise DescriptionError(f"{where}: a tensor argument of {obj.numel()} values; "
+                                   f"weights belong in the state dict")
+        return {"$tensor": obj.tolist(), "dtype": str(obj.dtype).removeprefix("torch.")}
+    if id(obj) in memo:
+        return {"$same": memo[id(obj)]}
+    record = getattr(obj, "__dict__", {}).get("_recorded_init")
+    if record is not None:
+        cls, arguments = record
+        if type(obj) is not cls:
+            raise DescriptionError(
+                f"{where} is a {type(obj).__name__}, a subclass of the recorded "
+                f"{cls.__name__} that is not recorded itself: decorate it with "
+                f"@vlakit.core.recorded"
+            )
+        _check_children(obj, arguments, where)
+        memo[id(obj)] = len(memo)
+        return {
+            "$class": _path(cls), "$id": memo[id(obj)],
+            "args": {k: inner(v, f"{where}.{k}") for k, v in arguments.items()},
+            "calls": [[name, {k: inner(v, f"{where}.{name}({k})") for k, v in args.items()}]
+                      for name, args in obj.__dict__.get("_recorded_calls", [])],
+        }
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: inner(getattr(obj, f.name), f"{where}.{f.name}")
+                  for f in dataclasses.fields(obj) if f.init}
+        return {"$class": _path(type(obj)), "args": fields, "calls": []}
+    if type(obj) in _TORCH_MODULES:
+        args = _TORCH_MODULES[type(obj)](obj)
+        return {"$class": _path(type(obj)), "args": {k: inner(v, where) for k, v in args.items()},
+                "calls": []}
+    if isinstance(obj, type) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        path = _path(obj)
+        if "<" in path or _find(path) is not obj:
+            raise DescriptionError(f"{where} is {obj!r}, which cannot be imported by name "
+                                   f"(a lambda or a local function?); use a module-level one")
+        return {"$ref": path}
+    config = getattr(obj, "config", None)
+    if callable(getattr(type(obj), "from_config", None)) and isinstance(config, dict):
+        return {"$from_config": _path(type(obj)), "config": inner(dict(config), where)}
+    raise DescriptionError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which vlakit cannot "
+        f"describe as constructor arguments (wrapped timm, open_clip and transformers "
+        f"models keep their own formats); save its state dict instead"
+    )
+
+
+def _check_children(obj: Any, arguments: dict, where: str) -> None:
+    snapshot = obj.__dict__.get("_recorded_children")
+    if snapshot is None or not isinstance(obj, nn.Module):
+        return
+    now = {k: id(v) for k, v in obj._modules.items()}
+    changed = sorted(k for k in set(now) | set(snapshot) if now.get(k) != snapshot.get(k))
+    if changed:
+        raise DescriptionError(
+            f"{where}.{changed[0]} was replaced after {type(obj).__name__} was built, so the "
+            f"constructor arguments no longer describe it; pass it to the constructor instead"
+        )
+
+
+def rebuild(description: Any, *, _memo: dict | None = None) -> Any:
+    """Call the constructors a [describe][vlakit.core.describe] output names, in order;
+    recorded calls are repeated. Build on ``meta`` (``with building(None, "meta")``) to
+    skip initialisation when weights are loaded next."""
+    memo = {} if _memo is None else _memo
+
+    def inner(value: Any) -> Any:
+        return rebuild(value, _memo=memo)
+
+    if isinstance(description, list):
+        return [inner(v) for v in description]
+    if not isinstance(description, dict):
+        return description
+    if "$tuple" in description:
+        return tuple(inner(v) for v in description["$tuple"])
+    if "$set" in description:
+        return {inner(v) for v in description["$set"]}
+    if "$dict" in description:
+        return {k: inner(v) for k, v in description["$dict"].items()}
+    if "$enum" in description:
+        return _find(description["$enum"])[description["name"]]
+    if "$float" in description:
+        return float(description["$float"])
+    if "$dtype" in description:
+        return getattr(torch, description["$dtype"])
+    if "$tensor" in description:
+        return torch.tensor(description["$tensor"], dtype=getattr(torch, description["dtype"]))
+    if "$ref" in description:
+        return _find(description["$ref"])
+    if "$same" in description:
+        return memo[description["$same"]]
+    if "$from_config" in description:
+        return _find(description["$from_config"]).from_config(inner(description["config"]))
+    if "$class" in description:
+        cls = _find(description["$class"])
+        obj = cls(**{k: inner(v) for k, v in description["args"].items()})
+        for name, arguments in description.get("calls", []):
+            getattr(obj, name)(**{k: inner(v) for k, v in arguments.items()})
+        if "$id" in description:
+            memo[description["$id"]] = obj
+        return obj
+    raise DescriptionError(f"cannot rebuild {description!r}")
