@@ -9,17 +9,39 @@ predict through.
 """
 
 import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from vlakit.core import MaskPolicy, TokenRole, TokenSequence, guard_meta_loading
+from vlakit.core import (
+    CheckpointError,
+    CheckpointFiles,
+    LoadReport,
+    MaskPolicy,
+    TokenRole,
+    TokenSequence,
+    building,
+    describe,
+    guard_meta_loading,
+    load_into,
+    rebuild,
+)
+from vlakit.core.recording import recorded
 from vlakit.heads import HeadTokens, NextTokenHead
 from vlakit.runner import VLARunner
 
 __all__ = ["VLA", "VLAInputs", "VLAOutput"]
+
+DESCRIPTION_FILE = "vlakit.json"
+"""The composition, as JSON: the constructor tree (see [describe][vlakit.core.describe])."""
+WEIGHTS_FILE = "model.safetensors"
+_FORMAT = "vlakit.composition"
 
 
 @dataclasses.dataclass
@@ -115,6 +137,7 @@ class VLAOutput:
     logits: Tensor | None = None
 
 
+@recorded
 class VLA(nn.Module):
     """A vision-language-action model assembled from blocks.
 
@@ -538,3 +561,108 @@ class VLA(nn.Module):
         for module in (self.encoder, self.projector, self.decoder):
             module.compile(**options)
         return self
+
+    # -- save and load any composition -------------------------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the model to the directory ``path``: ``model.safetensors`` (every parameter and
+        persistent buffer) and ``vlakit.json``, a readable description of the composition (the
+        constructor tree with nested blocks, as [describe][vlakit.core.describe] gives it: class
+        paths and arguments, no pickle). [VLA.from_pretrained][vlakit.VLA.from_pretrained]
+        rebuilds it. Files are written under temporary names and renamed, so an interrupted save
+        leaves no half-written checkpoint. A block that cannot be described (a wrapped timm or
+        transformers model, a block replaced after construction) raises a
+        [DescriptionError][vlakit.core.DescriptionError] naming it before anything is written.
+        Returns the directory."""
+        from safetensors.torch import save_file
+
+        description = {"format": _FORMAT, "model": describe(self)}
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state, seen = {}, set()
+        for key, tensor in self.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            if tensor.untyped_storage().data_ptr() in seen:  # shared storage: its own copy
+                tensor = tensor.clone()
+            seen.add(tensor.untyped_storage().data_ptr())
+            state[key] = tensor
+        for name, write in ((WEIGHTS_FILE, lambda f: save_file(state, f)),
+                            (DESCRIPTION_FILE, lambda f: Path(f).write_text(
+                                json.dumps(description, indent=1)))):
+            with tempfile.NamedTemporaryFile(dir=path, prefix=f".{name}.", delete=False) as tmp:
+                temporary = tmp.name
+            write(temporary)
+            os.replace(temporary, path / name)
+        return path
+
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        return_report: bool = False,
+    ) -> "VLA | tuple[VLA, LoadReport]":
+        """Rebuild a model saved with [save_pretrained][vlakit.VLA.save_pretrained] and load
+        its weights strictly (missing, unexpected and mis-shaped keys are reported together).
+
+        The composition is rebuilt on the ``meta`` device from ``vlakit.json`` and the weights
+        are assigned from the memory-mapped ``model.safetensors``.
+
+        Args:
+            path: a local directory, or a Hugging Face Hub repository id (downloaded with
+                ``huggingface_hub.snapshot_download``).
+            dtype: parameter dtype (default: as stored).
+            device: where the weights go (default CPU).
+            revision: the Hub revision, for a repository id.
+            return_report: also return the [LoadReport][vlakit.core.LoadReport].
+        """
+        path = Path(path)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=str(path), revision=revision))
+        file = path / DESCRIPTION_FILE
+        if not file.is_file():
+            raise CheckpointError(f"{path} has no {DESCRIPTION_FILE}: not saved by "
+                                  f"VLA.save_pretrained (published checkpoints load with "
+                                  f"vlakit.models.load_*)")
+        data = json.loads(file.read_text())
+        if data.get("format") != _FORMAT:
+            raise CheckpointError(f"{file} is not a vlakit composition (format "
+                                  f"{data.get('format')!r})")
+        with building(None, "meta"):
+            model = rebuild(data["model"])
+        if not isinstance(model, cls):
+            raise CheckpointError(
+                f"{file} describes a {type(model).__name__}, not a {cls.__name__}"
+            )
+        with CheckpointFiles(path / WEIGHTS_FILE) as files:
+            report = load_into(model, files, shape_of=files.shape, dtype_of=files.dtype,
+                               device=device, dtype="stored" if dtype is None else dtype,
+                               source=str(path / WEIGHTS_FILE))
+        return (model, report) if return_report else model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload a vlakit model",
+    ) -> Any:
+        """[save_pretrained][vlakit.VLA.save_pretrained] to a temporary folder and upload it to
+        the Hugging Face Hub repository ``repo_id`` (created if needed) with
+        ``huggingface_hub.HfApi``; returns its commit info. ``VLA.from_pretrained(repo_id)``
+        pulls it back."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder,
+                                     commit_message=commit_message)

@@ -22,6 +22,8 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from vlakit.core.recording import recorded
+
 __all__ = [
     "LinearProjector",
     "MLPProjector",
@@ -39,6 +41,7 @@ def _check_width(module: nn.Module, x: Tensor, expected: int) -> None:
         )
 
 
+@recorded
 class LinearProjector(nn.Module):
     """``Linear(in_dim, out_dim)`` over the last axis (PaliGemma: 1152 → 2048, with bias:
     2,361,344 parameters).
@@ -59,6 +62,7 @@ class LinearProjector(nn.Module):
         return self.linear(x)
 
 
+@recorded
 class MLPProjector(nn.Module):
     """``fc1 → act → fc2 → act → ... → fcN`` (no activation after the last layer).
 
@@ -122,6 +126,7 @@ def pixel_shuffle(x: Float[Tensor, "b n d"], factor: int) -> Float[Tensor, "b m 
     )
 
 
+@recorded
 class PixelShuffleProjector(nn.Module):
     """Pixel shuffle (token merge by ``factor²``) then ``Linear`` without bias
     (Idefics3 / SmolVLM connector): ``[b, s², d] -> [b, s²/f², out_dim]``.
@@ -144,6 +149,7 @@ class PixelShuffleProjector(nn.Module):
         return self.proj(pixel_shuffle(x, self.factor))
 
 
+@recorded
 class ProprioProjector(nn.Module):
     """Proprioceptive state → one LLM-width vector: ``fc2(gelu(fc1(p)))`` (OpenVLA-OFT).
 

@@ -12,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.actions._checks import as_tensor, check_finite, check_last_dim
+from vlakit.core.recording import recorded
 
 __all__ = ["ActionNormalizer", "load_norm_stats"]
 
@@ -58,6 +59,7 @@ def _mask_array(stats: Mapping[str, Any], dim: int, name: str) -> np.ndarray:
     return array
 
 
+@recorded
 class ActionNormalizer(nn.Module):
     """Maps raw actions (or proprio) to the model's range and back, per dimension.
 

@@ -8,10 +8,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vlakit.actions._checks import as_tensor, check_finite, check_last_dim
+from vlakit.core.recording import recorded
 
 __all__ = ["ActionTokenizer"]
 
 
+@recorded
 class ActionTokenizer:
     """Maps continuous actions in ``[min_action, max_action]`` to the last ids of a vocabulary.
 

@@ -10,13 +10,6 @@ from vlakit.convert.decoders import (
     decoder_spec,
     load_hf_decoder_state_dict,
 )
-from vlakit.convert.files import (
-    CheckpointFiles,
-    LoadReport,
-    load_into,
-    read_torch_weights,
-    strip_prefix,
-)
 from vlakit.convert.lora import LoraAdapter, MergedCheckpoint
 from vlakit.convert.rename import Rules, rename_keys
 from vlakit.convert.vision import (
@@ -29,6 +22,13 @@ from vlakit.convert.vision import (
     transformers_siglip_to_vit,
     vit_from_timm,
     vit_from_transformers,
+)
+from vlakit.core.files import (
+    CheckpointFiles,
+    LoadReport,
+    load_into,
+    read_torch_weights,
+    strip_prefix,
 )
 
 __all__ = [

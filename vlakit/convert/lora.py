@@ -67,7 +67,7 @@ class LoraAdapter:
 
     @staticmethod
     def _weights(path: Path) -> dict[str, Tensor]:
-        from vlakit.convert.files import CheckpointFiles, read_torch_weights
+        from vlakit.core.files import CheckpointFiles, read_torch_weights
 
         if (path / "adapter_model.safetensors").is_file():
             with CheckpointFiles(path / "adapter_model.safetensors") as files:

@@ -5,6 +5,13 @@ Imports nothing else of vlakit.
 
 from vlakit.core.checkpoint import CheckpointError, guard_meta_loading, load_checked
 from vlakit.core.checks import set_validation, validation, validation_enabled
+from vlakit.core.files import (
+    CheckpointFiles,
+    LoadReport,
+    load_into,
+    read_torch_weights,
+    strip_prefix,
+)
 from vlakit.core.init import building, init_parameters
 from vlakit.core.linear import LinearFactory
 from vlakit.core.masks import (
@@ -24,6 +31,7 @@ from vlakit.core.policies import (
     PrefixLMMask,
     RoleBlockMask,
 )
+from vlakit.core.recording import DescriptionError, describe, rebuild, record_call, recorded
 from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import IGNORE_ID, TokenSequence
 from vlakit.core.tap import AttentionTap
@@ -35,6 +43,16 @@ __all__ = [
     "CheckpointError",
     "load_checked",
     "guard_meta_loading",
+    "CheckpointFiles",
+    "LoadReport",
+    "load_into",
+    "read_torch_weights",
+    "strip_prefix",
+    "recorded",
+    "record_call",
+    "describe",
+    "rebuild",
+    "DescriptionError",
     "TokenRole",
     "TokenSequence",
     "AttentionTap",

@@ -12,6 +12,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from vlakit.core.masks import MaskSpec
+from vlakit.core.recording import recorded
 from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import TokenSequence
 
@@ -56,6 +57,7 @@ class MaskPolicy:
         return f"{type(self).__name__}()"
 
 
+@recorded
 class CausalMask(MaskPolicy):
     """Every token sees itself and the real tokens before it (OpenVLA, Llama)."""
 
@@ -68,6 +70,7 @@ class CausalMask(MaskPolicy):
         return seq.right_padded
 
 
+@recorded
 class BidirectionalMask(MaskPolicy):
     """Every real token sees every real token (OpenVLA-OFT's parallel decoding)."""
 
@@ -75,6 +78,7 @@ class BidirectionalMask(MaskPolicy):
         return torch.zeros_like(seq.valid, dtype=torch.long)
 
 
+@recorded
 class PrefixLMMask(MaskPolicy):
     """Prefix both ways, suffix (``seq.is_suffix``) causally (PaliGemma)."""
 
@@ -82,6 +86,7 @@ class PrefixLMMask(MaskPolicy):
         return torch.cumsum(seq.is_suffix.long(), dim=1)
 
 
+@recorded
 class ParallelDecodingMask(MaskPolicy):
     """The suffix (``seq.is_suffix``: action slots, a timestep token, ``</s>``) is one block
     that sees the whole prefix and all of itself; the prefix never sees the suffix.
@@ -116,6 +121,7 @@ class ParallelDecodingMask(MaskPolicy):
         return f"ParallelDecodingMask(prefix={self.prefix!r})"
 
 
+@recorded
 class RoleBlockMask(MaskPolicy):
     """Blocks of roles, each seeing itself and the blocks listed before it (pi0).
 

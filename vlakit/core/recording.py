@@ -69,7 +69,8 @@ def record_call(obj: Any, method: str, **arguments: Any) -> None:
     rebuild repeats the call). Called by the method itself, at its end."""
     if "_recorded_init" in getattr(obj, "__dict__", {}):
         obj.__dict__["_recorded_calls"].append((method, arguments))
-        _snapshot(obj)
+        for module in obj.modules() if isinstance(obj, nn.Module) else [obj]:
+            _snapshot(module)  # the call may have changed blocks inside obj too
 
 
 def _snapshot(obj: Any) -> None:
@@ -116,6 +117,7 @@ def describe(obj: Any, *, _memo: dict | None = None, _where: str = "model") -> A
     [DescriptionError][vlakit.core.DescriptionError] naming the offending part (a wrapped
     timm or transformers model, a lambda, a block replaced after construction)."""
     memo = {} if _memo is None else _memo
+    where = _where
 
     def inner(value: Any, where: str) -> Any:
         return describe(value, _memo=memo, _where=where)

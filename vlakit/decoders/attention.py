@@ -7,6 +7,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from vlakit.core.linear import LinearFactory
+from vlakit.core.recording import recorded
 from vlakit.core.tap import AttentionTap
 from vlakit.decoders.cache import KVCache
 from vlakit.decoders.rope import apply_rotary
@@ -14,6 +15,7 @@ from vlakit.decoders.rope import apply_rotary
 __all__ = ["Attention"]
 
 
+@recorded
 class Attention(nn.Module):
     """Self-attention through ``torch.nn.functional.scaled_dot_product_attention``.
 

@@ -5,10 +5,12 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from vlakit.core.checks import should_validate
+from vlakit.core.recording import recorded
 
 __all__ = ["TokenEmbedding", "check_token_ids"]
 
 
+@recorded
 class TokenEmbedding(nn.Embedding):
     """``ids [b, t] -> embeddings [b, t, d]``, optionally multiplied by ``sqrt(d)``.
 

@@ -3,6 +3,7 @@
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from vlakit.core.recording import recorded
 from vlakit.core.tap import AttentionTap
 from vlakit.decoders.attention import Attention
 from vlakit.decoders.cache import KVCache
@@ -10,6 +11,7 @@ from vlakit.decoders.cache import KVCache
 __all__ = ["DecoderLayer"]
 
 
+@recorded
 class DecoderLayer(nn.Module):
     """``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``.
 

@@ -4,10 +4,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core.linear import LinearFactory
+from vlakit.core.recording import recorded
 
 __all__ = ["GatedMLP"]
 
 
+@recorded
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))``.
 

@@ -4,9 +4,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from vlakit.core.recording import recorded
+
 __all__ = ["RMSNorm"]
 
 
+@recorded
 class RMSNorm(nn.Module):
     """Root-mean-square norm: ``x / rms(x) * w`` (Llama) or ``* (1 + w)`` (Gemma).
 

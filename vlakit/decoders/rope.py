@@ -4,9 +4,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from vlakit.core.recording import recorded
+
 __all__ = ["RotaryEmbedding", "apply_rotary"]
 
 
+@recorded
 class RotaryEmbedding(nn.Module):
     """Computes ``cos, sin [b, n, head_dim]`` for integer positions ``[b, n]``.
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from vlakit.core.checks import should_validate
 from vlakit.core.masks import MaskSpec, check_mask_shape
+from vlakit.core.recording import recorded
 from vlakit.core.tap import AttentionTap
 from vlakit.decoders.cache import KVCache
 from vlakit.decoders.embedding import TokenEmbedding
@@ -19,6 +20,7 @@ from vlakit.decoders.rope import RotaryEmbedding
 __all__ = ["TransformerDecoder"]
 
 
+@recorded
 class TransformerDecoder(nn.Module):
     """A decoder-only transformer that takes embeddings, an explicit mask and positions.
 

@@ -11,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core import TokenRole, TokenSequence
+from vlakit.core.recording import recorded
 from vlakit.heads._steps import StepRunner, check_num_samples
 from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
 from vlakit.heads.mlp_resnet import MLPResNet
@@ -22,6 +23,7 @@ __all__ = ["DiffusionActionHead", "NoisyActionProjector"]
 DIFFUSION_LAYOUTS = ("oft", "cached")
 
 
+@recorded
 class NoisyActionProjector(nn.Module):
     """One token per action scalar: ``fc2(gelu(fc1(x)))``, ``[b, m, 1] -> [b, m, d]``
     (OpenVLA-OFT; 16,789,504 parameters at ``d = 4096``).
@@ -56,6 +58,7 @@ def ddim_scheduler(num_train_timesteps: int = 50):
     )
 
 
+@recorded
 class DiffusionActionHead(nn.Module):
     """Denoising diffusion over an action chunk (OpenVLA-OFT's DDIM head by default).
 
@@ -120,7 +123,11 @@ class DiffusionActionHead(nn.Module):
         if layout not in DIFFUSION_LAYOUTS:
             raise ValueError(f"layout must be one of {DIFFUSION_LAYOUTS}, got {layout!r}")
         read, predict_read = check_reads(read, predict_read)
-        scheduler = ddim_scheduler() if scheduler is None else copy.deepcopy(scheduler)
+        with torch.device("cpu"):  # its tables live on the host, also when built on meta
+            if scheduler is None:
+                scheduler = ddim_scheduler()
+            else:  # a fresh copy from its config: the passed one may hold meta tensors
+                scheduler = type(scheduler).from_config(copy.deepcopy(scheduler.config))
         train_steps = scheduler.config.num_train_timesteps
         if not 1 <= num_inference_steps <= train_steps:
             raise ValueError(

@@ -8,6 +8,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from vlakit.core import TokenRole, TokenSequence
+from vlakit.core.recording import recorded
 from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
 from vlakit.heads.lm_loss import next_token_loss
 
@@ -31,6 +32,7 @@ class ActionCodec(Protocol):
         ...
 
 
+@recorded
 class DiscreteActionHead(nn.Module):
     """Actions as ``chunk * action_dim`` vocabulary tokens, read from the LM head.
 

@@ -8,6 +8,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core import TokenSequence
+from vlakit.core.recording import recorded
 from vlakit.heads._steps import StepRunner, check_num_samples
 from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
 from vlakit.heads.slots import read_slots
@@ -18,6 +19,7 @@ __all__ = ["FlowMatchingHead"]
 FLOW_LAYOUTS = ("cached", "full")
 
 
+@recorded
 class FlowMatchingHead(nn.Module):
     """Actions from a learned velocity field, integrated from noise in a fixed number of
     Euler steps (pi0).

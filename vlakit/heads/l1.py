@@ -9,6 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core import TokenSequence
+from vlakit.core.recording import recorded
 from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
 from vlakit.heads.mlp_resnet import MLPResNet
 from vlakit.heads.slots import check_reads, read_slots
@@ -16,6 +17,7 @@ from vlakit.heads.slots import check_reads, read_slots
 __all__ = ["L1RegressionHead"]
 
 
+@recorded
 class L1RegressionHead(nn.Module):
     """Continuous actions regressed from the hidden states of ``chunk * a`` action slots.
 

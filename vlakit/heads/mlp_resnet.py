@@ -3,9 +3,12 @@
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from vlakit.core.recording import recorded
+
 __all__ = ["MLPResNet", "MLPResNetBlock"]
 
 
+@recorded
 class MLPResNetBlock(nn.Module):
     """``x + ReLU(Linear(LayerNorm(x)))`` at one width (parameter names as in OFT).
 
@@ -21,6 +24,7 @@ class MLPResNetBlock(nn.Module):
         return x + self.ffn(x)
 
 
+@recorded
 class MLPResNet(nn.Module):
     """``LayerNorm -> Linear -> ReLU -> num_blocks x MLPResNetBlock -> LayerNorm -> Linear``.
 

@@ -6,12 +6,14 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core import TokenRole, TokenSequence
+from vlakit.core.recording import recorded
 from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn
 from vlakit.heads.lm_loss import next_token_loss
 
 __all__ = ["NextTokenHead"]
 
 
+@recorded
 class NextTokenHead(nn.Module):
     """Language modelling on the suffix: the loss of a vision-language model.
 

@@ -8,11 +8,13 @@ from torch import Tensor, nn
 
 from vlakit.core import IGNORE_ID, TokenRole, TokenSequence
 from vlakit.core.checks import should_validate
+from vlakit.core.recording import recorded
 from vlakit.interleave._pack import _concat, _pack, _piece
 
 __all__ = ["PlaceholderInterleaver"]
 
 
+@recorded
 class PlaceholderInterleaver(nn.Module):
     """Replaces placeholder tokens with image tokens; prefix/suffix from ``token_type_ids``.
 

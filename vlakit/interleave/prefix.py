@@ -8,11 +8,13 @@ from torch import Tensor, nn
 
 from vlakit.core import TokenRole, TokenSequence
 from vlakit.core.checks import should_validate
+from vlakit.core.recording import recorded
 from vlakit.interleave._pack import _concat, _pack, _piece
 
 __all__ = ["PrefixInterleaver"]
 
 
+@recorded
 class PrefixInterleaver(nn.Module):
     """Builds ``<s>, image tokens (all views), extras, prompt, action slots, </s>``.
 

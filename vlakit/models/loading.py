@@ -2,7 +2,7 @@
 
 The architecture comes from the directory's ``config.json`` (no table of sizes kept by
 hand), the model is built on the ``meta`` device, and the weights are assigned from the
-memory-mapped safetensors ([load_into][vlakit.convert.load_into]): nothing is
+memory-mapped safetensors ([load_into][vlakit.core.load_into]): nothing is
 initialised and nothing is held twice.
 """
 
@@ -130,7 +130,7 @@ def load_paligemma(
             parameter, i.e. torch's default, float32); a bf16 checkpoint into float32 is
             converted and said in the report.
         device: where the weights go (default CPU).
-        return_report: also return the [LoadReport][vlakit.convert.LoadReport].
+        return_report: also return the [LoadReport][vlakit.core.LoadReport].
     """
     from transformers import PaliGemmaConfig
 
@@ -297,7 +297,7 @@ def load_openvla(
         dtype: parameter dtype (default float32; the release is bf16, converted and
             reported).
         device: where the weights go (default CPU).
-        return_report: also return the [LoadReport][vlakit.convert.LoadReport].
+        return_report: also return the [LoadReport][vlakit.core.LoadReport].
     """
     return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=None,
                            adapter=adapter)
@@ -350,7 +350,7 @@ def load_openvla_oft(
             the backbone with LoRA r=32; its run folders usually hold the merged weights).
         dtype: parameter dtype (default float32).
         device: where the weights go (default CPU).
-        return_report: also return the [LoadReport][vlakit.convert.LoadReport].
+        return_report: also return the [LoadReport][vlakit.core.LoadReport].
     """
     oft = dict(chunk_size=chunk_size, attention=attention, step=step, pruner=pruner,
                predict_read=predict_read, num_inference_steps=num_inference_steps)

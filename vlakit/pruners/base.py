@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from vlakit.core import IGNORE_ID, AttentionTap, TokenRole, TokenSequence
 from vlakit.core.checks import should_validate
+from vlakit.core.recording import recorded
 
 __all__ = ["TokenPruner", "ImageBlock", "image_block", "drop_tokens", "keep_count"]
 
@@ -125,6 +126,7 @@ def drop_tokens(
     )
 
 
+@recorded
 class TokenPruner(nn.Module):
     """Base class of the pruners: ``TokenSequence -> TokenSequence`` before a decoder layer.
 

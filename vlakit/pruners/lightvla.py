@@ -7,6 +7,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from vlakit.core import TokenSequence
+from vlakit.core.recording import recorded
 from vlakit.pruners.base import ImageBlock, TokenPruner, drop_tokens
 
 __all__ = ["LightVLAPruner", "lightvla_noise_scale", "set_noise_scale"]
@@ -18,6 +19,7 @@ def _rms_norm(x: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+@recorded
 class LightVLAPruner(TokenPruner):
     """LightVLA (Jiang et al. 2025): differentiable, parameter-free image-token selection.
 

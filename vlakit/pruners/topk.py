@@ -8,6 +8,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from vlakit.core import AttentionTap, TokenRole, TokenSequence
+from vlakit.core.recording import recorded
 from vlakit.pruners.base import ImageBlock, TokenPruner, drop_tokens, keep_count
 
 __all__ = ["TopKPruner", "RandomPruner", "FastVPruner", "norm_score"]
@@ -30,6 +31,7 @@ def _check_keep(keep_ratio: float | None, keep: int | None) -> None:
         raise ValueError(f"keep must be >= 1 image token, got {keep}")
 
 
+@recorded
 class TopKPruner(TokenPruner):
     """Keep the ``k`` image tokens with the highest ``score`` per row, in their order.
 
@@ -87,6 +89,7 @@ class TopKPruner(TokenPruner):
         return f"{amount}, {super().extra_repr()}"
 
 
+@recorded
 class RandomPruner(TopKPruner):
     """Keep a uniformly random ``k`` of the image tokens per row (the baseline every
     pruner should beat). Draws from torch's global generator (``torch.manual_seed``).
@@ -114,6 +117,7 @@ class RandomPruner(TopKPruner):
         return torch.rand(block.index.shape, device=seq.embeds.device)
 
 
+@recorded
 class FastVPruner(TopKPruner):
     """FastV (Chen et al. 2024): after layer ``K``, keep the image tokens that receive the
     most attention from the last prompt token.

@@ -15,10 +15,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core.linear import LinearFactory
+from vlakit.core.recording import recorded
 
 __all__ = ["FiLM", "FiLMTimmBlock", "add_film"]
 
 
+@recorded
 class FiLM(nn.Module):
     """``x * (1 + scale(c)) + shift(c)``, broadcast over tokens.
 

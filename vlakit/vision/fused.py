@@ -8,12 +8,14 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core.linear import LinearFactory
+from vlakit.core.recording import recorded
 from vlakit.vision.base import VisionEncoder, as_hw, check_condition
 from vlakit.vision.preprocess import PreprocessConfig
 
 __all__ = ["FusedEncoder"]
 
 
+@recorded
 class FusedEncoder(VisionEncoder):
     """Concatenate the patch tokens of several encoders: ``d = Σ d_i`` (OpenVLA: DINOv2
     1024 + SigLIP 1152 = 2176 at 256 tokens).

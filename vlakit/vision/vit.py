@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core.linear import LinearFactory
+from vlakit.core.recording import record_call, recorded
 from vlakit.vision.base import (
     VisionEncoder,
     as_hw,
@@ -55,6 +56,7 @@ def _check_heads(owner: str, dim: int, num_heads: int) -> None:
         )
 
 
+@recorded
 class PatchEmbed(nn.Module):
     """Non-overlapping ``patch × patch`` convolution: ``[b, c, H, W] -> [b, H/p, W/p, d]``."""
 
@@ -67,6 +69,7 @@ class PatchEmbed(nn.Module):
         return rearrange(self.proj(pixels), "b d gh gw -> b gh gw d")
 
 
+@recorded
 class ViTAttention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection (timm layout).
 
@@ -94,6 +97,7 @@ class ViTAttention(nn.Module):
         return self.proj(rearrange(out, "b h n hd -> b n (h hd)"))
 
 
+@recorded
 class ViTMLP(nn.Module):
     """``fc2(gelu(fc1(x)))``.
 
@@ -120,6 +124,7 @@ class ViTMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+@recorded
 class LayerScale(nn.Module):
     """Per-channel scale ``x · gamma`` (CaiT/DINOv2); timm's parameter name ``gamma``."""
 
@@ -137,6 +142,7 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+@recorded
 class ViTBlock(nn.Module):
     """Pre-LN transformer block, optionally with LayerScale and FiLM::
 
@@ -186,6 +192,7 @@ class ViTBlock(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+@recorded
 class MAPHead(nn.Module):
     """Multihead attention pooling: one learned latent query attends to all tokens, then a
     residual MLP (SigLIP's head; timm ``AttentionPoolLatent`` names and semantics).
@@ -235,6 +242,7 @@ class MAPHead(nn.Module):
         return pooled + self.mlp(self.norm(pooled))
 
 
+@recorded
 class ViT(VisionEncoder):
     """Vision Transformer encoder: pixels ``[b, c, H, W]`` → patch tokens ``[b, p, d]``.
 
@@ -399,6 +407,7 @@ class ViT(VisionEncoder):
             if self.attn_pool is not None:
                 self.attn_pool = None
                 self._dropped.append("attn_pool.")
+        record_call(self, "truncate")
         return self
 
     def add_film(
@@ -406,6 +415,7 @@ class ViT(VisionEncoder):
     ) -> "ViT":
         for block in self.blocks:
             block.film = FiLM(cond_dim, self.dim, zero_init=zero_init, linear=linear)
+        record_call(self, "add_film", cond_dim=cond_dim, zero_init=zero_init, linear=linear)
         return self
 
     # ------------------------------------------------------------------ forward

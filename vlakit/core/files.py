@@ -1,12 +1,14 @@
 """Reading checkpoint files and loading them into a model without doubling memory.
 
+(In ``vlakit.core``, and re-exported by ``vlakit.convert``.)
+
 - safetensors, one file or an index with shards (``model.safetensors.index.json``), read
-  through memory maps: [CheckpointFiles][vlakit.convert.CheckpointFiles] lists keys, shapes
+  through memory maps: [CheckpointFiles][vlakit.core.CheckpointFiles] lists keys, shapes
   and dtypes from the headers alone and reads a tensor only when asked;
 - torch pickles (``.pt``, OpenVLA-OFT's head and projector files) only through
-  ``torch.load(weights_only=True)``: [read_torch_weights][vlakit.convert.read_torch_weights].
+  ``torch.load(weights_only=True)``: [read_torch_weights][vlakit.core.read_torch_weights].
   Nothing in vlakit unpickles arbitrary objects;
-- [load_into][vlakit.convert.load_into] checks every key and shape first (a report names the
+- [load_into][vlakit.core.load_into] checks every key and shape first (a report names the
   missing, unexpected and mis-shaped keys) and only then assigns the tensors, one at a
   time, into a model built on the ``meta`` device: a checkpoint of S bytes peaks at about S.
 """
@@ -212,7 +214,7 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 @dataclasses.dataclass
 class LoadReport:
-    """What [load_into][vlakit.convert.load_into] did.
+    """What [load_into][vlakit.core.load_into] did.
 
     Attributes:
         loaded: number of tensors loaded.
@@ -250,7 +252,7 @@ def load_into(
     dtype_of: Callable[[str], torch.dtype] | None = None,
     skipped: list[str] | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     source: str = "checkpoint",
 ) -> LoadReport:
     """Load ``state`` (vlakit key names) into ``model`` strictly, checking everything first.
@@ -259,7 +261,7 @@ def load_into(
     tensor is read; any missing, unexpected or mis-shaped key raises one
     [CheckpointError][vlakit.core.CheckpointError] listing all three kinds, and the model
     is left as it was. Then each tensor is read (from a memory map, for
-    [CheckpointFiles][vlakit.convert.CheckpointFiles]), cast to the model's dtype (or
+    [CheckpointFiles][vlakit.core.CheckpointFiles]), cast to the model's dtype (or
     ``dtype``) and moved to ``device`` (default: the model's device, CPU for a ``meta``
     model), and assigned in place of the parameter: a model built on ``meta`` is
     materialised by the load, with no second copy. Floating tensors convert to any
@@ -274,7 +276,8 @@ def load_into(
         dtype_of: likewise the stored dtype.
         skipped: checkpoint keys the caller accepted and dropped, for the report.
         device: where the loaded tensors go.
-        dtype: floating dtype for floating parameters (default: each parameter's own).
+        dtype: floating dtype for floating parameters (default: each parameter's own);
+            ``"stored"`` keeps each tensor's stored dtype.
         source: the checkpoint's name, for error messages.
     """
     own = model.state_dict(keep_vars=True)
@@ -309,8 +312,11 @@ def load_into(
         where = device
         if where is None:
             where = "cpu" if target.is_meta else target.device
-        want = (dtype or target.dtype) if target.is_floating_point() else target.dtype
         tensor = state[key]
+        if dtype == "stored":
+            want = tensor.dtype
+        else:
+            want = (dtype or target.dtype) if target.is_floating_point() else target.dtype
         if tensor.dtype != want:
             conversion = f"{str(tensor.dtype).removeprefix('torch.')} -> "
             conversion += str(want).removeprefix("torch.")
