@@ -10,6 +10,13 @@ from vlakit.convert.decoders import (
     decoder_spec,
     load_hf_decoder_state_dict,
 )
+from vlakit.convert.export import (
+    decoder_to_transformers,
+    openvla_state_dict,
+    paligemma_to_transformers,
+    save_openvla,
+    vit_to_transformers,
+)
 from vlakit.convert.lora import LoraAdapter, MergedCheckpoint
 from vlakit.convert.rename import Rules, rename_keys
 from vlakit.convert.vision import (
@@ -45,6 +52,11 @@ __all__ = [
     "read_torch_weights",
     "strip_prefix",
     "LoraAdapter",
+    "decoder_to_transformers",
+    "vit_to_transformers",
+    "paligemma_to_transformers",
+    "openvla_state_dict",
+    "save_openvla",
     "MergedCheckpoint",
     "siglip_vit_spec",
     "timm_vit_spec",
