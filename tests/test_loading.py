@@ -249,3 +249,44 @@ def test_vit_from_timm_accepts_prismatic_layer_scale_names():
     own = vit_from_timm(tower).eval()
     torch.testing.assert_close(own(x), expected, rtol=0, atol=0)
     assert torch.equal(own.blocks[0].ls1.gamma, tower.blocks[0].ls1.scale_factor)
+
+
+# -- timm and open_clip towers onto the own ViT ------------------------------------------------
+
+def test_open_clip_siglip_trunk_weights_map_onto_the_own_vit():
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    from vlakit.convert import open_clip_to_vit, timm_vit_spec
+    from vlakit.vision import vit
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionCfg(timm_model_name="vit_tiny_patch16_224", timm_pool="map",
+                        timm_proj="none", image_size=224)
+    visual = _build_vision_tower(32, cfg).eval()
+    state = {f"visual.{k}": v for k, v in visual.state_dict().items()}  # open_clip names
+    state.update({"logit_scale": torch.ones(()), "text.token_embedding.weight":
+                  torch.zeros(4, 4)})
+    own = vit(**timm_vit_spec(visual.trunk))
+    own.load_state_dict(open_clip_to_vit(state))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(own(x), vit_from_timm(visual.trunk)(x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="no open_clip timm trunk keys"):
+        open_clip_to_vit({"visual.transformer.resblocks.0.ln_1.weight": torch.ones(1)})
+
+
+def test_pali_pt_gap_towers_convert_from_timm():
+    """timm's PaliGemma-trained towers (``vit_so400m_patch14_siglip_gap_*.pali_pt``): no
+    class token, average pooling, no MAP head; tiny, with their real key names."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=4,
+                              mlp_ratio=2, class_token=False, global_pool="avg",
+                              fc_norm=False, num_classes=0, act_layer="gelu_tanh").eval()
+    assert not any(k.startswith(("attn_pool", "cls_token")) for k in tower.state_dict())
+    own = vit_from_timm(tower).eval()
+    assert own.attn_pool is None and own.cls_token is None
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(own(x), tower.forward_features(x), atol=1e-6, rtol=0)

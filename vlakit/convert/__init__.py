@@ -21,6 +21,7 @@ from vlakit.convert.lora import LoraAdapter, MergedCheckpoint
 from vlakit.convert.rename import Rules, rename_keys
 from vlakit.convert.vision import (
     load_openvla_vision,
+    open_clip_to_vit,
     openvla_tower_state_dict,
     openvla_vision_state_dicts,
     siglip_vit_spec,
@@ -63,6 +64,7 @@ __all__ = [
     "vit_from_timm",
     "vit_from_transformers",
     "timm_to_vit",
+    "open_clip_to_vit",
     "transformers_siglip_to_vit",
     "openvla_vision_state_dicts",
     "openvla_tower_state_dict",

@@ -44,6 +44,7 @@ __all__ = [
     "vit_from_timm",
     "vit_from_transformers",
     "timm_to_vit",
+    "open_clip_to_vit",
     "transformers_siglip_to_vit",
     "openvla_vision_state_dicts",
     "openvla_tower_state_dict",
@@ -85,6 +86,26 @@ def timm_to_vit(state_dict: Mapping[str, Tensor], has_attn_pool: bool = True) ->
     """
     rules = _vit_rules(has_attn_pool) + [(r"(head|fc_norm)\.(weight|bias)", None)]
     return rename_keys(state_dict, rules, "timm")
+
+
+def open_clip_to_vit(
+    state_dict: Mapping[str, Tensor], has_attn_pool: bool = True
+) -> dict[str, Tensor]:
+    """An open_clip model's timm vision trunk (``visual.trunk.*``: the SigLIP and other
+    ``timm_model_name`` towers, e.g. ``ViT-SO400M-14-SigLIP``) → own ViT keys. The text
+    tower, ``logit_scale`` and the trunk's classifier are dropped; build the ViT with
+    [vit_from_timm][vlakit.convert.vit_from_timm] on ``model.visual.trunk``, or from
+    [timm_vit_spec][vlakit.convert.timm_vit_spec] of the same timm model, and load these."""
+    prefix = "visual.trunk."
+    trunk = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not trunk:
+        others = sorted({k.split(".")[0] for k in state_dict})
+        raise CheckpointError(
+            f"no open_clip timm trunk keys ({prefix}*) in this state dict (top-level names: "
+            f"{others}); native open_clip towers (visual.transformer.*) load through "
+            f"OpenClipEncoder instead"
+        )
+    return timm_to_vit(trunk, has_attn_pool=has_attn_pool)
 
 
 def _siglip_rules() -> Rules:
