@@ -348,3 +348,31 @@ def test_adapters_for_other_layers_or_other_methods_are_refused(written, tmp_pat
     _adapter(tmp_path / "shape", {"language_model.model.layers.0.self_attn.q_proj": (64, 32)})
     with pytest.raises(CheckpointError, match=r"is 64 x 32 \(rank 4\), but the base weight"):
         load_openvla(directory, adapter=tmp_path / "shape")
+
+
+def test_a_lora_adapter_can_be_kept_as_lora_layers(written, tmp_path):
+    from vlakit.core import LoRALinear, merge_lora
+
+    directory, _, state = written
+    target = "language_model.model.layers.0.self_attn.q_proj"
+    weights = _adapter(tmp_path / "lora", {target: (64, 64),
+                                           "vision_backbone.featurizer.blocks.0.attn.qkv":
+                                           (96, 32)})
+    kept = load_openvla(directory, adapter=tmp_path / "lora", merge_adapter=False)
+    layer = kept.decoder.layers[0].attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.scale == 2.0 and layer.rank == 4
+    assert isinstance(kept.encoder.encoders[0].blocks[0].attn.qkv, LoRALinear)
+    assert not layer.weight.requires_grad and layer.lora_A.weight.requires_grad
+    a = weights[f"base_model.model.{target}.lora_A.weight"]
+    b = weights[f"base_model.model.{target}.lora_B.weight"]
+    torch.testing.assert_close(layer.merged_weight(),
+                               state[f"{target}.weight"].float() + 2.0 * b @ a)
+    ids = torch.tensor([[10, 11, 12]])
+    batch = VLAInputs(input_ids=ids, text_valid=ids > 0, pixels=torch.randn(1, 1, 6, 28, 28))
+    with torch.no_grad():
+        before = kept.eval()(batch, return_logits=True).logits
+        assert merge_lora(kept) == ["encoder.encoders.0.blocks.0.attn.qkv",
+                                    "decoder.layers.0.attn.q_proj"]
+        after = kept(batch, return_logits=True).logits
+    assert type(kept.decoder.layers[0].attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)

@@ -178,3 +178,28 @@ def test_what_cannot_be_described_is_named_before_anything_is_written(tmp_path):
         describe(wrapped)
     with pytest.raises(CheckpointError, match="has no vlakit.json"):
         VLA.from_pretrained(tmp_path)
+
+
+def test_lora_layers_built_by_a_factory_round_trip(tmp_path):
+    from vlakit.core import LoRALinear, apply_lora, lora, merge_lora
+
+    model = VLA(**{**_composition(film=False).__dict__["_recorded_init"][1],
+                   "decoder": llama(vocab_size=256, dim=64, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, mlp_dim=128, linear=lora(4, alpha=8))})
+    assert isinstance(model.decoder.layers[0].attn.q_proj, LoRALinear)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.weight.normal_()
+    model.save_pretrained(tmp_path)
+    again = VLA.from_pretrained(tmp_path).eval()
+    assert torch.equal(again.predict_action(_batch()), model.eval().predict_action(_batch()))
+    merged = merge_lora(again)
+    assert len(merged) == 2 * 7 and not any(isinstance(m, LoRALinear) for m in again.modules())
+    torch.testing.assert_close(again.predict_action(_batch()), model.predict_action(_batch()),
+                               atol=1e-5, rtol=0)
+    plain = _composition(film=False)
+    names = apply_lora(plain.decoder, 4, targets=lambda name, layer: name.endswith("q_proj"))
+    assert names == ["layers.0.attn.q_proj", "layers.1.attn.q_proj"]
+    torch.testing.assert_close(plain.predict_action(_batch()),
+                               _composition(film=False).predict_action(_batch()))

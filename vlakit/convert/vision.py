@@ -174,7 +174,7 @@ def transformers_siglip_to_vit(
     return out
 
 
-def _openvla_tower_to_vit(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+def _openvla_tower_to_vit(state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:
     wb = r"(weight|bias)"
     oft_and_prismatic = [
         (r"blocks\.(\d+)\.block\.(.+)", r"blocks.\1.\2"),  # OFT FiLM wrapper
@@ -226,12 +226,13 @@ def openvla_vision_state_dicts(
 
 
 def openvla_tower_state_dict(
-    state_dict: Mapping[str, Tensor], tower: str, prefix: str = "vision_backbone."
-) -> dict[str, Tensor]:
+    state_dict: Mapping[str, Any], tower: str, prefix: str = "vision_backbone."
+) -> dict[str, Any]:
     """One OpenVLA vision tower (``tower``: ``"featurizer"`` or ``"fused_featurizer"``) as
     an own-ViT state dict; keys outside ``{prefix}{tower}.`` are ignored, a key inside that
     no rule knows raises [`CheckpointError`][vlakit.core.CheckpointError]. Single-tower
-    Prismatic backbones store ``featurizer`` alone."""
+    Prismatic backbones store ``featurizer`` alone. Values pass through untouched (a
+    loader renames ``{key: key}`` to plan a load)."""
     start = f"{prefix}{tower}."
     weights = {k[len(start):]: v for k, v in state_dict.items() if k.startswith(start)}
     if not weights:

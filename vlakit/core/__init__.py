@@ -14,6 +14,7 @@ from vlakit.core.files import (
 )
 from vlakit.core.init import building, init_parameters
 from vlakit.core.linear import LinearFactory
+from vlakit.core.lora import LoRALinear, apply_lora, lora, merge_lora
 from vlakit.core.masks import (
     MaskSpec,
     bidirectional_mask,
@@ -38,6 +39,10 @@ from vlakit.core.tap import AttentionTap
 
 __all__ = [
     "LinearFactory",
+    "LoRALinear",
+    "lora",
+    "apply_lora",
+    "merge_lora",
     "init_parameters",
     "building",
     "CheckpointError",

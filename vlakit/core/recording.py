@@ -175,6 +175,10 @@ def describe(obj: Any, *, _memo: dict | None = None, _where: str = "model") -> A
         args = _TORCH_MODULES[type(obj)](obj)
         return {"$class": _path(type(obj)), "args": {k: inner(v, where) for k, v in args.items()},
                 "calls": []}
+    if isinstance(obj, functools.partial):
+        return {"$partial": inner(obj.func, f"{where}.func"),
+                "args": [inner(v, f"{where}.args") for v in obj.args],
+                "kwargs": {k: inner(v, f"{where}.{k}") for k, v in obj.keywords.items()}}
     if isinstance(obj, type) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
         path = _path(obj)
         if "<" in path or _find(path) is not obj:
@@ -233,6 +237,9 @@ def rebuild(description: Any, *, _memo: dict | None = None) -> Any:
         return torch.tensor(description["$tensor"], dtype=getattr(torch, description["dtype"]))
     if "$ref" in description:
         return _find(description["$ref"])
+    if "$partial" in description:
+        return functools.partial(inner(description["$partial"]), *inner(description["args"]),
+                                 **{k: inner(v) for k, v in description["kwargs"].items()})
     if "$same" in description:
         return memo[description["$same"]]
     if "$from_config" in description:

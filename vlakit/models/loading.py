@@ -260,6 +260,7 @@ def load_openvla(
     unnorm_key: str | None = None,
     *,
     adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = True,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     return_report: bool = False,
@@ -294,13 +295,17 @@ def load_openvla(
         adapter: a peft LoRA adapter folder ([LoraAdapter][vlakit.convert.LoraAdapter]),
             merged into the base weights as they are read (``W + alpha / r * B A``); an
             adapter for layers the checkpoint lacks, or a non-LoRA one, is refused.
+        merge_adapter: ``False`` keeps the adapter as
+            [LoRALinear][vlakit.core.LoRALinear] layers (base weights frozen, ``A`` and
+            ``B`` loaded) to fine-tune further; [merge_lora][vlakit.core.merge_lora] folds
+            them later.
         dtype: parameter dtype (default float32; the release is bf16, converted and
             reported).
         device: where the weights go (default CPU).
         return_report: also return the [LoadReport][vlakit.core.LoadReport].
     """
     return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=None,
-                           adapter=adapter)
+                           adapter=adapter, merge_adapter=merge_adapter)
 
 
 def load_openvla_oft(
@@ -314,6 +319,7 @@ def load_openvla_oft(
     predict_read: str | None = None,
     num_inference_steps: int | None = None,
     adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = True,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     return_report: bool = False,
@@ -348,6 +354,7 @@ def load_openvla_oft(
         num_inference_steps: diffusion steps at prediction (default 50).
         adapter: a peft LoRA adapter folder merged into the base weights (OFT fine-tunes
             the backbone with LoRA r=32; its run folders usually hold the merged weights).
+        merge_adapter: ``False`` keeps the adapter as LoRA layers (see ``load_openvla``).
         dtype: parameter dtype (default float32).
         device: where the weights go (default CPU).
         return_report: also return the [LoadReport][vlakit.core.LoadReport].
@@ -355,7 +362,7 @@ def load_openvla_oft(
     oft = dict(chunk_size=chunk_size, attention=attention, step=step, pruner=pruner,
                predict_read=predict_read, num_inference_steps=num_inference_steps)
     return _load_prismatic(Path(path), unnorm_key, dtype, device, return_report, oft=oft,
-                           adapter=adapter)
+                           adapter=adapter, merge_adapter=merge_adapter)
 
 
 def load_lightvla(
@@ -433,7 +440,7 @@ def _oft_head(head_state: dict, hidden: int, chunk_size: int, attention: str,
 
 
 def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: dict | None,
-                    adapter=None):
+                    adapter=None, merge_adapter: bool = True):
     from transformers import AutoConfig
 
     from vlakit.actions import ActionNormalizer, ActionTokenizer
@@ -457,10 +464,13 @@ def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: d
             f"OpenVLA (model_type 'openvla')"
         )
     files = CheckpointFiles(path)
+    lora_adapter = None
     if adapter is not None:
         from vlakit.convert import LoraAdapter, MergedCheckpoint
 
-        files = MergedCheckpoint(files, LoraAdapter(adapter))
+        lora_adapter = LoraAdapter(adapter)
+        merged = MergedCheckpoint(files, lora_adapter)  # checks every target first
+        files = merged if merge_adapter else files
     stray = [k for k in files if not k.startswith(_OPENVLA_PREFIXES)]
     if stray:
         raise CheckpointError(
@@ -567,6 +577,12 @@ def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: d
         raise CheckpointError(f"OpenVLA vision key {others[0]!r} belongs to no tower")
     names = ("featurizer", "fused_featurizer")[: len(vits)]
     tower_states = [openvla_tower_state_dict(vision, name) for name in names]
+    source_of: dict[str, str] = {}  # vlakit key -> checkpoint key
+    for index, name in enumerate(names):
+        prefix = "encoder." if len(vits) == 1 else f"encoder.encoders.{index}."
+        keys = {k: k for k in vision}
+        for key, src in openvla_tower_state_dict(keys, name).items():
+            source_of[f"{prefix}{key}"] = src
     for index, (tower, weights) in enumerate(zip(vits, tower_states)):
         prefix = "encoder." if len(vits) == 1 else f"encoder.encoders.{index}."
         dropped = tuple(tower.dropped_prefixes)
@@ -586,8 +602,41 @@ def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: d
         names = rename_keys(language, HF_DECODER_RULES, source="OpenVLA language model")
         for key, src in names.items():
             state.add(f"decoder.{key}", files, src)
+    source_of.update({key: src for key, (_, src) in state.sources.items()})
     with files:
         report = load_into(model, state, shape_of=state.shape, dtype_of=state.dtype,
                            skipped=skipped, device=device, dtype=dtype,
                            source=f"OpenVLA checkpoint {path}")
+    if lora_adapter is not None and not merge_adapter:
+        _keep_lora(model, lora_adapter, source_of)
     return (model, report) if return_report else model
+
+
+def _keep_lora(model: nn.Module, adapter, source_of: dict[str, str]) -> None:
+    """Replace each adapted linear layer by a LoRALinear holding its loaded weight and the
+    adapter's A and B."""
+    from vlakit.core import LoRALinear
+
+    target_of = {src: key for key, src in source_of.items()}
+    for target, pair in adapter.pairs.items():
+        key = target_of.get(target)
+        if key is None or not key.endswith(".weight"):
+            raise CheckpointError(f"the adapter's {target!r} maps to no linear layer of the model")
+        name = key[: -len(".weight")]
+        layer = model.get_submodule(name)
+        if type(layer) is not nn.Linear:
+            raise CheckpointError(f"the adapter adapts {name!r}, a {type(layer).__name__}, not "
+                                  f"a linear layer")
+        rank = pair["lora_A"].shape[0]
+        adapted = LoRALinear(layer.in_features, layer.out_features, rank, alpha=1.0,
+                             bias=layer.bias is not None)
+        adapted.scale = adapter.scale(target)
+        adapted = adapted.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        with torch.no_grad():
+            adapted.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                adapted.bias.copy_(layer.bias)
+            adapted.lora_A.weight.copy_(pair["lora_A"])
+            adapted.lora_B.weight.copy_(pair["lora_B"])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, adapted)
