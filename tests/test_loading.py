@@ -290,3 +290,26 @@ def test_pali_pt_gap_towers_convert_from_timm():
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(own(x), tower.forward_features(x), atol=1e-6, rtol=0)
+
+
+def test_clip_towers_with_pre_norm_and_quick_gelu_convert_from_timm():
+    """OpenAI CLIP as timm builds it (Prismatic's ``clip`` backbones): a LayerNorm before
+    the blocks, no patch-embedding bias, a class token, QuickGELU."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=4,
+                              mlp_ratio=2, class_token=True, pre_norm=True,
+                              act_layer="quick_gelu", num_classes=0, norm_layer=nn.LayerNorm)
+    with torch.no_grad():
+        for name, param in tower.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    tower.eval()
+    assert "norm_pre.weight" in tower.state_dict()
+    assert "patch_embed.proj.bias" not in tower.state_dict()
+    own = vit_from_timm(tower).eval()
+    assert own.patch_embed.proj.bias is None
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(own.encode(x), tower.forward_features(x), atol=1e-5, rtol=0)

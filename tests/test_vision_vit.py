@@ -162,12 +162,7 @@ def test_dynamic_img_size_matches_timm():
 
 
 def test_from_timm_refuses_unsupported_options():
-    with pytest.raises(ValueError, match="pre_norm"):
-        C.vit_from_timm(
-            VisionTransformer(
-                img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2, pre_norm=True
-            )
-        )
+    # (pre_norm=True, CLIP's, is supported: tests/test_loading.py)
     with pytest.raises(ValueError, match="qk-norm"):
         C.vit_from_timm(
             VisionTransformer(

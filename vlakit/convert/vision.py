@@ -69,6 +69,7 @@ def _vit_rules(attn_pool: bool) -> list[tuple[str, str | None]]:
         (r"blocks\.(\d+)\.ls([12])\.(?:gamma|scale_factor)", r"blocks.\1.ls\2.gamma"),
         (rf"blocks\.(\d+)\.film\.(scale|shift)\.{wb}", r"blocks.\1.film.\2.\3"),
         (rf"norm\.{wb}", r"norm.\1"),
+        (rf"norm_pre\.{wb}", r"norm_pre.\1"),
         (r"attn_pool\.latent", r"attn_pool.latent" if attn_pool else None),
         (
             rf"attn_pool\.(q|kv|proj|norm|mlp\.fc1|mlp\.fc2)\.{wb}",
@@ -276,7 +277,7 @@ def _build_and_load(
 
 def _gelu_kind(act: nn.Module) -> str:
     from timm.layers.activations import GELU as TimmGELU
-    from timm.layers.activations import GELUTanh
+    from timm.layers.activations import GELUTanh, QuickGELU
 
     if isinstance(act, nn.GELU):
         return act.approximate
@@ -284,8 +285,10 @@ def _gelu_kind(act: nn.Module) -> str:
         return "tanh"
     if isinstance(act, TimmGELU):
         return "none"
+    if isinstance(act, QuickGELU):
+        return "quick"
     raise ValueError(
-        f"vlakit's ViT supports GELU (exact or tanh) only, got the activation "
+        f"vlakit's ViT supports GELU (exact, tanh or quick) only, got the activation "
         f"{type(act).__name__}"
     )
 
@@ -310,15 +313,16 @@ def timm_vit_spec(model: nn.Module, output_layer: int = -1) -> dict[str, Any]:
         raise ValueError(
             f"vlakit's ViT needs square patches, got a {ph}x{pw} patch{_WRAP_TIMM}"
         )
-    if not isinstance(model.norm_pre, nn.Identity):
+    pre_norm = not isinstance(model.norm_pre, nn.Identity)  # CLIP's ln_pre
+    if pre_norm and not isinstance(model.norm_pre, nn.LayerNorm):
         raise ValueError(
-            "unsupported timm option pre_norm=True (a CLIP-style norm_pre before the blocks), "
-            f"which vlakit's ViT does not have{_WRAP_TIMM}"
+            f"unsupported pre-norm {type(model.norm_pre).__name__} (vlakit's ViT has a "
+            f"LayerNorm there){_WRAP_TIMM}"
         )
-    if pe.proj.bias is None or not isinstance(pe.norm, nn.Identity):
+    if not isinstance(pe.norm, nn.Identity):
         raise ValueError(
-            "vlakit's ViT's patch embedding has a bias and no norm; this timm model's has "
-            f"bias={pe.proj.bias is not None} and norm={type(pe.norm).__name__}{_WRAP_TIMM}"
+            "vlakit's ViT's patch embedding has no norm; this timm model's has "
+            f"norm={type(pe.norm).__name__}{_WRAP_TIMM}"
         )
     if model.pos_embed is None:
         raise ValueError(
@@ -394,6 +398,8 @@ def timm_vit_spec(model: nn.Module, output_layer: int = -1) -> dict[str, Any]:
         output_layer=output_layer,
         dynamic_img_size=model.dynamic_img_size,
         preprocessing=PreprocessConfig.from_timm(model),
+        pre_norm=pre_norm,
+        patch_bias=pe.proj.bias is not None,
     )
 
 

@@ -207,15 +207,11 @@ def _timm_towers(raw: dict, path: Path) -> list[nn.Module]:
     overrides = raw.get("timm_override_act_layers") or [None] * len(ids)
     towers = []
     for model_id, size, act in zip(ids, sizes, overrides):
-        if act is not None:
-            raise CheckpointError(
-                f"vision tower {model_id!r} overrides its activation with {act!r} (CLIP's "
-                f"quick-GELU); vlakit's ViT has exact and tanh GELU only"
-            )
+        extra = {} if act is None else {"act_layer": act}  # CLIP: "quick_gelu"
         try:
             with torch.device("meta"):
                 towers.append(timm.create_model(model_id, pretrained=False, num_classes=0,
-                                                img_size=size))
+                                                img_size=size, **extra))
         except RuntimeError as error:  # timm: unknown model
             raise CheckpointError(f"timm does not know the vision tower {model_id!r}: "
                                   f"{error}") from None
@@ -609,7 +605,31 @@ def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: d
                            source=f"OpenVLA checkpoint {path}")
     if lora_adapter is not None and not merge_adapter:
         _keep_lora(model, lora_adapter, source_of)
+    if isinstance(decoder, HFDecoder):
+        _materialise_buffers(decoder, device or "cpu")
     return (model, report) if return_report else model
+
+
+def _materialise_buffers(module: nn.Module, device) -> None:
+    """A transformers model built on ``meta`` keeps its computed, non-persistent buffers
+    (RoPE's ``inv_freq``) there after its weights are assigned; rebuild each such module
+    from its config on ``device`` and take its buffers."""
+    for name, sub in module.named_modules():
+        meta = [k for k, b in sub._buffers.items() if b is not None and b.is_meta]
+        if not meta:
+            continue
+        config = getattr(sub, "config", None)
+        if config is None:
+            raise CheckpointError(f"buffer {name}.{meta[0]} is still on the meta device and "
+                                  f"{type(sub).__name__} has no config to recompute it from")
+        with torch.device(device):
+            fresh = type(sub)(config=config)
+        for key in meta:
+            sub._buffers[key] = fresh._buffers[key]
+        for attr, value in vars(fresh).items():  # e.g. original_inv_freq, a plain attribute
+            if isinstance(value, Tensor) and getattr(sub, attr, None) is not None and \
+                    getattr(sub, attr).is_meta:
+                setattr(sub, attr, value)
 
 
 def _keep_lora(model: nn.Module, adapter, source_of: dict[str, str]) -> None:

@@ -46,6 +46,8 @@ def vit(
     dynamic_img_size: bool = False,
     preprocessing: PreprocessConfig | None = None,
     linear: LinearFactory = nn.Linear,
+    pre_norm: bool = False,
+    patch_bias: bool = True,
 ) -> ViT:
     """Component builder: a [`ViT`][vlakit.vision.ViT] from plain numbers.
 
@@ -59,7 +61,7 @@ def vit(
         mlp_dim: MLP hidden width (blocks and MAP head).
         qkv_bias: bias on the qkv projections.
         layer_scale_init: LayerScale initial value (DINOv2: ``1e-5``); ``None`` = none.
-        gelu_approximate: ``"none"`` (exact) or ``"tanh"``.
+        gelu_approximate: ``"none"`` (exact), ``"tanh"`` or ``"quick"`` (CLIP).
         norm_eps: LayerNorm epsilon everywhere.
         class_token: prepend a CLS token.
         reg_tokens: register tokens.
@@ -71,6 +73,8 @@ def vit(
         preprocessing: size/mean/std/interpolation (default: ``img_size``, 0.5/0.5).
         linear: factory for every projection (``qkv``, ``proj``, ``fc1``, ``fc2``, ``q``,
             ``kv``), called as ``linear(in_features, out_features, bias=...)``.
+        pre_norm: a LayerNorm before the first block (CLIP).
+        patch_bias: a bias on the patch convolution (CLIP: none).
     """
     blocks = [
         ViTBlock(
@@ -98,6 +102,8 @@ def vit(
         if map_head
         else None,
         output_layer=output_layer,
+        norm_pre=nn.LayerNorm(dim, eps=norm_eps) if pre_norm else None,
+        patch_bias=patch_bias,
         dynamic_img_size=dynamic_img_size,
         preprocessing=preprocessing,
     )

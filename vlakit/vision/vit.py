@@ -45,7 +45,20 @@ from vlakit.vision.preprocess import PreprocessConfig
 
 __all__ = ["ViT", "ViTBlock", "ViTAttention", "ViTMLP", "LayerScale", "PatchEmbed", "MAPHead"]
 
-GeluApproximate = Literal["none", "tanh"]
+GeluApproximate = Literal["none", "tanh", "quick"]
+"""``"none"``: exact GELU; ``"tanh"``: the tanh approximation (SigLIP); ``"quick"``:
+``x * sigmoid(1.702 x)`` (OpenAI CLIP's QuickGELU)."""
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: OpenAI CLIP's activation (timm's ``quick_gelu``)."""
+
+    def forward(self, x: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu(approximate: str) -> nn.Module:
+    return QuickGELU() if approximate == "quick" else nn.GELU(approximate=approximate)
 
 
 def _check_heads(owner: str, dim: int, num_heads: int) -> None:
@@ -117,7 +130,7 @@ class ViTMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.fc1 = linear(dim, mlp_dim, bias=True)
-        self.act = nn.GELU(approximate=gelu_approximate)
+        self.act = _gelu(gelu_approximate)
         self.fc2 = linear(mlp_dim, dim, bias=True)
 
     def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
@@ -269,6 +282,9 @@ class ViT(VisionEncoder):
         dynamic_img_size: accept other image sizes (multiples of ``p``) by resampling the
             position embedding (bicubic, timm's ``resample_abs_pos_embed``).
         preprocessing: size/mean/std/interpolation; default ``img_size``, mean = std = 0.5.
+        norm_pre: a norm after the embeddings, before the first block (CLIP's ``ln_pre``,
+            timm's ``pre_norm=True``); ``None`` = none.
+        patch_bias: a bias on the patch convolution (CLIP has none).
     """
 
     def __init__(
@@ -286,6 +302,8 @@ class ViT(VisionEncoder):
         output_layer: int = -1,
         dynamic_img_size: bool = False,
         preprocessing: PreprocessConfig | None = None,
+        norm_pre: nn.Module | None = None,
+        patch_bias: bool = True,
     ) -> None:
         super().__init__()
         if len(blocks) == 0:
@@ -316,7 +334,8 @@ class ViT(VisionEncoder):
                 f"(len(mean)), but the ViT takes in_chans={in_chans}"
             )
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dim, bias=patch_bias)
+        self.norm_pre = norm_pre if norm_pre is not None else nn.Identity()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, dim)) if reg_tokens else None
         num_pos = self.grid_size[0] * self.grid_size[1]
@@ -438,9 +457,9 @@ class ViT(VisionEncoder):
             t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None
         ]
         if self.pos_embed_prefix:
-            return torch.cat([*prefix, x], dim=1) + pos
+            return self.norm_pre(torch.cat([*prefix, x], dim=1) + pos)
         x = x + pos
-        return torch.cat([*prefix, x], dim=1) if prefix else x
+        return self.norm_pre(torch.cat([*prefix, x], dim=1) if prefix else x)
 
     def encode(
         self,
