@@ -9,7 +9,12 @@ file names, formats, config fields and key names, to a temporary folder, and loa
    towers, bf16 safetensors shards with Prismatic's key names, ``dataset_statistics.json``):
    ``load_openvla``, with the unused tower parts skipped and reported;
 3. the same directory made an OpenVLA-OFT run folder (``action_head--*_checkpoint.pt``,
-   ``proprio_projector--*_checkpoint.pt``): ``load_openvla_oft`` predicts an action chunk.
+   ``proprio_projector--*_checkpoint.pt``): ``load_openvla_oft`` predicts an action chunk,
+   ``load_lightvla`` the same with LightVLA's pruner;
+4. a peft LoRA adapter folder (``adapter_config.json``, ``adapter_model.safetensors``),
+   merged into the OpenVLA weights as they load;
+5. the OFT model saved with ``save_pretrained`` (weights + the constructor tree as JSON)
+   and rebuilt with ``VLA.from_pretrained``: the same actions.
 
 python examples/load_checkpoints.py
 """
@@ -25,9 +30,9 @@ from safetensors.torch import save_file
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from vlakit import VLAInputs
+from vlakit import VLA, VLAInputs
 from vlakit.heads import L1RegressionHead
-from vlakit.models import load_openvla, load_openvla_oft, load_paligemma
+from vlakit.models import load_lightvla, load_openvla, load_openvla_oft, load_paligemma
 from vlakit.projectors import ProprioProjector
 
 
@@ -118,6 +123,29 @@ def openvla(root: Path) -> None:
     chunk = oft.predict_action(batch)
     print(f"OpenVLA-OFT ({type(oft.head).__name__}, chunk {oft.head.chunk_size} from the "
           f"dataset name, proprio {oft.proprio_projector.in_dim}): actions {tuple(chunk.shape)}")
+    light = load_lightvla(root).eval()
+    light.predict_action(batch)
+    kept = light.pruner.last_kept
+    print(f"LightVLA: kept {int(kept.sum())} of {kept.numel()} image tokens")
+
+    adapter = root.parent / "lora"
+    adapter.mkdir()
+    target = "language_model.model.layers.0.self_attn.q_proj"
+    save_file({f"base_model.model.{target}.lora_A.weight": torch.randn(4, 64),
+               f"base_model.model.{target}.lora_B.weight": torch.randn(64, 4)},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    _, report = load_openvla(root, adapter=adapter, return_report=True)
+    print(f"OpenVLA + LoRA adapter (merged): {report}")
+
+    saved = root.parent / "saved"
+    oft.save_pretrained(saved)
+    again = VLA.from_pretrained(saved).eval()
+    same = all(torch.equal(v, again.state_dict()[k]) for k, v in oft.state_dict().items())
+    diff = (again.predict_action(batch) - chunk).abs().max()
+    print(f"save_pretrained -> from_pretrained: {sorted(p.name for p in saved.iterdir())}, "
+          f"same weights: {same}, max |actions diff| = {diff:.1e}")
 
 
 def main() -> None:

@@ -76,3 +76,8 @@ def test_load_checkpoints_example_loads_every_format():
                      out), out
     assert "OpenVLA-OFT (L1RegressionHead, chunk 8 from the dataset name, proprio 5): actions " \
            "(1, 8, 3)" in out, out
+    assert re.search(r"LightVLA: kept \d+ of 8 image tokens", out), out
+    assert re.search(r"OpenVLA \+ LoRA adapter \(merged\): loaded \d+ tensors", out), out
+    assert "['model.safetensors', 'vlakit.json'], same weights: True" in out, out
+    diff = float(re.search(r"max \|actions diff\| = ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-5, out
