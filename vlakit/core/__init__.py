@@ -14,7 +14,7 @@ from vlakit.core.files import (
 )
 from vlakit.core.init import building, init_parameters
 from vlakit.core.linear import LinearFactory
-from vlakit.core.lora import LoRALinear, apply_lora, lora, merge_lora
+from vlakit.core.low_rank import LoRALinear, apply_lora, lora, merge_lora
 from vlakit.core.masks import (
     MaskSpec,
     bidirectional_mask,
