@@ -4,6 +4,7 @@ released key names (Prismatic's LayerScale ``scale_factor``), dataset_statistics
 preprocessor_config.json. Outputs equal the published algorithm on the same weights."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -207,7 +208,15 @@ def _film_keys(state, tower, d_vision, d_llm, g):
     return out
 
 
-def _write_oft(directory, parts, head="l1"):
+_LINEAR = re.compile(r".*\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight")
+
+
+def _write_oft(directory, parts, head="l1", rank=4):
+    """An OFT run folder as OFT writes it: merged model.safetensors (its vision towers
+    without FiLM), the head and proprio files, and for FiLM the whole vision backbone of its
+    peft model in ``vision_backbone--*_checkpoint.pt`` (every linear a LoRA layer:
+    ``base_layer`` + ``lora_A/B.default``; FiLM's scale/shift plain). Returns the vision
+    weights in effect (base + min(r, 16)/r * B A), the head and the proprio projector."""
     from vlakit.heads import DiffusionActionHead, L1RegressionHead
     from vlakit.projectors import ProprioProjector
 
@@ -215,13 +224,30 @@ def _write_oft(directory, parts, head="l1"):
     g = torch.Generator().manual_seed(3)
     film = _film_keys(state, "featurizer", 32, 64, g)
     film = _film_keys(film, "fused_featurizer", 40, 64, g)
-    film = {k: v.to(torch.bfloat16) for k, v in film.items()}
-    index = json.loads((directory / "model.safetensors.index.json").read_text())
-    save_file(film, directory / "model-00001-of-00001.safetensors")
-    index["weight_map"] = dict.fromkeys(film, "model-00001-of-00001.safetensors")
-    for old in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
-        (directory / old).unlink()
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    vision, effective = {}, {}
+    for key, value in film.items():
+        if not key.startswith("vision_backbone."):
+            continue
+        value = value.float()
+        name = key[len("vision_backbone."):]
+        linear = _LINEAR.fullmatch(key.replace(".bias", ".weight")) and ".block." in key
+        if linear and key.endswith(".weight"):
+            module = name[: -len(".weight")]
+            a = torch.randn(rank, value.shape[1], generator=g).to(torch.bfloat16)
+            b = torch.randn(value.shape[0], rank, generator=g).to(torch.bfloat16)
+            base = value.to(torch.bfloat16)
+            vision[f"{module}.base_layer.weight"] = base
+            vision[f"{module}.lora_A.default.weight"] = a
+            vision[f"{module}.lora_B.default.weight"] = b
+            merged = base.float() + (min(rank, 16) / rank) * (b.float() @ a.float())
+            effective[key] = merged.to(torch.bfloat16).float()
+        elif linear:  # a LoRA layer's bias stays its base layer's
+            vision[name.replace(".bias", ".base_layer.bias")] = value.to(torch.bfloat16)
+            effective[key] = value.to(torch.bfloat16).float()
+        else:
+            vision[name] = value.to(torch.bfloat16)
+            effective[key] = value.to(torch.bfloat16).float()
+    torch.save(vision, directory / "vision_backbone--100_checkpoint.pt")
     torch.manual_seed(4)
     action_head = (L1RegressionHead(64, 3, 8) if head == "l1"
                    else DiffusionActionHead(64, 3, 8, num_inference_steps=2))
@@ -238,7 +264,7 @@ def _write_oft(directory, parts, head="l1"):
     stats = {"libero_spatial": {**FINETUNED["libero"],
                                 "proprio": {"q01": [-1.0] * 5, "q99": [1.0] * 5}}}
     (directory / "dataset_statistics.json").write_text(json.dumps(stats))
-    return film, action_head, proprio
+    return effective, action_head, proprio
 
 
 def test_load_openvla_oft_reads_head_proprio_and_film_from_the_directory(tmp_path):
@@ -250,6 +276,9 @@ def test_load_openvla_oft_reads_head_proprio_and_film_from_the_directory(tmp_pat
     film, action_head, proprio = _write_oft(tmp_path, parts)
     model = load_openvla_oft(tmp_path)
     assert model.encoder.has_film and model.proprio_projector.in_dim == 5
+    qkv = model.encoder.encoders[0].blocks[0].attn.qkv.weight  # base + 0.5 B A, not the base
+    torch.testing.assert_close(qkv, film["vision_backbone.featurizer.blocks.0.block.attn.qkv"
+                                         ".weight"], rtol=0, atol=0)
     assert type(model.head).__name__ == "L1RegressionHead" and model.head.chunk_size == 8
     assert model.head.action_dim == 3 and model.num_views is None
     # the same model assembled by hand from the written weights
@@ -258,7 +287,7 @@ def test_load_openvla_oft_reads_head_proprio_and_film_from_the_directory(tmp_pat
               vit_from_timm(siglip, output_layer=-2).truncate()]
     encoder = FusedEncoder(towers)
     encoder.add_film(64)
-    weights = openvla_vision_state_dicts({k: v.float() for k, v in film.items()})
+    weights = openvla_vision_state_dicts(film)  # the weights in effect, as OFT evaluates
     for tower, state in zip(towers, weights):
         tower.load_state_dict({k: v for k, v in state.items() if k in tower.state_dict()})
     hand = openvla_oft(
@@ -406,3 +435,38 @@ def test_a_non_llama_language_model_loads_through_hfdecoder(tmp_path):
                            return_logits=True)
     torch.testing.assert_close(out.logits[0], _reference_logits(parts, state, pixels, ids),
                                atol=1e-4, rtol=0)
+
+
+def test_bf16_loading_keeps_the_statistics_in_float32(written):
+    directory, _, _ = written
+    model = load_openvla(directory, dtype=torch.bfloat16)
+    assert model.action_normalizer.low.dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_peft_patterns_rslora_and_unsupported_adapters(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlakit.convert import LoraAdapter
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    save_file({"base_model.model.m.q_proj.lora_A.weight": torch.ones(2, 3),
+               "base_model.model.m.q_proj.lora_B.weight": torch.ones(3, 2),
+               "base_model.model.m.o_proj.lora_A.weight": torch.ones(4, 3),
+               "base_model.model.m.o_proj.lora_B.weight": torch.ones(3, 4)},
+              folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 8,
+              "alpha_pattern": {"proj": 1.0, "q_.*": 6.0}, "rank_pattern": {"q_proj": 2}}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    adapter = LoraAdapter(folder)
+    assert adapter.scale("m.q_proj.weight") == 6.0 / 2  # regex key; r from the stored A
+    assert adapter.scale("m.o_proj.weight") == 8 / 4  # "proj" does not match "o_proj" whole
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True,
+                                                            "alpha_pattern": {}}))
+    assert LoraAdapter(folder).scale("m.o_proj.weight") == 8 / 2.0  # alpha / sqrt(4)
+    save_file({"base_model.model.m.q_proj.lora_A.weight": torch.ones(2, 3),
+               "base_model.model.m.q_proj.lora_B.bias": torch.ones(3)},
+              folder / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="LoRA biases"):
+        LoraAdapter(folder)

@@ -313,3 +313,11 @@ def test_clip_towers_with_pre_norm_and_quick_gelu_convert_from_timm():
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(own.encode(x), tower.forward_features(x), atol=1e-5, rtol=0)
+
+
+def test_a_corrupt_torch_file_names_itself(tmp_path):
+    torch.save({"w": torch.ones(1000)}, tmp_path / "head.pt")
+    data = (tmp_path / "head.pt").read_bytes()
+    (tmp_path / "head.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match=r"head\.pt could not be read"):
+        read_torch_weights(tmp_path / "head.pt")

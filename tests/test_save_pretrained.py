@@ -203,3 +203,32 @@ def test_lora_layers_built_by_a_factory_round_trip(tmp_path):
     assert names == ["layers.0.attn.q_proj", "layers.1.attn.q_proj"]
     torch.testing.assert_close(plain.predict_action(_batch()),
                                _composition(film=False).predict_action(_batch()))
+
+
+def test_a_description_is_data_never_code(tmp_path):
+    from vlakit.core import rebuild
+
+    for evil in ({"$class": "os.system", "args": {"command": "touch pwned"}},
+                 {"$ref": "os.system"},
+                 {"$from_config": "subprocess.Popen", "config": {"$dict": {}}},
+                 {"$class": "vlakit.projectors.LinearProjector", "args": {"in_dim": 2,
+                  "out_dim": 2}, "calls": [["__init__", {"in_dim": 3, "out_dim": 3}]]},
+                 {"$class": "builtins.eval", "args": {}}):
+        with pytest.raises(DescriptionError, match="not|only"):
+            rebuild(evil)
+    assert not (tmp_path / "pwned").exists()
+    _composition().save_pretrained(tmp_path / "ok")
+    text = (tmp_path / "ok" / "vlakit.json").read_text()
+    (tmp_path / "ok" / "vlakit.json").write_text(
+        text.replace('"vlakit.projectors.MLPProjector"', '"os.system"'))
+    with pytest.raises(DescriptionError, match="'os.system', outside the trusted modules"):
+        VLA.from_pretrained(tmp_path / "ok")
+
+
+def test_a_saved_deep_copy_still_describes_itself(tmp_path):
+    import copy
+
+    model = copy.deepcopy(_composition())
+    model.save_pretrained(tmp_path)
+    assert torch.equal(VLA.from_pretrained(tmp_path).eval().predict_action(_batch()),
+                       model.predict_action(_batch()))

@@ -605,6 +605,7 @@ class VLA(nn.Module):
         device: torch.device | str | None = None,
         revision: str | None = None,
         return_report: bool = False,
+        trust: tuple[str, ...] = (),
     ) -> "VLA | tuple[VLA, LoadReport]":
         """Rebuild a model saved with [save_pretrained][vlakit.VLA.save_pretrained] and load
         its weights strictly (missing, unexpected and mis-shaped keys are reported together).
@@ -619,6 +620,9 @@ class VLA(nn.Module):
             device: where the weights go (default CPU).
             revision: the Hub revision, for a repository id.
             return_report: also return the [LoadReport][vlakit.core.LoadReport].
+            trust: module prefixes of your own ``@recorded`` blocks. ``vlakit.json`` is
+                data: only vlakit's blocks (and those under ``trust``) are ever imported
+                or called by it (see [rebuild][vlakit.core.rebuild]).
         """
         path = Path(path)
         if not path.is_dir():
@@ -635,7 +639,7 @@ class VLA(nn.Module):
             raise CheckpointError(f"{file} is not a vlakit composition (format "
                                   f"{data.get('format')!r})")
         with building(None, "meta"):
-            model = rebuild(data["model"])
+            model = rebuild(data["model"], trust=tuple(trust))
         if not isinstance(model, cls):
             raise CheckpointError(
                 f"{file} describes a {type(model).__name__}, not a {cls.__name__}"

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -25,8 +26,9 @@ class LoraAdapter:
     [CheckpointError][vlakit.core.CheckpointError] naming the setting. ``deltas`` maps
     each adapted base weight (the checkpoint's key, ``base_model.model.`` removed) to its
     pair; [delta][vlakit.convert.LoraAdapter.delta] is ``scale * B @ A`` with ``scale =
-    lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA; per-module ``rank_pattern`` and
-    ``alpha_pattern`` honoured).
+    alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), ``r`` the stored rank (so
+    ``rank_pattern`` needs nothing more) and ``alpha`` per module from ``alpha_pattern``.
+    Keys may carry peft's adapter name (``lora_A.default.weight``).
 
     Args:
         path: the adapter folder.
@@ -43,7 +45,7 @@ class LoraAdapter:
             raise CheckpointError(f"{config_file}: peft_type {config.get('peft_type')!r} is not "
                                   f"supported (LoRA adapters only)")
         for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"),
-                        ("modules_to_save", None)):
+                        ("modules_to_save", None), ("lora_bias", False)):
             if config.get(key, ok) not in (ok, [] if ok is None else ok):
                 raise CheckpointError(f"{config_file}: {key}={config.get(key)!r} is not "
                                       f"supported (plain LoRA: {key}={ok!r})")
@@ -51,14 +53,14 @@ class LoraAdapter:
         pairs: dict[str, dict[str, Tensor]] = {}
         for key, value in weights.items():
             name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-            for part in ("lora_A", "lora_B"):
-                marker = f".{part}."
-                if marker in name:
-                    module, _, _ = name.partition(marker)
-                    pairs.setdefault(f"{module}.weight", {})[part] = value
-                    break
-            else:
-                raise CheckpointError(f"adapter key {key!r} is not a LoRA A/B weight")
+            match = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight", name)
+            if match is None:
+                raise CheckpointError(
+                    f"adapter key {key!r} is not a LoRA A/B weight (LoRA biases, embeddings "
+                    f"and other trained modules are not supported)"
+                )
+            module, part = match.groups()
+            pairs.setdefault(f"{module}.weight", {})[part] = value
         for target, pair in pairs.items():
             if set(pair) != {"lora_A", "lora_B"}:
                 raise CheckpointError(f"adapter for {target!r} lacks its "
@@ -77,16 +79,17 @@ class LoraAdapter:
         raise CheckpointError(f"{path} has neither adapter_model.safetensors nor adapter_model.bin")
 
     def scale(self, target: str) -> float:
-        """``lora_alpha / r`` for the module of ``target`` (rsLoRA: ``/ sqrt(r)``)."""
+        r"""``alpha / r`` for the module of ``target`` (rsLoRA: ``alpha / sqrt(r)``): ``r``
+        is the stored rank (``lora_A``'s rows), ``alpha`` the config's ``lora_alpha`` or
+        the first ``alpha_pattern`` key matching the module name as peft matches them
+        (``re.match(rf"(.*\.)?({key})$", name)``)."""
         module = target[: -len(".weight")]
-        r = self.config.get("r", 8)
+        r = self.pairs[target]["lora_A"].shape[0]
         alpha = self.config.get("lora_alpha", 8)
-        for pattern, value in (self.config.get("rank_pattern") or {}).items():
-            if module.endswith(pattern):
-                r = value
         for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if module.endswith(pattern):
+            if re.match(rf"(.*\.)?({pattern})$", module):
                 alpha = value
+                break
         return alpha / (math.sqrt(r) if self.config.get("use_rslora") else r)
 
     def delta(self, target: str) -> Tensor:

@@ -66,7 +66,9 @@ def guard_meta_loading(module: nn.Module) -> nn.Module:
     stored tensor's device. Integer tensors for a floating parameter raise a
     [CheckpointError][vlakit.core.CheckpointError] naming the key. Parameters that the
     state dict lacks stay on ``meta`` (``strict=True``, the default, reports them as
-    missing). [VLA][vlakit.VLA] guards itself when it is built. Returns ``module``.
+    missing). [VLA][vlakit.VLA] guards itself when it is built (blocks added later are not
+    guarded). A load that then fails torch's own checks may leave some blocks filled: for
+    all-or-nothing loading use [load_into][vlakit.core.load_into]. Returns ``module``.
     """
     for sub in module.modules():
         if not getattr(sub, "_guards_meta_loading", False):

@@ -193,13 +193,17 @@ def read_torch_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # an old format
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "weights_only" in str(error) or "Unsupported" in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # an old format
     except Exception as error:
         raise CheckpointError(
             f"{path} could not be read as tensors with torch.load(weights_only=True) (vlakit "
-            f"never unpickles arbitrary objects): {error}"
+            f"never unpickles arbitrary objects; a truncated or corrupt file fails here too): "
+            f"{error}"
         ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat mapping of names to tensors")
@@ -277,7 +281,8 @@ def load_into(
         skipped: checkpoint keys the caller accepted and dropped, for the report.
         device: where the loaded tensors go.
         dtype: floating dtype for floating parameters (default: each parameter's own);
-            ``"stored"`` keeps each tensor's stored dtype.
+            ``"stored"`` keeps each tensor's stored dtype. Buffers always take the
+            model's dtype (an action normaliser's statistics stay float32 in a bf16 model).
         source: the checkpoint's name, for error messages.
     """
     own = model.state_dict(keep_vars=True)
@@ -301,12 +306,18 @@ def load_into(
         raise CheckpointError("\n".join(lines))
     for key, target in own.items():
         stored = dtype_of(key)
+        if not target.is_floating_point() and stored.is_floating_point:
+            raise CheckpointError(
+                f"{source} key {key!r} is stored as {stored}, but the model's tensor is "
+                f"{target.dtype}"
+            )
         if target.is_floating_point() and not stored.is_floating_point:
             raise CheckpointError(
                 f"{source} key {key!r} is stored as {stored}, but the model's parameter is "
                 f"{target.dtype}: quantised (integer) checkpoints are not supported"
             )
     report = LoadReport(skipped=list(skipped or []))
+    parameters = {name for name, _ in model.named_parameters()}
     loaded: dict[str, Tensor] = {}
     for key, target in own.items():
         where = device
@@ -315,8 +326,10 @@ def load_into(
         tensor = state[key]
         if dtype == "stored":
             want = tensor.dtype
-        else:
-            want = (dtype or target.dtype) if target.is_floating_point() else target.dtype
+        elif key in parameters and target.is_floating_point():
+            want = dtype or target.dtype
+        else:  # buffers keep the model's dtype: normaliser statistics stay float32
+            want = target.dtype
         if tensor.dtype != want:
             conversion = f"{str(tensor.dtype).removeprefix('torch.')} -> "
             conversion += str(want).removeprefix("torch.")

@@ -118,10 +118,10 @@ def apply_lora(
     """Replace ``nn.Linear`` layers of an existing model by
     [LoRALinear][vlakit.core.LoRALinear] layers holding the same weights (outputs unchanged
     until ``B`` trains); ``targets(name, layer)`` picks them (default: every ``nn.Linear``).
-    Returns the replaced names. (A model changed this way is saved with
-    [VLA.save_pretrained][vlakit.VLA.save_pretrained] after
-    [merge_lora][vlakit.core.merge_lora]; build with ``linear=lora(...)`` to save LoRA
-    layers as such.)"""
+    Returns the replaced names. (The replaced blocks are no longer what the model's
+    constructor arguments describe, so [VLA.save_pretrained][vlakit.VLA.save_pretrained]
+    refuses such a model; build with ``linear=lora(...)`` to save LoRA layers, or save the
+    state dict.)"""
     replaced = []
     for name, layer in list(model.named_modules()):
         if type(layer) is not nn.Linear or (targets is not None and not targets(name, layer)):

@@ -25,6 +25,9 @@ __all__ = ["recorded", "record_call", "describe", "rebuild", "DescriptionError"]
 
 FORMAT = "vlakit.constructor-tree"
 
+_RECORDED_METHODS = {"truncate", "add_film"}
+"""The methods that record themselves (record_call) and that rebuild repeats."""
+
 
 class DescriptionError(TypeError):
     """A model (or one of its arguments) cannot be described as data, or a description
@@ -61,6 +64,7 @@ def recorded(cls: type) -> type:
         _snapshot(self)
 
     cls.__init__ = __init__
+    cls.__vlakit_recorded__ = True  # rebuild() calls only classes that carry this mark
     return cls
 
 
@@ -74,8 +78,10 @@ def record_call(obj: Any, method: str, **arguments: Any) -> None:
 
 
 def _snapshot(obj: Any) -> None:
+    # the children themselves (not their ids): deepcopy and pickling keep the snapshot in
+    # step with the copied children, and a freed id cannot be reused by a newcomer
     if isinstance(obj, nn.Module):
-        obj.__dict__["_recorded_children"] = {k: id(v) for k, v in obj._modules.items()}
+        obj.__dict__["_recorded_children"] = dict(obj._modules)
 
 
 def _path(thing: Any) -> str:
@@ -159,6 +165,9 @@ def describe(obj: Any, *, _memo: dict | None = None, _where: str = "model") -> A
                 f"{cls.__name__} that is not recorded itself: decorate it with "
                 f"@vlakit.core.recorded"
             )
+        if "<" in _path(cls) or cls.__module__ == "__main__":
+            raise DescriptionError(f"{where} is a {_path(cls)}, which cannot be imported by "
+                                   f"name when the model is loaded; define it in a module")
         _check_children(obj, arguments, where)
         memo[id(obj)] = len(memo)
         return {
@@ -199,8 +208,8 @@ def _check_children(obj: Any, arguments: dict, where: str) -> None:
     snapshot = obj.__dict__.get("_recorded_children")
     if snapshot is None or not isinstance(obj, nn.Module):
         return
-    now = {k: id(v) for k, v in obj._modules.items()}
-    changed = sorted(k for k in set(now) | set(snapshot) if now.get(k) != snapshot.get(k))
+    now = obj._modules
+    changed = sorted(k for k in set(now) | set(snapshot) if now.get(k) is not snapshot.get(k))
     if changed:
         raise DescriptionError(
             f"{where}.{changed[0]} was replaced after {type(obj).__name__} was built, so the "
@@ -208,14 +217,58 @@ def _check_children(obj: Any, arguments: dict, where: str) -> None:
         )
 
 
-def rebuild(description: Any, *, _memo: dict | None = None) -> Any:
+_SAFE_REF_PREFIXES = ("vlakit.", "torch.nn.")
+_SAFE_CONFIG_PREFIXES = ("diffusers.",)
+
+
+def _safe_class(path: str, trusted: tuple[str, ...]) -> type:
+    """The class a description names, if rebuilding may call it: a ``@recorded`` vlakit
+    class, one of the torch modules `describe` writes, or a vlakit dataclass. A description
+    is data from a file: anything else (``os.system``, ...) is refused, never called; and
+    only modules under ``trusted`` prefixes are imported at all."""
+    if not path.startswith(trusted):
+        raise DescriptionError(f"the description names {path!r}, outside the trusted modules "
+                               f"{list(trusted)}; it is not imported (pass trust=('yourpkg.',) "
+                               f"for your own blocks)")
+    cls = _find(path)
+    allowed = isinstance(cls, type) and (
+        getattr(cls, "__dict__", {}).get("__vlakit_recorded__", False)
+        or cls in _TORCH_MODULES
+        or (dataclasses.is_dataclass(cls) and cls.__module__.startswith("vlakit."))
+    )
+    if not allowed:
+        raise DescriptionError(
+            f"the description names {path!r}, which is not a vlakit block (a @recorded "
+            f"class), a listed torch module or a vlakit dataclass; it is not called"
+        )
+    return cls
+
+
+def _safe_ref(path: str, prefixes: tuple[str, ...]) -> Any:
+    if not path.startswith(prefixes):
+        raise DescriptionError(f"the description refers to {path!r}, outside {list(prefixes)}; "
+                               f"it is not imported")
+    return _find(path)
+
+
+def rebuild(description: Any, *, trust: tuple[str, ...] = (), _memo: dict | None = None) -> Any:
     """Call the constructors a [describe][vlakit.core.describe] output names, in order;
     recorded calls are repeated. Build on ``meta`` (``with building(None, "meta")``) to
-    skip initialisation when weights are loaded next."""
+    skip initialisation when weights are loaded next.
+
+    A description is treated as untrusted data: only ``@recorded`` vlakit classes, the
+    torch modules ``describe`` writes and vlakit dataclasses are called; functions and
+    classes passed as arguments must live under ``vlakit.`` or ``torch.nn.``; schedulers
+    under ``diffusers.``; only ``__init__`` arguments and the recorded methods
+    (``truncate``, ``add_film``) are applied. Anything else raises a
+    [DescriptionError][vlakit.core.DescriptionError] without being called. ``trust``: more
+    module prefixes whose ``@recorded`` classes and functions may be used (your own blocks).
+    """
     memo = {} if _memo is None else _memo
+    trusted = _SAFE_REF_PREFIXES + tuple(trust)
 
     def inner(value: Any) -> Any:
-        return rebuild(value, _memo=memo)
+        return rebuild(value, trust=trust, _memo=memo)
 
     if isinstance(description, list):
         return [inner(v) for v in description]
@@ -228,26 +281,31 @@ def rebuild(description: Any, *, _memo: dict | None = None) -> Any:
     if "$dict" in description:
         return {k: inner(v) for k, v in description["$dict"].items()}
     if "$enum" in description:
-        return _find(description["$enum"])[description["name"]]
+        return _safe_ref(description["$enum"], ("vlakit.",))[description["name"]]
     if "$float" in description:
         return float(description["$float"])
     if "$dtype" in description:
         return getattr(torch, description["$dtype"])
     if "$tensor" in description:
-        return torch.tensor(description["$tensor"], dtype=getattr(torch, description["dtype"]))
+        return torch.tensor(description["$tensor"], dtype=getattr(torch, description["dtype"]),
+                            device="cpu")  # a value, also when rebuilding on meta
     if "$ref" in description:
-        return _find(description["$ref"])
+        return _safe_ref(description["$ref"], trusted)
     if "$partial" in description:
         return functools.partial(inner(description["$partial"]), *inner(description["args"]),
                                  **{k: inner(v) for k, v in description["kwargs"].items()})
     if "$same" in description:
         return memo[description["$same"]]
     if "$from_config" in description:
-        return _find(description["$from_config"]).from_config(inner(description["config"]))
+        cls = _safe_ref(description["$from_config"], _SAFE_CONFIG_PREFIXES)
+        return cls.from_config(inner(description["config"]))
     if "$class" in description:
-        cls = _find(description["$class"])
+        cls = _safe_class(description["$class"], trusted)
         obj = cls(**{k: inner(v) for k, v in description["args"].items()})
         for name, arguments in description.get("calls", []):
+            if name not in _RECORDED_METHODS:
+                raise DescriptionError(f"the description calls {name!r} on {cls.__name__}; "
+                                       f"only {sorted(_RECORDED_METHODS)} are repeated")
             getattr(obj, name)(**{k: inner(v) for k, v in arguments.items()})
         if "$id" in description:
             memo[description["$id"]] = obj

@@ -8,6 +8,7 @@ initialised and nothing is held twice.
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -67,6 +68,9 @@ class _Renamed(Mapping):
 
     def __len__(self) -> int:
         return len(self.tensors) + len(self.sources)
+
+    def __contains__(self, key: object) -> bool:  # without reading (or merging) the tensor
+        return key in self.tensors or key in self.sources
 
     def shape(self, key: str) -> tuple[int, ...]:
         if key in self.tensors:
@@ -385,7 +389,8 @@ def _oft_files(path: Path, step: str | None) -> dict[str, Path]:
     for file in sorted(path.glob("*--*_checkpoint.pt")):
         kind, _, rest = file.name.partition("--")
         found.setdefault(kind, {})[rest[: -len("_checkpoint.pt")]] = file
-    unknown = sorted(set(found) - {"action_head", "proprio_projector", "noisy_action_projector"})
+    unknown = sorted(set(found) - {"action_head", "proprio_projector", "noisy_action_projector",
+                                   "vision_backbone"})
     if unknown:
         raise CheckpointError(f"{path} holds OFT component files of unknown kind {unknown}")
     chosen = {}
@@ -433,6 +438,71 @@ def _oft_head(head_state: dict, hidden: int, chunk_size: int, attention: str,
     extra = {} if kind == "l1" else {"num_inference_steps": options["num_inference_steps"]}
     return oft_head(kind, hidden, chunk_size, out, attention, mlp_dim=mlp_dim,
                     num_blocks=blocks, predict_read=options["predict_read"], **extra)
+
+
+class _Overlay(Mapping):
+    """The base checkpoint with its ``vision_backbone.*`` keys replaced by OFT's FiLM file."""
+
+    def __init__(self, base: Mapping, vision: dict[str, Tensor]) -> None:
+        self.base = base
+        self.vision = vision
+        self.keys_ = [k for k in base if not k.startswith("vision_backbone.")] + list(vision)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.vision[key] if key in self.vision else self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.vision or (key in self.base and not str(key).startswith(
+            "vision_backbone."))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.vision[key].shape) if key in self.vision else self.base.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.vision[key].dtype if key in self.vision else self.base.dtype(key)
+
+    def __enter__(self) -> "_Overlay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        close = getattr(self.base, "close", None)
+        if close is not None:
+            close()
+
+
+def _film_vision_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OFT's ``vision_backbone--*_checkpoint.pt`` (FiLM runs) as plain vision keys.
+
+    OFT saves the whole FiLM-wrapped vision backbone of its peft model: every linear layer
+    is a LoRA layer (``*.base_layer.{weight,bias}``, ``*.lora_A.<adapter>.weight``,
+    ``*.lora_B.<adapter>.weight``), and evaluation keeps those adapters active with
+    ``lora_alpha = min(r, 16)`` (its ``_apply_film_to_vla``). Each such layer is merged here:
+    ``W = base + min(r, 16) / r * B A``. Keys get their ``vision_backbone.`` prefix.
+    """
+    out: dict[str, Tensor] = {}
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        key = key if key.startswith("vision_backbone.") else f"vision_backbone.{key}"
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.[^.]+\.weight", key)
+        if match:
+            pairs.setdefault(match[1], {})[match[2]] = value
+        else:
+            out[key.replace(".base_layer.", ".")] = value
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"} or f"{module}.weight" not in out:
+            raise CheckpointError(f"the FiLM vision file has an incomplete LoRA layer {module!r}")
+        rank = pair["lora_A"].shape[0]
+        scale = min(rank, 16) / rank
+        base = out[f"{module}.weight"]
+        delta = pair["lora_B"].float() @ pair["lora_A"].float()
+        out[f"{module}.weight"] = (base.float() + scale * delta).to(base.dtype)
+    return out
 
 
 def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: dict | None,
@@ -494,11 +564,12 @@ def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: d
     normalizer = proprio_normalizer = None
     if norm_stats:
         normalizer = ActionNormalizer.from_stats(norm_stats, unnorm_key, mode=mode)
-    film = any(".scale.weight" in k for k in files if k.startswith("vision_backbone."))
     extra_state: dict[str, Tensor] = {}
     if oft is not None:
         parts = {kind: strip_prefix(read_torch_weights(file), "module.")
                  for kind, file in _oft_files(path, oft["step"]).items()}
+        if "vision_backbone" in parts:  # FiLM runs keep their vision backbone apart
+            files = _Overlay(files, _film_vision_state(parts.pop("vision_backbone")))
         chunk = oft["chunk_size"] or (platform[1] if platform else None)
         if chunk is None:
             raise ValueError(
@@ -516,7 +587,9 @@ def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: d
         extra_state.update({f"head.{k}": v for k, v in head_state.items()})
         if proprio is not None:
             extra_state.update({f"proprio_projector.{k}": v for k, v in proprio.items()})
-    vocab_end = llm_config.vocab_size - int(raw.get("pad_to_multiple_of", 0) or 0)
+    # OpenVLAConfig pads the vocabulary to a multiple of 64 unless its config says otherwise
+    film = any(".scale.weight" in k for k in files if k.startswith("vision_backbone."))
+    vocab_end = llm_config.vocab_size - int(raw.get("pad_to_multiple_of", 64) or 0)
 
     with building(None, "meta"):
         vits = []
@@ -648,9 +721,8 @@ def _keep_lora(model: nn.Module, adapter, source_of: dict[str, str]) -> None:
             raise CheckpointError(f"the adapter adapts {name!r}, a {type(layer).__name__}, not "
                                   f"a linear layer")
         rank = pair["lora_A"].shape[0]
-        adapted = LoRALinear(layer.in_features, layer.out_features, rank, alpha=1.0,
-                             bias=layer.bias is not None)
-        adapted.scale = adapter.scale(target)
+        adapted = LoRALinear(layer.in_features, layer.out_features, rank,
+                             alpha=adapter.scale(target) * rank, bias=layer.bias is not None)
         adapted = adapted.to(device=layer.weight.device, dtype=layer.weight.dtype)
         with torch.no_grad():
             adapted.weight.copy_(layer.weight)
