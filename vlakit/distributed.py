@@ -20,7 +20,16 @@ from vlakit.decoders import TransformerDecoder
 from vlakit.model import VLA
 from vlakit.vision import ViTBlock
 
-__all__ = ["fully_shard_vla", "shard_units"]
+__all__ = [
+    "fully_shard_vla",
+    "shard_units",
+    "checkpoint_blocks",
+    "compile_blocks",
+    "parallelize",
+    "freeze",
+    "unfreeze",
+    "oft_lora",
+]
 
 _DECODER_ENTRY_POINTS = ("embed_tokens", "logits")
 _HEAD_ENTRY_POINTS = ("place", "loss", "prefix_loss", "predict")
@@ -126,3 +135,100 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
     for name in _MODEL_ENTRY_POINTS:
         register_fsdp_forward_method(model, name)
     return model
+
+
+# -- the training recipe's steps, in torchtitan's order ---------------------------------------
+
+def checkpoint_blocks(model: VLA) -> list[nn.Module]:
+    """Activation checkpointing on every unit ([shard_units][vlakit.distributed.shard_units]:
+    each vision block and decoder layer): their activations are recomputed in backward
+    instead of kept. Uses torch's composable ``checkpoint`` (hooks, no wrapper module), so
+    module names, state-dict keys and FSDP2 sharding are unchanged. Returns the units."""
+    from torch.distributed._composable import checkpoint
+
+    units = shard_units(model)
+    for unit in units:
+        checkpoint(unit)
+    return units
+
+
+def compile_blocks(model: VLA, **compile_kwargs: Any) -> list[nn.Module]:
+    """``torch.compile`` every unit in place (``fullgraph=True`` by default): each vision
+    block and decoder layer compiles once and is reused by all of its kind. Returns the
+    units."""
+    options = {"fullgraph": True, **compile_kwargs}
+    units = shard_units(model)
+    for unit in units:
+        unit.compile(**options)
+    return units
+
+
+def parallelize(
+    model: VLA,
+    *,
+    activation_checkpointing: bool = False,
+    compile: bool | dict = False,
+    fsdp: bool = True,
+    **fsdp_kwargs: Any,
+) -> VLA:
+    """Apply the training recipe's steps to a model in torchtitan's order: activation
+    checkpointing per block, per-block ``torch.compile``, then FSDP2 per block and the root
+    ([fully_shard_vla][vlakit.distributed.fully_shard_vla], ``fsdp_kwargs`` such as
+    ``mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``).
+    Build the model on ``meta`` and materialise it after this call (``to_empty`` +
+    [init_parameters][vlakit.core.init_parameters], or a loader), as torchtitan does.
+    ``compile``: ``True`` or the ``torch.compile`` arguments. Needs a process group for
+    ``fsdp=True``."""
+    if activation_checkpointing:
+        checkpoint_blocks(model)
+    if compile:
+        compile_blocks(model, **(compile if isinstance(compile, dict) else {}))
+    if fsdp:
+        fully_shard_vla(model, **fsdp_kwargs)
+    return model
+
+
+def freeze(model: nn.Module, *names: str) -> list[str]:
+    """Stop gradients for the named blocks (``"encoder"``, ``"decoder.layers.0"``, ...), or
+    for the whole model when none are named. Returns the frozen parameter names."""
+    return _set_trainable(model, names, False)
+
+
+def unfreeze(model: nn.Module, *names: str) -> list[str]:
+    """Let the named blocks (or the whole model) train again. Returns the parameter names."""
+    return _set_trainable(model, names, True)
+
+
+def _set_trainable(model: nn.Module, names: tuple[str, ...], trainable: bool) -> list[str]:
+    blocks = [(n, model.get_submodule(n)) for n in names] or [("", model)]
+    changed = []
+    for prefix, block in blocks:
+        for name, param in block.named_parameters():
+            param.requires_grad_(trainable)
+            changed.append(f"{prefix}.{name}" if prefix else name)
+    return changed
+
+
+def oft_lora(model: VLA, rank: int = 32, alpha: float | int | None = None,
+             dropout: float = 0.0) -> list[str]:
+    """OpenVLA-OFT's fine-tuning recipe in one call: LoRA (``rank``, ``alpha = min(rank,
+    16)`` as OFT sets it) on every linear layer of the vision encoder, the projector and the
+    language model (its output head excluded, as peft's ``"all-linear"`` does), those blocks
+    otherwise frozen; the action head, the proprio projector (and FiLM, which OFT adds after
+    wrapping) train fully. [merge_lora][vlakit.core.merge_lora] folds the adapters for
+    inference. Returns the names of the LoRA layers."""
+    from vlakit.core import apply_lora
+
+    alpha = min(rank, 16) if alpha is None else alpha
+    freeze(model, "encoder", "projector", "decoder")
+    names = []
+    for part in ("encoder", "projector", "decoder"):
+        block = getattr(model, part)
+        names += [f"{part}.{n}" for n in apply_lora(
+            block, rank, alpha, dropout=dropout,
+            targets=lambda name, layer: not name.endswith("lm_head") and ".film." not in name
+            and not name.startswith("film"))]
+    for name, param in model.named_parameters():
+        if ".film." in name or not name.startswith(("encoder.", "projector.", "decoder.")):
+            param.requires_grad_(True)  # heads, proprio projector, FiLM: trained fully
+    return names

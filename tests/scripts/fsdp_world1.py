@@ -225,6 +225,18 @@ def check_continuous_heads() -> None:
         print(f"continuous head {head}/{attention}{name}: loss, gradients and actions equal")
 
 
+def check_parallelize_with_activation_checkpointing() -> None:
+    """parallelize(model, activation_checkpointing=True): FSDP2 units that recompute their
+    activations give the unsharded model's loss and gradients."""
+    from vlakit.distributed import parallelize
+
+    reference = build(tied=False)
+    sharded = parallelize(copy.deepcopy(reference), activation_checkpointing=True)
+    inputs = batch()
+    training_step_matches(reference, sharded, inputs)
+    print("parallelize with activation checkpointing: loss and gradients equal")
+
+
 def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -237,6 +249,7 @@ def main() -> None:
         check_wrapped()
         check_prefix_trained_and_mixed_precision()
         check_continuous_heads()
+        check_parallelize_with_activation_checkpointing()
     finally:
         dist.destroy_process_group()
     print("FSDP2 OK")
