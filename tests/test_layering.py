@@ -13,6 +13,7 @@ function-local imports. Layers, bottom to top::
     processors                             core and model
     summary (parameter tables)             core
     viz (pictures of pruned patches)       core
+    data (datasets, collate)               core
     vlakit (the package root)              anything; nothing imports it
 """
 
@@ -96,6 +97,7 @@ ALLOWED: dict[str, set[str]] = {
     "processors": {"core", "model", "processors"},
     "summary": {"core", "summary"},  # parameter tables: a utility beside the core
     "viz": {"core", "viz"},  # pictures (matplotlib): a utility beside the core
+    "data": {"core", "data"},  # datasets (pyarrow, PyAV); collates take a processor
     "distributed": {"core", "model", "distributed"} | _BLOCKS,  # FSDP2 / checkpointing
 }
 

@@ -1,0 +1,267 @@
+"""Robot-learning datasets: LeRobot v3 folders read from disk, an in-memory dataset for
+tests, and a collate that turns samples into a model batch through a processor.
+
+A LeRobot v3 folder (needs the ``data`` extra: ``pip install 'vlakit-blocks[data]'`` for
+pyarrow and PyAV)::
+
+    meta/info.json                       fps, features, data_path / video_path templates
+    meta/episodes/chunk-000/file-000.parquet   one row per episode (frames, files, tasks)
+    meta/tasks.parquet                   task_index -> task (the instruction)
+    meta/stats.json                      per-feature statistics (optional)
+    data/chunk-000/file-000.parquet      one row per frame (state, action, indices)
+    videos/<camera>/chunk-000/file-000.mp4   every episode of a camera, concatenated
+"""
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["LeRobotDataset", "InMemoryDataset", "collate_with", "DatasetError"]
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be read as promised (named file, episode or camera)."""
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+class LeRobotDataset(Dataset):
+    """A LeRobot v3 dataset folder, one sample per frame.
+
+    A sample is a dict: ``images`` ``[views, 3, h, w]`` uint8 (one per camera, in
+    ``cameras`` order), ``instruction`` (the frame's task), ``proprio`` ``[p]`` (the state
+    feature), ``actions`` ``[chunk, a]`` (this frame's action and the next ``chunk - 1`` of
+    the same episode; the last one repeats past the episode's end, as LeRobot pads), and
+    ``episode``, ``frame``.
+
+    Everything the folder promises is checked when the dataset is made, before any sample
+    is read: every episode's data file and every camera's video file exist, each camera
+    named in ``info.json`` has frames, the state and action features are there.
+
+    Args:
+        root: the dataset folder.
+        chunk_size: actions per sample.
+        cameras: which image/video features to read (default: all, in ``info.json``'s order).
+        state_key: the proprio feature.
+        action_key: the action feature.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        chunk_size: int = 1,
+        cameras: Sequence[str] | None = None,
+        state_key: str = "observation.state",
+        action_key: str = "action",
+    ) -> None:
+        self.root = Path(root)
+        info_file = self.root / "meta" / "info.json"
+        if not info_file.is_file():
+            raise DatasetError(f"{self.root} has no meta/info.json: not a LeRobot v3 dataset")
+        self.info = json.loads(info_file.read_text())
+        version = str(self.info.get("codebase_version", ""))
+        if not version.startswith("v3"):
+            raise DatasetError(f"{info_file}: codebase_version {version!r}; this reader "
+                               f"reads LeRobot v3 folders")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size, self.fps = chunk_size, float(self.info["fps"])
+        features = self.info["features"]
+        visual = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
+        self.cameras = list(visual if cameras is None else cameras)
+        unknown = [c for c in self.cameras if c not in visual]
+        if unknown:
+            raise DatasetError(f"camera {unknown[0]!r} is not an image or video feature of "
+                               f"{info_file} (cameras: {visual})")
+        for key in (state_key, action_key):
+            if key not in features:
+                raise DatasetError(f"{info_file} has no feature {key!r} "
+                                   f"(features: {sorted(features)})")
+        self.state_key, self.action_key = state_key, action_key
+        self.action_dim = int(features[action_key]["shape"][0])
+        self.state_dim = int(features[state_key]["shape"][0])
+        self.episodes = self._episodes()
+        self.tasks = self._tasks()
+        self._check_files()
+        self._index = [(e, t) for e, ep in enumerate(self.episodes) for t in range(ep["length"])]
+        self._tables: dict[Path, Any] = {}
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def _episodes(self) -> list[dict]:
+        files = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+        if not files:
+            raise DatasetError(f"{self.root} has no meta/episodes/chunk-*/file-*.parquet")
+        rows = []
+        for file in files:
+            rows += _read_parquet(file).to_pylist()
+        return sorted(rows, key=lambda r: r["episode_index"])
+
+    def _tasks(self) -> dict[int, str]:
+        file = self.root / "meta" / "tasks.parquet"
+        if not file.is_file():
+            raise DatasetError(f"{self.root} has no meta/tasks.parquet")
+        table = _read_parquet(file).to_pydict()
+        names = table.get("task") or table.get("__index_level_0__")
+        return dict(zip(table["task_index"], names))
+
+    def _data_file(self, episode: dict) -> Path:
+        return self.root / self.info["data_path"].format(
+            chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
+
+    def _video_file(self, episode: dict, camera: str) -> Path:
+        return self.root / self.info["video_path"].format(
+            video_key=camera, chunk_index=episode[f"videos/{camera}/chunk_index"],
+            file_index=episode[f"videos/{camera}/file_index"])
+
+    def _check_files(self) -> None:
+        for episode in self.episodes:
+            file = self._data_file(episode)
+            if not file.is_file():
+                raise DatasetError(f"episode {episode['episode_index']}'s data file {file} "
+                                   f"is missing")
+            for camera in self.cameras:
+                if f"videos/{camera}/chunk_index" not in episode:
+                    raise DatasetError(f"camera {camera!r} has no frames for episode "
+                                       f"{episode['episode_index']} in meta/episodes")
+                video = self._video_file(episode, camera)
+                if not video.is_file():
+                    raise DatasetError(f"camera {camera!r} has no frames: {video} is missing "
+                                       f"(episode {episode['episode_index']})")
+
+    def statistics(self) -> dict:
+        """OpenVLA-style statistics ``{"dataset": {"action": {...}, "proprio": {...}}}``
+        (``mean``, ``std``, ``min``, ``max``, ``q01``, ``q99``): from ``meta/stats.json``
+        when it has them, else computed from the data files. Feed
+        ``ActionNormalizer.from_stats(stats, mode=...)``."""
+        file = self.root / "meta" / "stats.json"
+        stored = json.loads(file.read_text()) if file.is_file() else {}
+        out = {}
+        for name, key in (("action", self.action_key), ("proprio", self.state_key)):
+            values = stored.get(key)
+            if not values or not {"q01", "q99"} <= set(values):
+                values = self._compute_stats(key)
+            out[name] = {k: list(map(float, v)) for k, v in values.items()
+                         if k in ("mean", "std", "min", "max", "q01", "q99")}
+        return {self.root.name: out}
+
+    def _compute_stats(self, key: str) -> dict:
+        column = []
+        for episode in self.episodes:
+            table = self._table(self._data_file(episode))
+            rows = range(episode["dataset_from_index"], episode["dataset_to_index"])
+            column.append(self._rows(table, key, rows))
+        x = torch.cat(column).double()
+        return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
+                "min": x.amin(0).tolist(), "max": x.amax(0).tolist(),
+                "q01": torch.quantile(x, 0.01, dim=0).tolist(),
+                "q99": torch.quantile(x, 0.99, dim=0).tolist()}
+
+    # -- samples -------------------------------------------------------------------------
+
+    def _table(self, file: Path):
+        if file not in self._tables:
+            table = _read_parquet(file)
+            index = table.column("index").to_pylist()
+            self._tables[file] = (table, {g: i for i, g in enumerate(index)})
+        return self._tables[file]
+
+    @staticmethod
+    def _rows(table, key: str, rows) -> Tensor:
+        data, where = table
+        column = data.column(key)
+        return torch.tensor([column[where[r]].as_py() for r in rows], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> dict:
+        e, t = self._index[i]
+        episode = self.episodes[e]
+        table = self._table(self._data_file(episode))
+        start, end = episode["dataset_from_index"], episode["dataset_to_index"]
+        frame = start + t
+        steps = [min(frame + k, end - 1) for k in range(self.chunk_size)]
+        data, where = table
+        task_index = data.column("task_index")[where[frame]].as_py()
+        images = [self._frame(episode, camera, t) for camera in self.cameras]
+        return {
+            "images": torch.stack(images) if images else torch.empty(0),
+            "instruction": self.tasks[task_index],
+            "proprio": self._rows(table, self.state_key, [frame])[0],
+            "actions": self._rows(table, self.action_key, steps),
+            "episode": episode["episode_index"],
+            "frame": t,
+        }
+
+    def _frame(self, episode: dict, camera: str, t: int) -> Tensor:
+        """Frame ``t`` of ``episode`` from its camera's video: the first decoded frame at or
+        after ``from_timestamp + t / fps``, ``[3, h, w]`` uint8."""
+        import av
+
+        target = float(episode.get(f"videos/{camera}/from_timestamp", 0.0)) + t / self.fps
+        with av.open(str(self._video_file(episode, camera))) as container:
+            stream = container.streams.video[0]
+            container.seek(max(0, int((target - 1.0) / stream.time_base)), stream=stream,
+                           backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.time is not None and frame.time + 0.5 / self.fps >= target:
+                    array = frame.to_ndarray(format="rgb24")  # [h, w, 3]
+                    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        raise DatasetError(f"camera {camera!r} has no frame at {target:.3f} s in "
+                           f"{self._video_file(episode, camera)}")
+
+    def check_model(self, model) -> None:
+        """Raise a ``ValueError`` if ``model``'s head or proprio projector does not take this
+        dataset's action or state width (naming both numbers)."""
+        head = getattr(model, "head", None)
+        action_dim = getattr(head, "action_dim", None)
+        if action_dim is None and getattr(head, "tokenizer", None) is not None:
+            action_dim = head.tokenizer.action_dim
+        if action_dim is not None and action_dim != self.action_dim:
+            raise ValueError(f"the dataset's actions have {self.action_dim} dimensions but the "
+                             f"model's head predicts {action_dim}")
+        proprio = getattr(model, "proprio_projector", None)
+        width = getattr(proprio, "in_dim", None)
+        if width is not None and width != self.state_dim:
+            raise ValueError(f"the dataset's state has {self.state_dim} dimensions but the "
+                             f"model's proprio projector takes {width}")
+
+
+class InMemoryDataset(Dataset):
+    """Samples held in a list (the same dicts ``LeRobotDataset`` yields): for tests and
+    small synthetic tasks."""
+
+    def __init__(self, samples: Sequence[dict]) -> None:
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
+
+
+def collate_with(processor: Callable) -> Callable[[list[dict]], Any]:
+    """A ``DataLoader`` collate that stacks samples and runs them through ``processor``
+    (an [OpenVLAProcessor][vlakit.processors.OpenVLAProcessor], say): images
+    ``[b, views, 3, h, w]``, instructions, actions ``[b, chunk, a]``, proprio ``[b, p]``
+    -> a padded model batch."""
+
+    def collate(samples: list[dict]):
+        images = torch.stack([s["images"] for s in samples])
+        return processor(images, [s["instruction"] for s in samples],
+                         actions=torch.stack([s["actions"] for s in samples]),
+                         proprio=torch.stack([s["proprio"] for s in samples]))
+
+    return collate
