@@ -66,11 +66,18 @@ class _RssSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.final = _rss_bytes()
+        self.peak = max(self.peak, self.final)
 
     @property
     def growth(self) -> int:
+        """Peak resident-set growth over the block."""
         return self.peak - self.base
+
+    @property
+    def final_growth(self) -> int:
+        """Resident-set growth left at the end of the block."""
+        return self.final - self.base
 
 
 def peak_memory_mib(fn, device: str) -> float:

@@ -29,53 +29,34 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine_name, print_table, write_json  # noqa: E402
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _child(kind: str, path: str) -> None:
-    import threading
-
     import torch
     import transformers  # noqa: F401  (every child imports the same libraries)
+    from _common import _RssSampler
 
     import vlakit.models  # noqa: F401
 
-    base = peak = _rss()
-    done = threading.Event()
+    with _RssSampler() as sampler:  # resident set from just before the load
+        start = time.perf_counter()
+        if kind == "vlakit":
+            from vlakit.models import load_paligemma
 
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(0.002)
+            model = load_paligemma(path, dtype=torch.bfloat16)
+        else:
+            from transformers import PaliGemmaForConditionalGeneration
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    if kind == "vlakit":
-        from vlakit.models import load_paligemma
-
-        model = load_paligemma(path, dtype=torch.bfloat16)
-    else:
-        from transformers import PaliGemmaForConditionalGeneration
-
-        model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
-    loaded = time.perf_counter() - start
-    # touch one byte per page of every parameter: memory-mapped weights become resident
-    # (what the first forward would do); the same for both loaders
-    with torch.no_grad():
-        for param in model.parameters():
-            flat = param.detach().reshape(-1).view(torch.uint8)
-            flat[::4096].sum()
-    touched = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    peak = max(peak, _rss())
+            model = PaliGemmaForConditionalGeneration.from_pretrained(path,
+                                                                      dtype=torch.bfloat16)
+        loaded = time.perf_counter() - start
+        # touch one byte per page of every parameter: memory-mapped weights become resident
+        # (what the first forward would do); the same for both loaders
+        with torch.no_grad():
+            for param in model.parameters():
+                param.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+        touched = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"load_seconds": loaded, "ready_seconds": touched,
-                      "peak_bytes": peak - base, "resident_bytes": _rss() - base,
+                      "peak_bytes": sampler.growth, "resident_bytes": sampler.final_growth,
                       "params": params}))
 
 

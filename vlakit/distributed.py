@@ -142,14 +142,29 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
 def checkpoint_blocks(model: VLA) -> list[nn.Module]:
     """Activation checkpointing on every unit ([shard_units][vlakit.distributed.shard_units]:
     each vision block and decoder layer): their activations are recomputed in backward
-    instead of kept. Uses torch's composable ``checkpoint`` (hooks, no wrapper module), so
-    module names, state-dict keys and FSDP2 sharding are unchanged. Returns the units."""
-    from torch.distributed._composable import checkpoint
-
+    instead of kept. Each unit's ``forward`` runs inside ``torch.utils.checkpoint``
+    (non-reentrant), so module names, state-dict keys and FSDP2 sharding are unchanged and a
+    unit compiled afterwards ([compile_blocks][vlakit.distributed.compile_blocks]) traces
+    the checkpoint into its graph. Apply it to the model you train (after any deep copy).
+    Returns the units."""
     units = shard_units(model)
     for unit in units:
-        checkpoint(unit)
+        if not getattr(unit, "_vlakit_checkpointed", False):
+            unit.forward = _checkpointed(unit.forward)
+            unit._vlakit_checkpointed = True
     return units
+
+
+def _checkpointed(forward):
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def compile_blocks(model: VLA, **compile_kwargs: Any) -> list[nn.Module]:
