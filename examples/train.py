@@ -5,7 +5,10 @@
     torchrun --nproc_per_node=8 examples/train.py --strategy fsdp --bf16 --ac   # FSDP2
 
 The model and task are ``train_tiny.py``'s (a tiny OpenVLA-OFT-style model with an L1 head
-on a synthetic, learnable task); swap in your own builder and data. What the recipe does:
+on a synthetic, learnable task), or ``--data FOLDER``: a LeRobot v3 dataset (every camera a
+view, the state as proprio, its statistics for normalisation) read with
+``vlakit.data.LeRobotDataset`` and batched through the processor; swap in your own builder.
+What the recipe does:
 DDP or FSDP2 (``vlakit.distributed.parallelize``: activation checkpointing per block,
 per-block compile, FSDP2 per block then the root), bf16 autocast, gradient accumulation, a
 warm-up + cosine learning-rate schedule, a distributed checkpoint (``torch.distributed
@@ -32,9 +35,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_tiny import INSTRUCTIONS, action_statistics, build_model, make_batch  # noqa: E402
 
 from vlakit import VLA  # noqa: E402
+from vlakit.actions import ActionNormalizer  # noqa: E402
+from vlakit.core import BidirectionalMask  # noqa: E402
+from vlakit.data import collate_with  # noqa: E402
+from vlakit.decoders import llama  # noqa: E402
 from vlakit.distributed import checkpoint_blocks, compile_blocks, parallelize  # noqa: E402
+from vlakit.heads import L1RegressionHead  # noqa: E402
+from vlakit.interleave import PrefixInterleaver  # noqa: E402
 from vlakit.processors import OPENVLA_PROMPT, OpenVLAProcessor, word_tokenizer  # noqa: E402
+from vlakit.projectors import LinearProjector, ProprioProjector  # noqa: E402
 from vlakit.pruners import LightVLAPruner, lightvla_noise_scale, set_noise_scale  # noqa: E402
+from vlakit.vision import vit  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -49,12 +60,35 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
     p.add_argument("--compile", action="store_true", help="torch.compile per block")
     p.add_argument("--lightvla", action="store_true", help="a LightVLA pruner, noise annealed")
+    p.add_argument("--data", default=None, help="a LeRobot v3 folder (default: the synthetic "
+                   "task)")
+    p.add_argument("--chunk", type=int, default=4, help="actions per chunk (with --data)")
     p.add_argument("--out", default="train_run")
     p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
     p.add_argument("--stop-after", type=int, default=None, help="leave after this step")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
+
+
+def build_dataset_model(vocab_size: int, dataset) -> VLA:
+    """A tiny OFT-style model for a LeRobot dataset: its cameras as views (resized to 32 px
+    by the processor), its state as the proprio token, its action width and chunk, its
+    statistics for (un)normalisation."""
+    stats = dataset.statistics()
+    d = 64
+    return VLA(
+        encoder=vit(img_size=32, patch_size=8, dim=64, depth=2, num_heads=4, mlp_dim=128),
+        projector=LinearProjector(64, d),
+        interleaver=PrefixInterleaver(bos_id=1, eos_id=2),
+        decoder=llama(vocab_size=vocab_size, dim=d, num_layers=2, num_heads=4, mlp_dim=128),
+        mask_policy=BidirectionalMask(),
+        head=L1RegressionHead(d, action_dim=dataset.action_dim, chunk_size=dataset.chunk_size),
+        proprio_projector=ProprioProjector(dataset.state_dim, d),
+        action_normalizer=ActionNormalizer.from_stats(stats),
+        proprio_normalizer=ActionNormalizer.from_stats(stats, key="proprio"),
+        num_views=len(dataset.cameras),
+    )
 
 
 def lr_lambda(warmup: int, total: int):
@@ -83,12 +117,22 @@ def main() -> None:
     micro = args.batch // (world * args.accum)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    stats = action_statistics(make_batch(2048, torch.Generator().manual_seed(1))["actions"])
-    tokenizer = word_tokenizer([OPENVLA_PROMPT, *INSTRUCTIONS])
-    model = build_model(len(tokenizer), stats)
+    dataset = None
+    if args.data:
+        from vlakit.data import LeRobotDataset
+
+        dataset = LeRobotDataset(args.data, chunk_size=args.chunk)  # checks the folder first
+        tokenizer = word_tokenizer([OPENVLA_PROMPT, *dataset.tasks.values()])
+        model = build_dataset_model(len(tokenizer), dataset)
+        dataset.check_model(model)
+    else:
+        stats = action_statistics(make_batch(2048, torch.Generator().manual_seed(1))["actions"])
+        tokenizer = word_tokenizer([OPENVLA_PROMPT, *INSTRUCTIONS])
+        model = build_model(len(tokenizer), stats)
     if args.lightvla:
         model = VLA(**{**model.__dict__["_recorded_init"][1], "pruner": LightVLAPruner()})
     processor = OpenVLAProcessor.from_model(tokenizer, model)
+    collate = collate_with(processor)
     model = model.to(device).train()
     if args.strategy == "fsdp":
         model = parallelize(model, activation_checkpointing=args.ac, compile=args.compile)
@@ -111,6 +155,7 @@ def main() -> None:
     start, losses = 0, []
     if args.resume and os.path.isdir(checkpoint):
         from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint.api import CheckpointException
 
         model_state, optim_state = get_state_dict(model, optimizer)
         try:  # the weights strictly; the optimiser has no state for parameters that never
@@ -118,7 +163,7 @@ def main() -> None:
             load({"model": model_state}, checkpoint_id=checkpoint)
             load({"optim": optim_state}, checkpoint_id=checkpoint,
                  planner=DefaultLoadPlanner(allow_partial_load=True))
-        except Exception as error:  # DCP raises several kinds
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
             raise SystemExit(f"cannot resume from {checkpoint}: it holds another "
                              f"composition or optimiser ({type(error).__name__}: "
                              f"{error})") from None
@@ -153,13 +198,20 @@ def main() -> None:
     for step in bar:
         if args.lightvla:
             set_noise_scale(model, lightvla_noise_scale(step, args.steps))
-        data = make_batch(args.batch, torch.Generator().manual_seed(args.seed * 100003 + step))
+        generator = torch.Generator().manual_seed(args.seed * 100003 + step)  # exact resume
+        if dataset is None:
+            data = make_batch(args.batch, generator)
+        else:
+            picks = torch.randint(len(dataset), (args.batch,), generator=generator).tolist()
         total = torch.zeros((), device=device)
         for k in range(args.accum):
             first = (k * world + rank) * micro  # this rank's rows of micro-batch k
             rows = slice(first, first + micro)
-            batch = processor(data["images"][rows], data["instructions"][rows],
-                              actions=data["actions"][rows], proprio=data["proprio"][rows])
+            if dataset is None:
+                batch = processor(data["images"][rows], data["instructions"][rows],
+                                  actions=data["actions"][rows], proprio=data["proprio"][rows])
+            else:
+                batch = collate([dataset[i] for i in picks[rows]])
             batch = batch.to(device)
             last = k == args.accum - 1
             sync = (wrapped.no_sync() if args.strategy == "ddp" and not last

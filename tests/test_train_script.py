@@ -74,3 +74,18 @@ def test_bad_setups_fail_before_any_step(tmp_path):
     done = _train(tmp_path, "--strategy", "ddp")
     assert done.returncode != 0 and "needs torchrun" in done.stderr
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_training_on_a_lerobot_folder_and_resuming_another_composition(tmp_path):
+    from test_lerobot_data import write_dataset
+
+    data = write_dataset(tmp_path / "dataset")
+    out = tmp_path / "run"
+    done = _train(out, "--data", str(data), "--chunk", "2", "--batch", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"last loss [0-9.]+", done.stdout)
+    # the synthetic task's model is another composition: refused before any step
+    other = _train(out, "--resume", "--batch", "4")
+    assert other.returncode != 0
+    assert "cannot resume from" in other.stderr and "another composition" in other.stderr
+    assert (out / "checkpoint" / "progress.json").exists()  # the checkpoint is untouched
