@@ -21,5 +21,6 @@ def test_hot_paths_compile_without_graph_breaks_and_match_eager():
     for line in ("TransformerDecoder: fullgraph OK", "compiled once", "ViTBlock: fullgraph OK",
                  "VLA.forward: fullgraph OK", "role-block VLA: fullgraph OK",
                  "FastV with a tap): fullgraph OK", "length_multiple: the decoder compiled once",
-                 "compile_blocks: loss and gradients equal eager", "COMPILE OK"):
+                 "compile_blocks: loss and gradients equal eager",
+                 "oft_lora + compile_blocks: loss and gradients equal eager", "COMPILE OK"):
         assert line in out, out[-4000:]

@@ -20,6 +20,8 @@ def test_fully_shard_vla_matches_unsharded_loss_gradients_and_actions():
     assert "prefix-trained expert head" in done.stdout
     assert "target action tokens unchanged" in done.stdout
     assert "parallelize with activation checkpointing: loss and gradients equal" in done.stdout
+    assert "oft_lora under FSDP2: loss and gradients equal" in done.stdout
+    assert "built on meta, sharded, then materialised: a training step runs" in done.stdout
     for head in ("l1/bidirectional", "diffusion/parallel", "flow/parallel",
                  "l1/bidirectional + LightVLAPruner", "flow/parallel + TopKPruner",
                  "l1/causal + FastVPruner"):

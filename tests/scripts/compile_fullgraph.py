@@ -257,6 +257,22 @@ def per_block_compile() -> None:
     print(f"compile_blocks: loss and gradients equal eager ({counter.graphs} graphs, with "
           f"activation checkpointing)")
 
+    # LoRA layers (OFT's recipe) compile inside the blocks too
+    from vlakit.distributed import oft_lora
+
+    lora_model = copy.deepcopy(model)
+    oft_lora(lora_model, rank=4)
+    lora_compiled = copy.deepcopy(lora_model)
+    compile_blocks(lora_compiled, backend=CountingBackend())
+    for m in (lora_model, lora_compiled):
+        m.zero_grad()
+        m(inputs).loss.backward()
+    close(lora_compiled(inputs).loss, lora_model(inputs).loss, "LoRA compiled loss")
+    for (name, a), b in zip(lora_model.named_parameters(), lora_compiled.parameters()):
+        if a.grad is not None:
+            close(b.grad, a.grad, f"LoRA compiled grad {name}")
+    print("oft_lora + compile_blocks: loss and gradients equal eager")
+
 
 if __name__ == "__main__":
     per_block_compile()

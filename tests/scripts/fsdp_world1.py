@@ -237,6 +237,30 @@ def check_parallelize_with_activation_checkpointing() -> None:
     print("parallelize with activation checkpointing: loss and gradients equal")
 
 
+def check_lora_and_meta_materialisation() -> None:
+    """OFT's LoRA recipe under FSDP2 equals the unsharded LoRA model; and a model built on
+    meta, parallelized, then materialised (torchtitan's order) trains."""
+    from vlakit.core import init_parameters
+    from vlakit.distributed import oft_lora, parallelize
+
+    reference = build(tied=False)
+    oft_lora(reference, rank=4)
+    sharded = parallelize(copy.deepcopy(reference))
+    training_step_matches(reference, sharded, batch())
+    print("oft_lora under FSDP2: loss and gradients equal")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        meta = build(tied=True)
+    parallelize(meta, activation_checkpointing=True)
+    meta.to_empty(device="cpu")
+    init_parameters(meta)
+    loss = meta(batch()).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(
+        p.grad is not None for p in meta.parameters() if p.requires_grad and p.grad is not None)
+    print("built on meta, sharded, then materialised: a training step runs")
+
+
 def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -250,6 +274,7 @@ def main() -> None:
         check_prefix_trained_and_mixed_precision()
         check_continuous_heads()
         check_parallelize_with_activation_checkpointing()
+        check_lora_and_meta_materialisation()
     finally:
         dist.destroy_process_group()
     print("FSDP2 OK")
