@@ -210,7 +210,7 @@ def test_load_into_a_meta_model_assigns_without_a_second_copy(tmp_path):
     with building(None, "meta"):
         meta = _model("l1")
     with CheckpointFiles(tmp_path) as files:
-        report = load_into(meta, files, shape_of=files.shape, dtype_of=files.dtype)
+        report = load_into(meta, files)
     assert report.loaded == len(real.state_dict()) and not report.cast
     for key, value in meta.state_dict().items():
         assert torch.equal(value, real.state_dict()[key]), key

@@ -111,7 +111,7 @@ def test_another_compositions_weights_are_refused_with_a_full_report(tmp_path):
     _composition().save_pretrained(tmp_path / "a")
     other = _composition(proprio=7, film=False)
     with pytest.raises(CheckpointError) as error, CheckpointFiles(tmp_path / "a") as files:
-        load_into(other, files, shape_of=files.shape, dtype_of=files.dtype)
+        load_into(other, files)
     message = str(error.value)
     assert "unexpected" in message and "film.scale.weight" in message  # FiLM only in a
     assert "mis-shaped 1 (stored vs model): 'proprio_projector.fc1.weight (64, 5) vs " \

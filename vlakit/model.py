@@ -645,8 +645,8 @@ class VLA(nn.Module):
                 f"{file} describes a {type(model).__name__}, not a {cls.__name__}"
             )
         with CheckpointFiles(path / WEIGHTS_FILE) as files:
-            report = load_into(model, files, shape_of=files.shape, dtype_of=files.dtype,
-                               device=device, dtype="stored" if dtype is None else dtype,
+            report = load_into(model, files, device=device,
+                               dtype="stored" if dtype is None else dtype,
                                source=str(path / WEIGHTS_FILE))
         return (model, report) if return_report else model
 

@@ -4,13 +4,13 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from vlakit.core.checkpoint import CheckpointError
+from vlakit.core.files import CheckpointView
 
 __all__ = ["LoraAdapter", "MergedCheckpoint"]
 
@@ -98,7 +98,7 @@ class LoraAdapter:
         return self.scale(target) * (pair["lora_B"].float() @ pair["lora_A"].float())
 
 
-class MergedCheckpoint(Mapping):
+class MergedCheckpoint(CheckpointView):
     """A checkpoint mapping whose adapted weights come back merged: ``W + scale * B @ A``,
     computed in float32 and returned in the stored dtype. Shapes and dtypes pass through
     (``shape(key)``, ``dtype(key)`` when the base has them). Every adapted weight must exist
@@ -107,7 +107,8 @@ class MergedCheckpoint(Mapping):
     """
 
     def __init__(self, base: Mapping, adapter: LoraAdapter) -> None:
-        self.base, self.adapter = base, adapter
+        super().__init__(base)
+        self.adapter = adapter
         for target, pair in adapter.pairs.items():
             if target not in base:
                 raise CheckpointError(
@@ -128,26 +129,3 @@ class MergedCheckpoint(Mapping):
         if key in self.adapter.pairs:
             value = (value.float() + self.adapter.delta(key)).to(value.dtype)
         return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.base
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.base.shape(key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.base.dtype(key)
-
-    def __enter__(self) -> "MergedCheckpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        close = getattr(self.base, "close", None)
-        if close is not None:
-            close()

@@ -7,6 +7,7 @@ from vlakit.core.checkpoint import CheckpointError, guard_meta_loading, load_che
 from vlakit.core.checks import set_validation, validation, validation_enabled
 from vlakit.core.files import (
     CheckpointFiles,
+    CheckpointView,
     LoadReport,
     load_into,
     read_torch_weights,
@@ -49,6 +50,7 @@ __all__ = [
     "load_checked",
     "guard_meta_loading",
     "CheckpointFiles",
+    "CheckpointView",
     "LoadReport",
     "load_into",
     "read_torch_weights",

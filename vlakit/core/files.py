@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from vlakit.core.checkpoint import CheckpointError
 
-__all__ = ["CheckpointFiles", "LoadReport", "load_into", "read_torch_weights", "strip_prefix"]
+__all__ = [
+    "CheckpointFiles",
+    "CheckpointView",
+    "LoadReport",
+    "load_into",
+    "read_torch_weights",
+    "strip_prefix",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -185,6 +192,50 @@ class CheckpointFiles(Mapping):
         return f"CheckpointFiles({str(self.path)!r}, {len(self)} tensors in {files})"
 
 
+class CheckpointView(Mapping):
+    """A lazily read checkpoint derived from another (``base``): keys, ``shape(key)``,
+    ``dtype(key)`` and closing are the base's, so a subclass overrides only what it changes
+    (``__getitem__`` to merge an adapter, the key set to overlay another file).
+    [load_into][vlakit.core.load_into] reads shapes and dtypes through it without reading
+    tensors."""
+
+    def __init__(self, base: Mapping) -> None:
+        self.base = base
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.base
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of ``key``, from the base's headers where it has them."""
+        shape = getattr(self.base, "shape", None)
+        return tuple(self.base[key].shape) if shape is None else shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype of ``key``."""
+        dtype = getattr(self.base, "dtype", None)
+        return self.base[key].dtype if dtype is None else dtype(key)
+
+    def close(self) -> None:
+        close = getattr(self.base, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "CheckpointView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_torch_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """A ``.pt`` / ``.bin`` state dict, read with ``torch.load(weights_only=True)`` (tensors
     and plain containers only: an arbitrary pickle is refused, never run) and memory-mapped
@@ -275,8 +326,9 @@ def load_into(
     Args:
         model: the model (typically built on ``meta``).
         state: vlakit key -> tensor (lazily read mappings are read one tensor at a time).
-        shape_of: the stored shape of a key without reading it (default:
-            ``state[key].shape``).
+        shape_of: the stored shape of a key without reading it (default: ``state.shape``
+            when the mapping has it, as [CheckpointFiles][vlakit.core.CheckpointFiles] and
+            [CheckpointView][vlakit.core.CheckpointView] do, else ``state[key].shape``).
         dtype_of: likewise the stored dtype.
         skipped: checkpoint keys the caller accepted and dropped, for the report.
         device: where the loaded tensors go.
@@ -286,8 +338,8 @@ def load_into(
         source: the checkpoint's name, for error messages.
     """
     own = model.state_dict(keep_vars=True)
-    shape_of = shape_of or (lambda key: tuple(state[key].shape))
-    dtype_of = dtype_of or (lambda key: state[key].dtype)
+    shape_of = shape_of or getattr(state, "shape", None) or (lambda key: tuple(state[key].shape))
+    dtype_of = dtype_of or getattr(state, "dtype", None) or (lambda key: state[key].dtype)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     misshaped = [

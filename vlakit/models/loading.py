@@ -25,7 +25,7 @@ from vlakit.convert import (
     siglip_vit_spec,
     transformers_siglip_to_vit,
 )
-from vlakit.core import CheckpointError, building
+from vlakit.core import CheckpointError, CheckpointView, building
 from vlakit.decoders import transformer_decoder
 from vlakit.model import VLA
 from vlakit.models.paligemma import paligemma
@@ -185,8 +185,7 @@ def load_paligemma(
         else:
             state.add("decoder.lm_head.weight", files, head)
     with files:
-        report = load_into(model, state, shape_of=state.shape, dtype_of=state.dtype,
-                           skipped=skipped, device=device, dtype=dtype,
+        report = load_into(model, state, skipped=skipped, device=device, dtype=dtype,
                            source=f"PaliGemma checkpoint {Path(path)}")
     return (model, report) if return_report else model
 
@@ -440,11 +439,11 @@ def _oft_head(head_state: dict, hidden: int, chunk_size: int, attention: str,
                     num_blocks=blocks, predict_read=options["predict_read"], **extra)
 
 
-class _Overlay(Mapping):
+class _Overlay(CheckpointView):
     """The base checkpoint with its ``vision_backbone.*`` keys replaced by OFT's FiLM file."""
 
     def __init__(self, base: Mapping, vision: dict[str, Tensor]) -> None:
-        self.base = base
+        super().__init__(base)
         self.vision = vision
         self.keys_ = [k for k in base if not k.startswith("vision_backbone.")] + list(vision)
 
@@ -462,18 +461,10 @@ class _Overlay(Mapping):
             "vision_backbone."))
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.vision[key].shape) if key in self.vision else self.base.shape(key)
+        return tuple(self.vision[key].shape) if key in self.vision else super().shape(key)
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.vision[key].dtype if key in self.vision else self.base.dtype(key)
-
-    def __enter__(self) -> "_Overlay":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        close = getattr(self.base, "close", None)
-        if close is not None:
-            close()
+        return self.vision[key].dtype if key in self.vision else super().dtype(key)
 
 
 def _film_vision_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -673,8 +664,7 @@ def _load_prismatic(path: Path, unnorm_key, dtype, device, return_report, oft: d
             state.add(f"decoder.{key}", files, src)
     source_of.update({key: src for key, (_, src) in state.sources.items()})
     with files:
-        report = load_into(model, state, shape_of=state.shape, dtype_of=state.dtype,
-                           skipped=skipped, device=device, dtype=dtype,
+        report = load_into(model, state, skipped=skipped, device=device, dtype=dtype,
                            source=f"OpenVLA checkpoint {path}")
     if lora_adapter is not None and not merge_adapter:
         _keep_lora(model, lora_adapter, source_of)
