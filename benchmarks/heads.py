@@ -22,17 +22,35 @@ requested length: one 112 px view (64 patches of 14 px) below 515 tokens, two 22
 The vision tower is one tiny block (width 64), so the decoder dominates. The decoder is
 Llama-shaped, d=512, 8 heads, MLP 1376, vocabulary 1024 (so that the LM head stays a few
 per cent of a generation step, as in OpenVLA-7B), 2 layers by default (``--layers 4`` for a
-deeper one: about twice the time, same shapes per layer).
+deeper one: about twice the time, same shapes per layer). A prefix from 259 to 514 tokens
+takes one 224 px view (256 patches).
 
-Latency: median of ``--repeats`` calls of ``model.predict_action(inputs)`` (CPU fp32 by
-default). The heads compared with each other (discrete vs L1, OFT vs cached diffusion,
-full vs cached flow) take turns run by run with their compiled twins
-(``_common.measure_turns``), so that load from other processes falls on them alike.
+Full size (OpenVLA-OFT-7B's shapes): ``--vision openvla`` takes OpenVLA's fused DINOv2-L +
+SigLIP So400m towers (6-channel pixels, truncated at block -2, ``openvla_fused_encoder``)
+and its MLP projector 2176 -> 8704 -> d -> d instead of the tiny ViT; with the Llama-2-7B
+decoder shapes and bf16, built directly on the device (``vlakit.core.building``):
+
+    python benchmarks/heads.py --device cuda --dtype bf16 --vision openvla --dim 4096 \
+        --layers 32 --attn-heads 32 --kv-heads 32 --mlp-dim 11008 --vocab 32064 \
+        --only l1 --prefix 536 --batch 1 --compile-mode reduce-overhead --warmup 3
+
+(``--prefix 536``: 2 views + proprio + 22 prompt tokens; ``--prefix 280``: 1 view.)
+
+Latency: median of ``--repeats`` calls of ``model.predict_action(inputs, sampling)`` (CPU fp32
+by default), every call with ``Sampling(generator=torch.Generator(device).manual_seed(--seed))``
+(prediction never reads torch's global random state, so each call, eager or compiled, draws
+the same noise; the deterministic heads take the generator and draw nothing). The heads
+compared with each other (discrete vs L1, OFT vs cached diffusion, full vs cached flow) take
+turns run by run with their compiled twins (``_common.measure_turns``), so that load from
+other processes falls on them alike.
 Before timing, every model runs once with a single denoising step (the same decoder call
 shapes as the timed calls): this is the compile warm-up of the compiled column
 (``model.compile_for_inference()`` on a deep copy of the same weights), excluded from the
-timings, and its output is compared with the eager one (``max |diff|``). A configuration
-whose compilation fails is reported in the table, not raised.
+timings, and its output is compared with the eager one (``max |diff|``, same generator
+seed). A configuration whose compilation fails is reported in the table, not raised.
+``--compile-mode reduce-overhead`` compiles with CUDA graphs; give it ``--warmup 2`` or more
+(untimed calls per model before the timed ones: CUDA graphs are recorded on the first calls).
+On CUDA every row also carries the allocator's peak growth over one call (eager and compiled).
 
 Speed-ups are printed next to their compute-bound ideal. Cached vs full re-run over ``K``
 steps with prefix ``P`` and suffix ``S``: ``K (P + S) / (P + K S)`` decoder tokens
@@ -76,17 +94,23 @@ from _common import (  # noqa: E402
 
 from vlakit import VLA, VLAInputs  # noqa: E402
 from vlakit.actions import ActionNormalizer, ActionTokenizer  # noqa: E402
-from vlakit.core import BidirectionalMask, CausalMask, ParallelDecodingMask  # noqa: E402
+from vlakit.core import (  # noqa: E402
+    BidirectionalMask,
+    CausalMask,
+    ParallelDecodingMask,
+    building,
+)
 from vlakit.decoders import llama  # noqa: E402
 from vlakit.heads import (  # noqa: E402
     DiffusionActionHead,
     DiscreteActionHead,
     FlowMatchingHead,
     L1RegressionHead,
+    Sampling,
 )
 from vlakit.interleave import PrefixInterleaver  # noqa: E402
-from vlakit.projectors import LinearProjector, ProprioProjector  # noqa: E402
-from vlakit.vision import vit  # noqa: E402
+from vlakit.projectors import LinearProjector, MLPProjector, ProprioProjector  # noqa: E402
+from vlakit.vision import openvla_fused_encoder, vit  # noqa: E402
 
 HEADS = ("discrete", "l1", "diffusion_oft", "diffusion_cached", "flow_cached", "flow_full")
 LABELS = {
@@ -101,6 +125,8 @@ LABELS = {
 PAIRS = (("discrete", "l1"), ("diffusion_oft", "diffusion_cached"),
          ("flow_full", "flow_cached"))
 VIS_DIM, PROPRIO_DIM, BOS, EOS = 64, 8, 1, 2
+OPENVLA_VIS_DIM, OPENVLA_PROJ_HIDDEN = 2176, 8704  # the fused towers' width; fc1's width
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 L1_GOAL, CACHED_GOAL = 5.0, 0.8  # L1 vs discrete at the shortest prefix; cached / ideal
 
 
@@ -109,7 +135,12 @@ L1_GOAL, CACHED_GOAL = 5.0, 0.8  # L1 vs discrete at the shortest prefix; cached
 
 def image_layout(prefix: int) -> tuple[int, int, int]:
     """(views, image size, patches per view) for a requested prefix length."""
-    views, size, patches = (1, 112, 64) if prefix < 2 * 256 + 3 else (2, 224, 256)
+    if prefix < 256 + 3:
+        views, size, patches = 1, 112, 64
+    elif prefix < 2 * 256 + 3:
+        views, size, patches = 1, 224, 256
+    else:
+        views, size, patches = 2, 224, 256
     if prefix - 2 - views * patches < 1:
         raise SystemExit(f"--prefix {prefix} is too short: the smallest is {views * patches + 3} "
                          f"(<s>, {views * patches} image tokens, proprio, one prompt token)")
@@ -117,24 +148,39 @@ def image_layout(prefix: int) -> tuple[int, int, int]:
 
 
 def build_blocks(args) -> dict:
-    """The shared blocks: one decoder, projectors and a ViT per prefix length (seeded)."""
+    """The shared blocks: one decoder, projectors and a ViT per prefix length (seeded), built
+    directly on ``--device`` in ``--dtype`` (no fp32 copy of a 7B decoder on the host)."""
     torch.manual_seed(0)
-    decoder = llama(vocab_size=args.vocab, dim=args.dim, num_layers=args.layers,
-                    num_heads=args.attn_heads, num_kv_heads=args.kv_heads, mlp_dim=args.mlp_dim)
-    blocks = {
-        "decoder": decoder,
-        "projector": LinearProjector(VIS_DIM, args.dim),
-        "proprio": ProprioProjector(PROPRIO_DIM, args.dim),
-        "encoders": {},
-    }
-    for p in args.prefix:
-        _, size, _ = image_layout(p)
-        if size not in blocks["encoders"]:
-            blocks["encoders"][size] = vit(img_size=size, patch_size=14, dim=VIS_DIM, depth=1,
-                                           num_heads=4, mlp_dim=2 * VIS_DIM)
+    with building(DTYPES[args.dtype], args.device):
+        decoder = llama(vocab_size=args.vocab, dim=args.dim, num_layers=args.layers,
+                        num_heads=args.attn_heads, num_kv_heads=args.kv_heads,
+                        mlp_dim=args.mlp_dim)
+        if args.vision == "openvla":
+            projector = MLPProjector([OPENVLA_VIS_DIM, OPENVLA_PROJ_HIDDEN, args.dim, args.dim])
+        else:
+            projector = LinearProjector(VIS_DIM, args.dim)
+        blocks = {
+            "decoder": decoder,
+            "projector": projector,
+            "proprio": ProprioProjector(PROPRIO_DIM, args.dim),
+            "encoders": {},
+        }
+        for p in args.prefix:
+            _, size, _ = image_layout(p)
+            if size in blocks["encoders"]:
+                continue
+            if args.vision == "openvla":
+                blocks["encoders"][size] = openvla_fused_encoder(size)
+            else:
+                blocks["encoders"][size] = vit(img_size=size, patch_size=14, dim=VIS_DIM,
+                                               depth=1, num_heads=4, mlp_dim=2 * VIS_DIM)
     for module in (decoder, blocks["projector"], blocks["proprio"], *blocks["encoders"].values()):
         module.to(args.device).eval()
     return blocks
+
+
+def in_channels(args) -> int:
+    return 6 if args.vision == "openvla" else 3
 
 
 def make_head(name: str, args):
@@ -162,7 +208,8 @@ def build_models(blocks: dict, prefix: int, args) -> dict:
     models = {}
     for i, name in enumerate(args.heads_):
         torch.manual_seed(100 + i)
-        head, policy = make_head(name, args)
+        with building(DTYPES[args.dtype], args.device):
+            head, policy = make_head(name, args)
         models[name] = VLA(
             blocks["encoders"][size], blocks["projector"], PrefixInterleaver(BOS, EOS),
             blocks["decoder"], policy, head=head, proprio_projector=blocks["proprio"],
@@ -179,7 +226,7 @@ def make_inputs(prefix: int, batch: int, args) -> VLAInputs:
     return VLAInputs(
         input_ids=torch.randint(low, args.vocab - 256, (batch, prompt), generator=g),
         text_valid=torch.ones(batch, prompt, dtype=torch.bool),
-        pixels=torch.randn(batch, views, 3, size, size, generator=g),
+        pixels=torch.randn(batch, views, in_channels(args), size, size, generator=g),
         proprio=torch.randn(batch, PROPRIO_DIM, generator=g),
     ).to(args.device)
 
@@ -247,27 +294,36 @@ def decoder_flops(name: str, prefix: int, args) -> float:
 
 
 def kv_bytes_per_token(args) -> int:
-    return args.layers * 2 * args.kv_heads * (args.dim // args.attn_heads) * 4  # fp32 keys + values
+    """Keys + values of one token over every layer, in ``--dtype``."""
+    size = DTYPES[args.dtype].itemsize
+    return args.layers * 2 * args.kv_heads * (args.dim // args.attn_heads) * size
 
 
 # -- measurement -----------------------------------------------------------------------------
 
 
-def predict(model, inputs):
+def sampling(args) -> Sampling:
+    """A fresh generator at ``--seed`` on the model's device: every call (eager or compiled)
+    draws the same noise; deterministic heads accept it and draw nothing."""
+    return Sampling(generator=torch.Generator(args.device).manual_seed(args.seed))
+
+
+def predict(model, inputs, args):
     def run():
-        return model.predict_action(inputs)
+        return model.predict_action(inputs, sampling(args))
 
     return run
 
 
-def warm_up(models: dict, inputs, device: str, compiled: bool) -> tuple[dict, dict]:
+def warm_up(models: dict, inputs, args, compiled: bool) -> tuple[dict, dict]:
     """One single-step call per model: outputs, and the error of any that failed."""
     outputs, errors = {}, {}
+    device = args.device
     for name, model in models.items():
         try:
             with fewer_steps(model.head, 1):
-                torch.manual_seed(7)
-                outputs[name] = model.predict_action(inputs).float()
+                # clone: a CUDA-graph output may be overwritten by the next replay
+                outputs[name] = model.predict_action(inputs, sampling(args)).float().clone()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - report any compile failure in the table
@@ -289,9 +345,9 @@ def memory_probe(args) -> None:
         for b in args.batch:
             inputs = make_inputs(p, b, args)
             with fewer_steps(model.head, 1):
-                model.predict_action(inputs)  # warm-up: thread pools, scheduler tables
-                one = peak_memory_mib(predict(model, inputs), args.device)
-            full = peak_memory_mib(predict(model, inputs), args.device)
+                predict(model, inputs, args)()  # warm-up: thread pools, scheduler tables
+                one = peak_memory_mib(predict(model, inputs, args), args.device)
+            full = peak_memory_mib(predict(model, inputs, args), args.device)
             out[f"{p}x{b}"] = {"steps_1": one, f"steps_{args.diffusion_steps}": full}
     print(json.dumps(out))
 
@@ -333,6 +389,11 @@ def measure_memory(args) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help="parameter dtype of every block (bf16: built directly in bf16)")
+    p.add_argument("--vision", default="tiny", choices=["tiny", "openvla"],
+                   help="tiny: one-block ViT, width 64; openvla: OpenVLA's fused DINOv2-L + "
+                        "SigLIP towers and MLP projector (full size)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prefix", type=int, nargs="+", default=[80, 600],
                    help="prefix lengths (tokens before the head's suffix)")
@@ -342,6 +403,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: one timed call per model (--repeats 1)")
     p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode of compile_for_inference (reduce-overhead: CUDA "
+                        "graphs on a GPU); default: torch's default")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed calls per model before the timed ones (after the compile "
+                        "warm-up; give CUDA graphs 2 or more)")
+    p.add_argument("--seed", type=int, default=7,
+                   help="seed of the Sampling generator every prediction gets")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per model (median)")
     p.add_argument("--diffusion-steps", type=int, default=50)
@@ -375,13 +445,19 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                args.recompile_limit)
     compile_ = not args.no_compile
+    compile_mode = None if args.compile_mode in (None, "default") else args.compile_mode
+    cuda = args.device.startswith("cuda")
     load_start = os.getloadavg()
     started = time.time()
     blocks = build_blocks(args)
     compiled_blocks = copy.deepcopy(blocks) if compile_ else None
     params = sum(t.numel() for t in blocks["decoder"].parameters())
-    print(f"machine: {machine_name(args.device)}; torch {torch.__version__}; fp32; "
+    vision_params = sum(t.numel() for e in blocks["encoders"].values() for t in e.parameters())
+    print(f"machine: {machine_name(args.device)}; torch {torch.__version__}; {args.dtype}; "
           f"load average {load_start[0]:.2f} at start", flush=True)
+    print(f"vision: {args.vision} ({vision_params / 1e6:.1f}M parameters over "
+          f"{len(blocks['encoders'])} image size(s)); compile mode "
+          f"{args.compile_mode or 'default'}", flush=True)
     print(f"decoder: Llama d={args.dim}, {args.layers} layers, {args.attn_heads} heads "
           f"({args.kv_heads} kv), MLP {args.mlp_dim}, vocab {args.vocab} ({params / 1e6:.1f}M "
           f"parameters); chunk {args.chunk} x action {args.action_dim}; diffusion "
@@ -396,36 +472,40 @@ def main() -> None:
             compiled_models = build_models(compiled_blocks, prefix, args)
             for name, model in compiled_models.items():
                 model.head.load_state_dict(eager_models[name].head.state_dict())
-                model.compile_for_inference()
+                model.compile_for_inference(mode=compile_mode)
         for batch in args.batch:
             inputs = make_inputs(prefix, batch, args)
             t0 = time.perf_counter()
-            eager_out, _ = warm_up(eager_models, inputs, args.device, compiled=False)
+            eager_out, _ = warm_up(eager_models, inputs, args, compiled=False)
             comp_out, errors = ({}, {})
             compile_s = float("nan")
             if compile_:
                 t1 = time.perf_counter()
-                comp_out, errors = warm_up(compiled_models, inputs, args.device, compiled=True)
+                comp_out, errors = warm_up(compiled_models, inputs, args, compiled=True)
                 compile_s = time.perf_counter() - t1
             note = f" (compiled models {compile_s:.0f} s)" if compile_ else ""
             print(f"prefix {prefix}, batch {batch}: warm-up {time.perf_counter() - t0:.0f} s"
                   f"{note}", flush=True)
             timed: dict[tuple[str, str], float] = {}
+            peaks: dict[tuple[str, str], float] = {}
             groups = [pair for pair in PAIRS if any(h in args.heads_ for h in pair)]
             for pair in groups:
                 fns, keys = [], []
                 for name in pair:
                     if name not in args.heads_:
                         continue
-                    fns.append(predict(eager_models[name], inputs))
+                    fns.append(predict(eager_models[name], inputs, args))
                     keys.append((name, "eager"))
                     if compile_ and name in comp_out:
-                        fns.append(predict(compiled_models[name], inputs))
+                        fns.append(predict(compiled_models[name], inputs, args))
                         keys.append((name, "compiled"))
                 t1 = time.perf_counter()
-                results = measure_turns(fns, args.device, 0, args.repeats, memory=False)
+                # on CUDA also the allocator's peak growth over one call (CPU: the probe)
+                results = measure_turns(fns, args.device, args.warmup, args.repeats,
+                                        memory=cuda)
                 for key, result in zip(keys, results):
                     timed[key] = result["latency_ms"]
+                    peaks[key] = result["peak_mem_mib"]
                 print(f"  timed {' / '.join(pair)} in {time.perf_counter() - t1:.0f} s "
                       f"(load average {os.getloadavg()[0]:.1f})", flush=True)
             for name in args.heads_:
@@ -440,6 +520,8 @@ def main() -> None:
                     "decoder_tokens": decoder_tokens(name, prefix, args) * batch,
                     "decoder_gflop": decoder_flops(name, prefix, args) * batch / 1e9,
                     "max_abs_diff_compiled": diff,
+                    "eager_peak_mib": peaks.get((name, "eager"), float("nan")),
+                    "compiled_peak_mib": peaks.get((name, "compiled"), float("nan")),
                     "load_average": os.getloadavg()[0],
                 })
             speedups += compare(rows, prefix, batch, args)
@@ -453,8 +535,11 @@ def main() -> None:
         "benchmark": "heads",
         "machine": machine_name(args.device),
         "device": args.device,
-        "dtype": "fp32",
+        "dtype": args.dtype,
         "torch": torch.__version__,
+        "decoder_params": params,
+        "vision_params": vision_params,
+        "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "args": {k: v for k, v in vars(args).items() if k != "heads_"},
         "load_average_start_end": [load_start[0], load_end[0]],
         "wall_s": elapsed,
@@ -532,13 +617,19 @@ def print_results(rows, speedups, memory, args) -> None:
             "ratio": _fmt(r["compiled_ms"] / r["eager_ms"], ".2f"),
             "ms_per_ktok": _fmt(r["eager_ms"] / r["decoder_tokens"] * 1000, ".1f"),
             "diff": _fmt(r["max_abs_diff_compiled"], ".1e"),
+            "eager_mib": _fmt(r.get("eager_peak_mib"), ".1f"),
+            "compiled_mib": _fmt(r.get("compiled_peak_mib"), ".1f"),
         })
+    memory_columns = []
+    if args.device.startswith("cuda"):
+        memory_columns = [("eager_mib", "eager peak MiB", "s"),
+                          ("compiled_mib", "compiled peak MiB", "s")]
     print_table(table, [("prefix", "prefix", "s"), ("batch", "batch", "s"), ("head", "head", "s"),
                         ("tokens", "decoder tokens", "s"), ("gflop", "decoder GFLOP", "s"),
                         ("eager", "eager ms", "s"), ("compiled", "compiled ms", "s"),
                         ("ratio", "compiled/eager", "s"),
                         ("ms_per_ktok", "eager ms per 1k tokens", "s"),
-                        ("diff", "max |diff| compiled (1 step)", "s")])
+                        ("diff", "max |diff| compiled (1 step)", "s"), *memory_columns])
     print()
     print("Speed-ups (baseline ms / candidate ms) next to their compute-bound ideals")
     print(f"goals: cached diffusion >= {CACHED_GOAL:g} of its ideal K(P+S)/(P+KS); L1 parallel "
@@ -570,7 +661,7 @@ def print_results(rows, speedups, memory, args) -> None:
         print()
         k = memory[0]["steps"]
         print(f"Peak memory of cached diffusion (eager; MiB of growth over one predict_action): "
-              f"{k} steps vs 1 step, and analytic fp32 KV-cache sizes")
+              f"{k} steps vs 1 step, and analytic {args.dtype} KV-cache sizes")
         table = [{
             "prefix": str(m["prefix"]), "batch": str(m["batch"]),
             "k": _fmt(m["peak_k_mib"], ".1f"), "one": _fmt(m["peak_1_mib"], ".1f"),

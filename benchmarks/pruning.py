@@ -13,9 +13,10 @@ Rows (all in one run, timed in turns so that load from other processes falls on 
 alike): no pruning; ``TopKPruner`` forced to keep 50 %, 25 % and 15 % of the image tokens;
 ``LightVLAPruner`` at evaluation (its own, variable choice: on random weights it is not the
 ~15 % of a trained model, so the row shows its own cost at the count it picked). Each
-timed call is the pruner *and* the decoder (``VLA.decode``-style: prune the embeddings,
-rebuild the mask, run every layer), so the pruner's own cost is included; the pruner alone
-is timed too, and so is the decoder with an attention tap on layer 0 (FastV's read).
+timed call is the pruner *and* the decoder (as ``model.runner(inputs).run_decoder(seq)``
+runs a pruner before layer 0: prune the embeddings, rebuild the mask, run every layer), so
+the pruner's own cost is included; the pruner alone is timed too, and so is the decoder with
+an attention tap on layer 0 (FastV's read).
 
 FLOPs are counted analytically (multiply-adds x 2): per layer ``2 n (4 d^2 + 3 d m)`` for
 the projections and MLP plus ``4 n^2 d`` for attention; the LightVLA scorer adds
@@ -26,7 +27,7 @@ of the FLOP reduction (``ratio`` column).
     python benchmarks/pruning.py --batch 1 --repeats 2   # quicker
     python benchmarks/pruning.py --json benchmarks/results/pruning-cpu.json \\
         --plot benchmarks/results/pruning-cpu.png
-    python benchmarks/pruning.py --device cuda --dtype bfloat16 --layers 32   # a GPU
+    python benchmarks/pruning.py --device cuda --dtype bfloat16 --layers 32 --compile  # a GPU
     python benchmarks/pruning.py --plot-from benchmarks/results/pruning-cpu.json \
         --plot benchmarks/results/pruning-cpu.png          # redraw only
 """
@@ -90,6 +91,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    parser.add_argument("--length-multiple", type=int, default=None,
+                        help="LightVLAPruner(length_multiple=...): round its pruned length up "
+                             "to a multiple of this (fewer shapes for a compiled decoder)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG of latency against kept tokens")
     parser.add_argument("--plot-from", default=None, help="only redraw --plot from this JSON")
@@ -109,7 +113,7 @@ def main() -> None:
     policy = BidirectionalMask()
     pruners = [("none", None)] + [
         (f"TopK {int(r * 100)} %", TopKPruner(r)) for r in (0.5, 0.25, 0.15)
-    ] + [("LightVLA (own choice)", LightVLAPruner())]
+    ] + [("LightVLA (own choice)", LightVLAPruner(length_multiple=args.length_multiple))]
     rows, points, taps = [], [], []
     for batch in args.batch:
         seq = sequence(batch, dtype, args.device)
@@ -186,7 +190,8 @@ def main() -> None:
                        ("tap_ms", "tap ms", ".1f"), ("overhead", "overhead", "+.2%")])
     write_json(args.json, {
         "machine": machine_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
-        "layers": args.layers, "compiled": args.compile, "rows": rows, "tap": taps,
+        "layers": args.layers, "compiled": args.compile,
+        "length_multiple": args.length_multiple, "rows": rows, "tap": taps,
     })
     if args.plot:
         plot(rows, args.plot, f"{args.layers} layers at d={D}, {args.device} {args.dtype}")

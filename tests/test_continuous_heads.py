@@ -16,12 +16,14 @@ from _tiny import VOCAB_SIZE
 from vlakit import VLA, VLAInputs
 from vlakit.convert import decoder_from_transformers
 from vlakit.core import BidirectionalMask, ParallelDecodingMask, TokenRole
-from vlakit.decoders import HFDecoder, KVCache
+from vlakit.decoders import GrowingKVCache, HFDecoder
 from vlakit.heads import (
     DiffusionActionHead,
     FlowMatchingHead,
+    HeadTokens,
     L1RegressionHead,
     NoisyActionProjector,
+    Sampling,
     read_slots,
 )
 from vlakit.interleave import PrefixInterleaver
@@ -119,16 +121,26 @@ def test_head_gives_the_same_loss_and_actions_on_own_decoder_and_hfdecoder(head,
     torch.manual_seed(7)
     loss_hf = hf(inputs).loss
     torch.testing.assert_close(loss_own, loss_hf, atol=2e-5, rtol=1e-4)
-    torch.manual_seed(8)
-    actions = own.predict_action(inputs)
-    torch.manual_seed(8)
+    actions = own.predict_action(inputs, Sampling(generator=torch.Generator().manual_seed(8)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        actions_hf = hf.predict_action(inputs)
+        actions_hf = hf.predict_action(
+            inputs, Sampling(generator=torch.Generator().manual_seed(8)))
     assert actions.shape == (3, CHUNK, ADIM) and actions.dtype == torch.float32
     torch.testing.assert_close(actions, actions_hf, atol=5e-5, rtol=1e-4)
     cached = getattr(own.head, "layout", None) == "cached"
     assert len([w for w in caught if "re-runs the whole sequence" in str(w.message)]) == cached
+
+
+def seeded(model, seed):
+    """The same prediction draws for every call with this seed."""
+    return Sampling(generator=torch.Generator().manual_seed(seed))
+
+
+def _zero_slots(model, runner):
+    """What the L1 head runs at prediction: zero slots."""
+    return HeadTokens(action_embeds=model.head.slot_embeds(runner.batch_size, runner.device,
+                                                           runner.dtype))
 
 
 def test_training_backpropagates_into_every_block():
@@ -144,8 +156,7 @@ def test_l1_slots_are_zero_and_read_from_the_state_before_each_slot():
     model = _model("l1")
     inputs = _inputs(actions=False)
     runner = model.runner(inputs)
-    tokens = model.head.place(None, model.decoder.embed_tokens, runner.image_tokens)
-    hidden, seq = runner.run(tokens)
+    hidden, seq = runner.run(_zero_slots(model, runner))
     slots = seq.role_mask(TokenRole.ACTION)
     assert torch.equal(seq.embeds[slots], torch.zeros_like(seq.embeds[slots]))
     first = slots.int().argmax(1)
@@ -162,13 +173,10 @@ def test_cached_prefix_equals_the_full_sequence_for_the_same_tokens():
     model = _model("flow", "parallel")
     runner = model.runner(_inputs(actions=False))
     x = torch.randn(3, CHUNK, ADIM)
-    tokens = model.head.place(None, model.decoder.embed_tokens, runner.image_tokens)
-    assert tokens.action_embeds is None
-    from vlakit.heads import HeadTokens
-
     tokens = HeadTokens(action_embeds=model.head.embed_actions(x, torch.full((3,), 0.4)))
     full_hidden, full_seq = runner.run(tokens)
-    prefix = runner.prefix(suffix_len=CHUNK + 1)
+    assert runner.suffix_length(CHUNK) == CHUNK + 1  # the slots, then </s>
+    prefix = runner.prefix(suffix_len=runner.suffix_length(CHUNK))
     with torch.no_grad():
         part_hidden, part_seq = prefix.run(tokens)
     torch.testing.assert_close(
@@ -183,7 +191,7 @@ def test_cached_prefix_equals_the_full_sequence_for_the_same_tokens():
 def test_suffix_view_writes_in_place_and_matches_concatenation():
     """The reserved-slot view never copies the prefix per step: the same buffer every step,
     and the same keys as the concatenating read-only view."""
-    cache = KVCache(1)
+    cache = GrowingKVCache(1)
     k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
     cache.update(0, k, v)
     cache.advance(5)
@@ -204,16 +212,16 @@ def test_suffix_view_writes_in_place_and_matches_concatenation():
 def test_num_samples_share_one_prefix():
     model = _model("diffusion", "parallel")
     inputs = _inputs(actions=False)
-    torch.manual_seed(3)
-    samples = model.predict_action(inputs, num_samples=4)
+    sampling = Sampling(num_samples=4, generator=torch.Generator().manual_seed(3))
+    samples = model.predict_action(inputs, sampling)
     assert samples.shape == (3, 4, CHUNK, ADIM)
     assert not torch.allclose(samples[:, 0], samples[:, 1])
     # the full re-run path (HFDecoder) draws the same samples
     twin = _hf_twin(model)
-    torch.manual_seed(3)
+    sampling = Sampling(num_samples=4, generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.testing.assert_close(twin.predict_action(inputs, num_samples=4), samples,
+        torch.testing.assert_close(twin.predict_action(inputs, sampling), samples,
                                    atol=5e-5, rtol=1e-4)
 
 
@@ -227,10 +235,8 @@ def test_diffusion_step_is_the_schedulers_own_step():
                                layout="cached")
     model = _model(head, "parallel")
     inputs = _inputs(actions=False)
-    torch.manual_seed(5)
-    got = model.predict_action(inputs)
-    torch.manual_seed(5)
     x = torch.randn(3, CHUNK, ADIM)
+    got = model.predict_action(inputs, Sampling(noise=x))
     reference = copy.deepcopy(scheduler)
     reference.set_timesteps(1)
     (t,) = reference.timesteps.tolist()
@@ -251,10 +257,10 @@ def test_bad_input_names_both_numbers():
         DiffusionActionHead(D, ADIM, CHUNK, scheduler=DDIMScheduler(num_train_timesteps=20),
                             num_inference_steps=30)
     model = _model("l1")
-    with pytest.raises(ValueError, match="num_samples=2: L1RegressionHead is deterministic"):
-        model.predict_action(_inputs(actions=False), num_samples=2)
-    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
-        _model("flow", "parallel").predict_action(_inputs(actions=False), num_samples=0)
+    with pytest.raises(ValueError, match="L1RegressionHead is deterministic .* num_samples"):
+        model.predict_action(_inputs(actions=False), Sampling(num_samples=2))
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1 or None, got 0"):
+        Sampling(num_samples=0)
     bad = _inputs()
     bad.proprio = torch.randn(3, 7)
     with pytest.raises(ValueError, match="7.*5|5.*7"):
@@ -271,8 +277,7 @@ def test_head_disagreeing_with_the_slots_names_both_counts():
     model = _model("l1")
     inputs = _inputs(actions=False)
     runner = model.runner(inputs)
-    tokens = model.head.place(None, model.decoder.embed_tokens, runner.image_tokens)
-    hidden, seq = runner.run(tokens)
+    hidden, seq = runner.run(_zero_slots(model, runner))
     with pytest.raises(ValueError, match="has 6 action slots per row but .* reads 8"):
         read_slots(hidden, seq, 8, head="a head")
     wide = L1RegressionHead(D, ADIM, chunk_size=4)  # 12 slots expected, 6 placed
@@ -305,7 +310,7 @@ def test_fallback_warning_is_given_once():
 def test_parallel_decoding_mask_keeps_the_prefix_blind():
     model = _model("l1", "parallel")
     runner = model.runner(_inputs(actions=False))
-    _, seq = runner.run(model.head.place(None, model.decoder.embed_tokens, runner.image_tokens))
+    _, seq = runner.run(_zero_slots(model, runner))
     mask = ParallelDecodingMask()(seq)
     suffix = seq.is_suffix
     for row in range(3):

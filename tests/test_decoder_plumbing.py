@@ -18,7 +18,7 @@ from vlakit.core import (
     positions_from_valid,
     prefix_lm_mask,
 )
-from vlakit.decoders import KVCache, TiedLMHead, gemma, llama
+from vlakit.decoders import GrowingKVCache, TiedLMHead, gemma, llama
 
 
 def _decoder(tied=False):
@@ -114,7 +114,7 @@ def test_layer_forward_needs_its_cache_slot():
     x = torch.randn(1, 2, 32)
     cos, sin = dec.rope(torch.arange(2)[None], x.dtype)
     with pytest.raises(ValueError, match="no layer_idx"):
-        dec.layers[0](x, cos, sin, torch.ones(1, 2, 2, dtype=torch.bool), KVCache(3))
+        dec.layers[0](x, cos, sin, torch.ones(1, 2, 2, dtype=torch.bool), GrowingKVCache(3))
 
 
 def test_tied_head_is_a_module_holding_the_embedding_parameter():

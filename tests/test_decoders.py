@@ -16,8 +16,8 @@ from vlakit.convert import (
 )
 from vlakit.core import causal_mask, positions_from_valid, prefix_lm_mask, segment_mask
 from vlakit.decoders import (
+    GrowingKVCache,
     HFDecoder,
-    KVCache,
     gemma_2b,
     greedy_generate,
     llama,
@@ -280,9 +280,9 @@ def test_hf_decoder_refuses_read_only_cache_clearly():
     wrapped = HFDecoder(_tiny_qwen2())
     with pytest.raises(RuntimeError, match="read-only prefix"):
         wrapped.new_cache().read_only()
-    with pytest.raises(TypeError, match="KVCache"):
+    with pytest.raises(TypeError, match="GrowingKVCache"):
         emb, valid = torch.randn(1, 3, 64), torch.ones(1, 3, dtype=torch.bool)
-        wrapped(emb, causal_mask(valid), positions_from_valid(valid), KVCache(2))
+        wrapped(emb, causal_mask(valid), positions_from_valid(valid), GrowingKVCache(2))
 
 
 def test_hf_decoder_loads_from_local_directory(tmp_path):

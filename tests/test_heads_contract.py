@@ -9,7 +9,7 @@ from vlakit import VLA, VLAInputs, VLARunner
 from vlakit.actions import ActionNormalizer
 from vlakit.core import CausalMask, RoleBlockMask, TokenRole
 from vlakit.decoders import llama
-from vlakit.heads import ActionHead, Head, HeadTokens, NextTokenHead, PredictionRunner
+from vlakit.heads import ActionHead, Head, HeadTokens, ModelRunner, NextTokenHead, Sampling
 from vlakit.interleave import PrefixInterleaver
 from vlakit.projectors import LinearProjector
 from vlakit.vision import vit
@@ -22,6 +22,7 @@ class SlotRegressionHead(nn.Module):
     """A minimal L1-style head written only against the contract: zero slots, one pass."""
 
     num_action_tokens = CHUNK * ADIM
+    chunk_size, action_dim = CHUNK, ADIM
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,10 +31,6 @@ class SlotRegressionHead(nn.Module):
     def has_targets(self, inputs):
         return inputs.actions is not None
 
-    def place(self, actions, embed_tokens, like):
-        slots = like.new_zeros(like.shape[0], self.num_action_tokens, D)
-        return HeadTokens(action_embeds=slots, state={"actions": actions})
-
     def _read(self, hidden, seq):
         index = seq.role_mask(TokenRole.ACTION).float().argsort(dim=1, descending=True,
                                                                 stable=True)
@@ -41,10 +38,10 @@ class SlotRegressionHead(nn.Module):
         picked = torch.gather(hidden, 1, index[..., None].expand(-1, -1, D))
         return self.out(picked).reshape(-1, CHUNK, ADIM)
 
-    def loss(self, hidden, seq, tokens, lm_logits):
-        return (self._read(hidden, seq) - tokens.state["actions"]).abs().mean()
+    def loss(self, runner, sampling):
+        return (self.predict(runner, sampling) - runner.target_actions()).abs().mean()
 
-    def predict(self, runner):
+    def predict(self, runner, sampling):
         b = runner.batch_size
         slots = torch.zeros(b, self.num_action_tokens, D, device=runner.device,
                             dtype=runner.dtype)
@@ -79,20 +76,21 @@ def test_heads_satisfy_the_protocols():
     assert isinstance(SlotRegressionHead(), ActionHead)
     assert isinstance(NextTokenHead(), Head) and not isinstance(NextTokenHead(), ActionHead)
     model = _model(SlotRegressionHead())
-    assert isinstance(model.runner(_inputs()), PredictionRunner)
+    assert isinstance(model.runner(_inputs()), ModelRunner)
 
 
 def test_predict_action_is_head_agnostic_and_unnormalises():
     model = _model(SlotRegressionHead())
-    normalised = model.head.predict(VLARunner(model, _inputs()))
+    normalised = model.head.predict(VLARunner(model, _inputs()), Sampling())
     predicted = model.predict_action(_inputs())
     assert predicted.shape == (2, CHUNK, ADIM)
     torch.testing.assert_close(predicted, model.action_normalizer.unnormalize(normalised))
     loss = model(_inputs(actions=True)).loss
     loss.backward()
     assert model.head.out.weight.grad is not None and torch.isfinite(loss)
-    out = model(_inputs())  # no targets: the head still places its slots, batch 2
-    assert out.loss is None and out.sequence.role_mask(TokenRole.ACTION).sum() == 2 * CHUNK * ADIM
+    out = model(_inputs())  # no targets: the prompt alone is run
+    assert out.loss is None and out.sequence.role_mask(TokenRole.ACTION).sum() == 0
+    assert out.hidden.shape[:2] == out.sequence.embeds.shape[:2]
 
 
 def test_a_vlm_gets_the_next_token_head_and_predicts_no_actions():
@@ -169,9 +167,11 @@ def test_an_hf_decoder_refuses_a_prefix_cache_with_a_clear_error():
 
 class ExpertRegressionHead(nn.Module):
     """pi0's shape at toy size: an action expert (its own decoder, narrower) runs zero slots
-    against the prefix cache, in training (prefix_loss) and in prediction."""
+    against the prefix cache, in training (the same loss entry as every head) and in
+    prediction."""
 
     num_action_tokens = CHUNK * ADIM
+    chunk_size, action_dim = CHUNK, ADIM
 
     def __init__(self) -> None:
         super().__init__()
@@ -188,19 +188,17 @@ class ExpertRegressionHead(nn.Module):
         hidden = prefix.run_suffix(slots, TokenRole.ACTION, decoder=self.expert)
         return self.out(hidden).reshape(-1, CHUNK, ADIM)
 
-    def prefix_loss(self, runner, actions):
-        return (self._actions(runner) - actions).abs().mean()
+    def loss(self, runner, sampling):
+        return (self._actions(runner) - runner.target_actions()).abs().mean()
 
-    def predict(self, runner):
+    def predict(self, runner, sampling):
         return self._actions(runner)
 
 
 def test_a_head_trains_an_action_expert_against_the_prefix_cache():
-    from vlakit.heads import PrefixTrainedHead
-
     policy = RoleBlockMask([PREFIX_ROLES, {TokenRole.ACTION}])
     model = _model(ExpertRegressionHead(), policy).train()
-    assert isinstance(model.head, PrefixTrainedHead)
+    assert isinstance(model.head, ActionHead)
     inputs = _inputs(actions=True)
     out = model(inputs)
     assert out.sequence.role_mask(TokenRole.ACTION).sum() == 0  # the prefix alone
@@ -213,6 +211,23 @@ def test_a_head_trains_an_action_expert_against_the_prefix_cache():
     assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     # training and prediction read the same path
     normalised = model.action_normalizer.normalize(inputs.actions)
-    expected = (model.head.predict(model.runner(inputs)) - normalised).abs().mean()
+    expected = (model.head.predict(model.runner(inputs), Sampling()) - normalised).abs().mean()
     torch.testing.assert_close(out.loss, expected)
     assert model.predict_action(_inputs()).shape == (2, CHUNK, ADIM)
+
+
+def test_the_runner_hands_back_chosen_middle_layers():
+    """GR00T-style heads read middle-layer features: run_layers gives layer i's output,
+    equal to running the layer range by hand."""
+    model = _model(SlotRegressionHead())
+    runner = model.runner(_inputs())
+    tokens = HeadTokens()
+    hidden, seq, states = runner.run_layers(tokens, (0, 1))
+    full, _ = runner.run(tokens)
+    torch.testing.assert_close(hidden, full)
+    spec = model.mask_policy.spec(seq)
+    first = model.decoder(seq.embeds, spec, seq.positions, end_layer=1)
+    torch.testing.assert_close(states[0], first)
+    assert set(states) == {0, 1} and states[1].shape == hidden.shape
+    with pytest.raises(ValueError, match="layer"):
+        runner.run_layers(tokens, (5,))

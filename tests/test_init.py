@@ -164,23 +164,20 @@ def test_openvla_7b_builds_directly_in_bf16_on_meta():
     assert model.decoder.layers[0].attn_norm.eps == 1e-6
 
 
-def test_named_builders_take_dtype_device_and_the_old_eps_keyword():
+def test_named_builders_take_dtype_device_and_only_the_norm_eps_keyword():
     gemma_bf16 = gemma_2b(dtype=torch.bfloat16, device="meta")
     assert {p.dtype for p in gemma_bf16.parameters()} == {torch.bfloat16}
     assert sum(p.numel() for p in gemma_bf16.parameters()) == 2_506_172_416
     pali = paligemma_3b(dtype=torch.float16, device="meta")
     assert {p.dtype for p in pali.parameters()} == {torch.float16}
-    # `rms_norm_eps=` is kept as an alias of `norm_eps=`
     assert llama2_7b(device="meta").norm.eps == 1e-5  # Llama-2's own
-    assert llama2_7b(rms_norm_eps=1e-6, device="meta").norm.eps == 1e-6
     assert llama2_7b(norm_eps=1e-6, device="meta").norm.eps == 1e-6
-    assert gemma_2b(rms_norm_eps=1e-5, device="meta").norm.eps == 1e-5
-    vla = openvla_7b(rms_norm_eps=1e-5, device="meta")
-    assert vla.decoder.norm.eps == 1e-5
-    with pytest.raises(TypeError, match="norm_eps.*rms_norm_eps"):
-        llama2_7b(norm_eps=1e-4, rms_norm_eps=1e-6, device="meta")
-    with pytest.raises(TypeError, match="norm_eps.*rms_norm_eps"):  # even at the default
-        openvla_7b(norm_eps=1e-5, rms_norm_eps=1e-6, device="meta")
+    assert gemma_2b(norm_eps=1e-5, device="meta").norm.eps == 1e-5
+    assert openvla_7b(norm_eps=1e-5, device="meta").decoder.norm.eps == 1e-5
+    # the transformers config name `rms_norm_eps=` is no alias any more: refused, not ignored
+    for build in (llama2_7b, gemma_2b, openvla_7b):
+        with pytest.raises(TypeError, match="rms_norm_eps"):
+            build(rms_norm_eps=1e-6, device="meta")
 
 
 class _MarkedLinear(nn.Linear):

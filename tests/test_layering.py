@@ -6,11 +6,13 @@ function-local imports. Layers, bottom to top::
     core                                   imports nothing of vlakit
     blocks: vision decoders heads interleave projectors actions pruners
                                            core and their own family only
-    model (+ runner)                       core and blocks
+    model (+ runner, batch, language, persistence)
+                                           core and blocks
     distributed (FSDP2 helpers)            core, blocks, model
     convert                                core, blocks, model (not models)
     models                                 everything below, convert included
     processors                             core and model
+    bundle (the deployable policy)         core, blocks, model, processors
     summary (parameter tables)             core
     viz (pictures of pruned patches)       core
     data (datasets, collate)               core
@@ -85,7 +87,9 @@ def _layer(module: str) -> str:
 
 
 # modules that belong to another layer: the runner is the model's prediction plumbing
-_SAME_LAYER_AS = {"runner": "model"}
+# (and its batch types, FiLM's language vectors, saving and loading a composition)
+_SAME_LAYER_AS = {"runner": "model", "batch": "model", "language": "model",
+                  "persistence": "model"}
 
 _BLOCKS = set(BLOCK_FAMILIES)
 ALLOWED: dict[str, set[str]] = {
@@ -95,6 +99,7 @@ ALLOWED: dict[str, set[str]] = {
     "convert": {"core", "model", "convert"} | _BLOCKS,
     "models": {"core", "model", "convert", "models"} | _BLOCKS,
     "processors": {"core", "model", "processors"},
+    "bundle": {"core", "model", "processors", "bundle"} | _BLOCKS,
     "summary": {"core", "summary"},  # parameter tables: a utility beside the core
     "viz": {"core", "viz"},  # pictures (matplotlib): a utility beside the core
     "data": {"core", "data"},  # datasets (pyarrow, PyAV); collates take a processor

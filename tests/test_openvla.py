@@ -9,9 +9,9 @@ from timm.models.vision_transformer import VisionTransformer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlakit.actions import ActionNormalizer, ActionTokenizer
+from vlakit.batch import VLAInputs
 from vlakit.convert import decoder_from_transformers, vit_from_timm
 from vlakit.core import TokenRole
-from vlakit.model import VLAInputs
 from vlakit.models import openvla, openvla_7b
 from vlakit.projectors import MLPProjector
 from vlakit.vision import FusedEncoder

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_continuous_heads import _hf_llama, _hf_twin, _inputs, _model  # noqa: E402
+from test_continuous_heads import (  # noqa: E402
+    _hf_llama,
+    _hf_twin,
+    _inputs,
+    _model,
+    _zero_slots,
+    seeded,
+)
 
 from vlakit import VLA  # noqa: E402
 from vlakit.convert import decoder_from_transformers  # noqa: E402
@@ -216,14 +223,12 @@ def test_batched_inference_equals_each_sample_alone():
     counts = model.pruner.last_kept.sum(1).tolist()
     assert len(set(counts)) > 1, counts  # rows keep different counts: the case to prove
     runner = model.runner(inputs)
-    hidden, seq = runner.run(model.head.place(None, model.decoder.embed_tokens,
-                                              runner.image_tokens))
+    hidden, seq = runner.run(_zero_slots(model, runner))
     for row in range(3):
         alone = model.predict_action(_rows(inputs, row))
         torch.testing.assert_close(batched[row:row + 1], alone, rtol=1e-4, atol=1e-5)
         runner = model.runner(_rows(inputs, row))
-        h, s = runner.run(model.head.place(None, model.decoder.embed_tokens,
-                                           runner.image_tokens))
+        h, s = runner.run(_zero_slots(model, runner))
         real = seq.valid[row]
         assert int(real.sum()) == s.length  # alone: no padding at all
         torch.testing.assert_close(hidden[row, real], h[0], rtol=1e-4, atol=1e-5)
@@ -251,10 +256,8 @@ def test_pruner_before_own_decoder_and_hfdecoder_agree(head, attention, pruner):
     own.eval(), hf.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the flow head's full re-run fallback on HFDecoder
-        torch.manual_seed(6)
-        want = own.predict_action(_inputs(actions=False))
-        torch.manual_seed(6)
-        got = hf.predict_action(_inputs(actions=False))
+        want = own.predict_action(_inputs(actions=False), seeded(own, 6))
+        got = hf.predict_action(_inputs(actions=False), seeded(hf, 6))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -280,12 +283,10 @@ def test_cached_prediction_with_a_pruner_equals_the_full_rerun():
     own.pruner = TopKPruner(0.5)
     hf = _hf_twin(own)
     inputs = _inputs(actions=False)
-    torch.manual_seed(2)
-    cached = own.predict_action(inputs)
-    torch.manual_seed(2)
+    cached = own.predict_action(inputs, seeded(own, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = hf.predict_action(inputs)
+        full = hf.predict_action(inputs, seeded(hf, 2))
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
 
 
@@ -329,10 +330,9 @@ def test_lightvla_between_layers_equals_a_hand_split(training):
     model.train(training)
     inputs = _inputs(actions=False)
     runner = model.runner(inputs)
-    seq = runner.sequence(model.head.place(None, model.decoder.embed_tokens,
-                                           runner.image_tokens))
+    seq = runner.sequence(_zero_slots(model, runner))
     torch.manual_seed(9)
-    hidden, pruned = model.decode(seq)
+    hidden, pruned = runner.run_decoder(seq)
     x = model.decoder(seq.embeds, model.mask_policy.spec(seq), seq.positions, end_layer=1)
     torch.manual_seed(9)
     manual = LightVLAPruner(noise_scale=0.3).train(training)(seq.replace(embeds=x))
@@ -474,9 +474,8 @@ def test_fastv_prunes_after_layer_k_by_the_last_prompt_token_attention():
     model.eval()
     inputs = _inputs(actions=False)
     runner = model.runner(inputs)
-    tokens = model.head.place(None, model.decoder.embed_tokens, runner.image_tokens)
-    seq = runner.sequence(tokens)
-    hidden, pruned = model.decode(seq)
+    seq = runner.sequence(_zero_slots(model, runner))
+    hidden, pruned = runner.run_decoder(seq)
     hf = _hf_llama()
     hf.config._attn_implementation = "eager"
     dense = model.mask_policy(seq)
@@ -543,8 +542,7 @@ def test_tiny_lightvla_predicts_with_the_released_read():
     model.head.predict_read = "next"
     inputs = _inputs(actions=False)
     runner = model.runner(inputs)
-    hidden, seq = runner.run(model.head.place(None, model.decoder.embed_tokens,
-                                              runner.image_tokens))
+    hidden, seq = runner.run(_zero_slots(model, runner))
     expected = model.head.actions_from(hidden, seq, "next")
     torch.testing.assert_close(model.predict_action(inputs), expected)
     assert not torch.allclose(expected, model.head.actions_from(hidden, seq, "previous"))

@@ -52,11 +52,12 @@ def test_film_encoder_is_conditioned_on_the_mean_prompt_embedding():
         inputs = _inputs(channels=c)
         embeds = model.decoder.embed_tokens(inputs.input_ids)
         expected_condition = torch.stack([embeds[0].mean(0), embeds[1, :4].mean(0)])  # no pads
-        torch.testing.assert_close(model.film_condition(inputs), expected_condition)
+        torch.testing.assert_close(model.runner(inputs).language_vector(), expected_condition)
         expected = model.projector(model.encoder(inputs.pixels, condition=expected_condition))
-        torch.testing.assert_close(model.image_tokens(inputs), expected)
+        torch.testing.assert_close(model.runner(inputs).image_tokens, expected)
         other = _inputs(ids=inputs.input_ids.flip(0), channels=c)
-        assert not torch.allclose(model.image_tokens(other), model.image_tokens(inputs))
+        images = model.runner(inputs).image_tokens
+        assert not torch.allclose(model.runner(other).image_tokens, images)
         actions = model.predict_action(inputs)
         assert actions.shape == (2, 1, 2)
         loss = model(_inputs(actions=torch.rand(2, 1, 2), channels=c)).loss

@@ -24,19 +24,23 @@ if _typecheck_requested():
 
 from vlakit import (  # noqa: E402
     actions,
+    batch,
     core,
     decoders,
     heads,
     interleave,
+    language,
     models,
+    persistence,
     processors,
     projectors,
     pruners,
     vision,
 )
+from vlakit.batch import VLAInputs, VLAOutput  # noqa: E402
 from vlakit.core import TokenRole, TokenSequence  # noqa: E402
 from vlakit.core.checks import set_validation, validation, validation_enabled  # noqa: E402
-from vlakit.model import VLA, VLAInputs, VLAOutput  # noqa: E402
+from vlakit.model import VLA  # noqa: E402
 from vlakit.runner import VLAPrefix, VLARunner  # noqa: E402
 from vlakit.summary import count_parameters, parameter_table  # noqa: E402
 
@@ -58,11 +62,14 @@ __all__ = [
     "TokenRole",
     "TokenSequence",
     "actions",
+    "batch",
     "core",
     "decoders",
     "heads",
     "interleave",
+    "language",
     "models",
+    "persistence",
     "processors",
     "projectors",
     "pruners",

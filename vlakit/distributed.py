@@ -32,17 +32,8 @@ __all__ = [
 ]
 
 _DECODER_ENTRY_POINTS = ("embed_tokens", "logits")
-_HEAD_ENTRY_POINTS = ("place", "loss", "prefix_loss", "predict")
-_MODEL_ENTRY_POINTS = (
-    "predict_action",
-    "generate",
-    "image_tokens",
-    "encode_images",
-    "film_condition",
-    "place_head_tokens",
-    "build_sequence",
-    "decode",
-)
+_HEAD_ENTRY_POINTS = ("loss", "predict")
+_MODEL_ENTRY_POINTS = ("predict_action", "generate", "runner")
 
 
 def shard_units(model: VLA) -> list[nn.Module]:
@@ -97,9 +88,10 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
     parameters), the decoder (embedding, final norm and LM head; tied weights stay in one
     unit) and the root. Registers the entry points that run outside ``forward`` with
     ``register_fsdp_forward_method``: the decoder's ``embed_tokens`` and ``logits``, the
-    head's ``place``, ``loss`` and ``predict``, and the model's ``predict_action``,
-    ``generate`` and the pieces a [VLARunner][vlakit.runner.VLARunner] calls
-    (``image_tokens``, ``build_sequence``, ...), so every public path works on a sharded
+    head's ``loss`` and ``predict`` (the one training entry and the prediction, both run
+    through a [VLARunner][vlakit.runner.VLARunner] whose blocks are sharded units of their
+    own), and the model's ``predict_action``, ``generate`` and ``runner`` (a runner made
+    before any forward initialises the root first), so every public path works on a sharded
     model.
 
     Args:
@@ -126,7 +118,7 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
             fully_shard(part, **(outer_kwargs if name == "head" else fsdp_kwargs))
             if name == "head":
                 for method in _HEAD_ENTRY_POINTS:
-                    if callable(getattr(part, method, None)):
+                    if method in dir(type(part)):  # NextTokenHead predicts nothing
                         register_fsdp_forward_method(part, method)
     fully_shard(model.decoder, **fsdp_kwargs)
     for name in _DECODER_ENTRY_POINTS:

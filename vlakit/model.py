@@ -1,140 +1,30 @@
-"""The VLA model: plumbing from pixels and prompts to actions.
+"""The VLA model: the blocks, their build-time checks, ``forward`` and ``predict_action``.
 
 ``encoder -> projector -> interleaver (+ extras, head tokens) -> pruner -> mask policy ->
 decoder -> head``. Every block is a constructor argument; builders in
-[`vlakit.models`][vlakit.models] call this constructor with the published blocks. The
-head owns its loss and its prediction loop (see [`vlakit.heads`][vlakit.heads]); the model
-only does the plumbing and hands the head a [VLARunner][vlakit.runner.VLARunner] to
-predict through.
+[`vlakit.models`][vlakit.models] call this constructor with the published blocks. The path
+a batch takes through them reads top to bottom in [vlakit.runner][vlakit.runner]; the head
+owns its loss and its prediction (see [`vlakit.heads`][vlakit.heads]) and reaches the
+model through a [VLARunner][vlakit.runner.VLARunner]. Saving and loading live in
+[vlakit.persistence][vlakit.persistence]; the batch types in [vlakit.batch][vlakit.batch].
 """
 
-import dataclasses
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vlakit.core import (
-    CheckpointError,
-    CheckpointFiles,
-    LoadReport,
-    MaskPolicy,
-    TokenRole,
-    TokenSequence,
-    building,
-    describe,
-    guard_meta_loading,
-    load_into,
-    rebuild,
-)
+from vlakit.batch import VLAInputs, VLAOutput
+from vlakit.core import LoadReport, MaskPolicy, guard_meta_loading
 from vlakit.core.recording import recorded
-from vlakit.heads import HeadTokens, NextTokenHead
+from vlakit.heads import ActionHead, HeadTokens, NextTokenHead, Sampling
+from vlakit.language import PromptMean
 from vlakit.runner import VLARunner
 
-__all__ = ["VLA", "VLAInputs", "VLAOutput"]
-
-DESCRIPTION_FILE = "vlakit.json"
-"""The composition, as JSON: the constructor tree (see [describe][vlakit.core.describe])."""
-WEIGHTS_FILE = "model.safetensors"
-_FORMAT = "vlakit.composition"
-
-
-@dataclasses.dataclass
-class VLAInputs:
-    """One model batch, as a processor builds it.
-
-    Attributes:
-        input_ids: ``[b, t]`` prompt ids (right-padded). OpenVLA family: without ``<s>``
-            (the interleaver adds it). PaliGemma family: with the image placeholders.
-        text_valid: ``[b, t]`` ``True`` for real prompt tokens.
-        pixels: ``[b, v, c, h, w]`` (or ``[b, c, h, w]``) preprocessed images.
-        token_type_ids: ``[b, t]`` 0 prefix / 1 suffix (PaliGemma), optional.
-        actions: ``[b, chunk, a]`` raw (unnormalised) target actions, for training.
-        proprio: ``[b, p]`` raw proprioceptive state, optional.
-    """
-
-    input_ids: Int[Tensor, "b t"]
-    text_valid: Bool[Tensor, "b t"]
-    pixels: Float[Tensor, "b v c h w"] | Float[Tensor, "b c h w"] | None = None
-    token_type_ids: Int[Tensor, "b t"] | None = None
-    actions: Float[Tensor, "b chunk a"] | None = None
-    proprio: Float[Tensor, "b p"] | None = None
-
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> "VLAInputs":
-        """Move every tensor to ``device``; ``dtype`` casts the pixels only. Target actions
-        and proprio stay as they are (rounding them to bf16 before normalisation would move
-        action tokens); the model casts what it feeds its modules to their dtype itself."""
-        moved = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                value = value.to(device=device, dtype=dtype if f.name == "pixels" else None)
-            moved[f.name] = value
-        return VLAInputs(**moved)
-
-
-def _float_dtype(module: nn.Module) -> torch.dtype | None:
-    """The dtype of a module's first floating parameter (``None`` if it has none)."""
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return None
-
-
-def _check_batch(inputs: VLAInputs) -> None:
-    """Shape-only check (no host sync) that the fields of ``inputs`` share one batch size."""
-    ids = inputs.input_ids
-    if ids.dim() != 2:
-        raise ValueError(
-            f"inputs.input_ids must be [batch, tokens], got shape {tuple(ids.shape)}"
-        )
-    if inputs.text_valid.dtype != torch.bool:
-        raise ValueError(
-            f"inputs.text_valid must be a boolean mask (True = real prompt token), got dtype "
-            f"{inputs.text_valid.dtype}; from a transformers tokenizer pass "
-            f"attention_mask.bool()"
-        )
-    for name in ("text_valid", "token_type_ids"):
-        value = getattr(inputs, name)
-        if value is not None and tuple(value.shape) != tuple(ids.shape):
-            raise ValueError(
-                f"inputs.{name} has shape {tuple(value.shape)}, but inputs.input_ids has "
-                f"shape {tuple(ids.shape)}; they must match"
-            )
-    for name in ("pixels", "actions", "proprio"):
-        value = getattr(inputs, name)
-        if value is not None and (value.dim() == 0 or value.shape[0] != ids.shape[0]):
-            raise ValueError(
-                f"inputs.{name} has shape {tuple(value.shape)}, but inputs.input_ids has "
-                f"{ids.shape[0]} rows; every field of VLAInputs needs the same batch size "
-                f"(first dimension)"
-            )
-
-
-@dataclasses.dataclass
-class VLAOutput:
-    """What [`VLA.forward`][vlakit.VLA.forward] returns.
-
-    Attributes:
-        loss: scalar training loss when the inputs carry the head's targets (actions for an
-            action head, a suffix for [NextTokenHead][vlakit.heads.NextTokenHead]), else
-            ``None``.
-        hidden: ``[b, n, d]`` final hidden states.
-        sequence: the [`TokenSequence`][vlakit.core.TokenSequence] the decoder ran on.
-        logits: ``[b, n, V]`` when asked for (``return_logits=True``), else ``None``.
-    """
-
-    loss: Tensor | None
-    hidden: Tensor
-    sequence: TokenSequence
-    logits: Tensor | None = None
+__all__ = ["VLA"]
 
 
 @recorded
@@ -144,8 +34,7 @@ class VLA(nn.Module):
     Args:
         encoder: pixels ``[b, v, c, h, w]`` -> ``[b, v·p, d_vis]`` (a
             [`VisionEncoder`][vlakit.vision.VisionEncoder]). An encoder with FiLM
-            (``encoder.has_film``) is conditioned on the mean of the prompt's input
-            embeddings (OpenVLA-OFT).
+            (``encoder.has_film``) is conditioned on ``language_vector`` (OpenVLA-OFT).
         projector: ``[.., d_vis] -> [.., d]``.
         interleaver: builds the [`TokenSequence`][vlakit.core.TokenSequence]
             ([`PrefixInterleaver`][vlakit.interleave.PrefixInterleaver],
@@ -167,10 +56,13 @@ class VLA(nn.Module):
         proprio_normalizer: normalises proprio before the projector; optional.
         num_views: camera views every batch must bring (``pixels [b, v, ...]``); a batch
             with another count raises a ``ValueError`` naming both. ``None``: any count.
-        film_language: FiLM's language vector (encoders with FiLM): ``"prompt"``, the mean
-            of the real prompt tokens' input embeddings; ``"oft"``, OpenVLA-OFT's: the mean
-            over ``<s>``, every prompt column (padding included, as in its padded training
-            batches) and ``</s>``, i.e. every non-slot text token of its sequence.
+        language_vector: FiLM's condition for encoders with FiLM, a block
+            ``(embed_tokens, input_ids, text_valid) -> [b, d]`` (see
+            [vlakit.language][vlakit.language]): default
+            [PromptMean][vlakit.language.PromptMean], the mean of the real prompt tokens'
+            input embeddings (also for FiLM attached after construction); OpenVLA-OFT
+            passes [OFTLanguageVector][vlakit.language.OFTLanguageVector]. Passing one for
+            an encoder without FiLM raises (it would be ignored).
 
     A model built on the ``meta`` device (``openvla_7b(device="meta")``) is filled by
     ``load_state_dict`` on it or on any of its blocks: each stored tensor replaces its meta
@@ -198,22 +90,18 @@ class VLA(nn.Module):
         action_normalizer: nn.Module | None = None,
         proprio_normalizer: nn.Module | None = None,
         num_views: int | None = None,
-        film_language: str = "prompt",
+        language_vector: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if film_language not in ("prompt", "oft"):
-            raise ValueError(f"film_language must be 'prompt' or 'oft', got {film_language!r}")
         if num_views is not None and num_views < 1:
             raise ValueError(f"num_views must be >= 1 or None, got {num_views}")
-        if film_language == "oft" and None in (
-            getattr(interleaver, "bos_id", None), getattr(interleaver, "eos_id", None)
-        ):
+        if language_vector is not None and not encoder.has_film:
             raise ValueError(
-                "film_language='oft' averages <s>, the prompt and </s>: the interleaver needs "
-                "both bos_id and eos_id"
+                f"language_vector={type(language_vector).__name__} is FiLM's condition, but "
+                f"the encoder ({type(encoder).__name__}) has no FiLM layers, so it would be "
+                f"ignored; attach FiLM (encoder.add_film(...)) or leave language_vector unset"
             )
         self.num_views = num_views
-        self.film_language = film_language
         self.encoder = encoder
         self.projector = projector
         self.interleaver = interleaver
@@ -224,9 +112,10 @@ class VLA(nn.Module):
         self.pruner = pruner if pruner is not None else nn.Identity()
         self.action_normalizer = action_normalizer
         self.proprio_normalizer = proprio_normalizer
+        self.language_vector = PromptMean() if language_vector is None else language_vector
         self._check_widths()
         self._check_vocabulary()
-        self._check_pruner()
+        self.check_pruner()
         guard_meta_loading(self)  # load_state_dict into a meta-built block fills it
 
     # -- build-time checks -----------------------------------------------------------------
@@ -254,23 +143,23 @@ class VLA(nn.Module):
         """The decoder layer whose inputs the pruner sees (0 without a pruner)."""
         return getattr(self.pruner, "layer", 0)
 
-    def _check_pruner(self) -> None:
+    def check_pruner(self) -> None:
         layer, name = self.pruner_layer, type(self.pruner).__name__
-        layers = getattr(self.decoder, "num_layers", None)
-        if layers is not None and not 0 <= layer < layers:
+        layers = self.decoder.num_layers
+        if not 0 <= layer < layers:
             raise ValueError(
                 f"{name}.layer={layer}, but the decoder has {layers} layers (0..{layers - 1}): "
                 f"a pruner runs before one of them (0: before the first), not after the last"
             )
         decoder = type(self.decoder).__name__
-        if layer > 0 and not getattr(self.decoder, "supports_layer_ranges", False):
+        if layer > 0 and not self.decoder.supports_layer_ranges:
             raise ValueError(
                 f"{name}.layer={layer} prunes between decoder layers, but {decoder} runs only "
                 f"whole passes; use layer=0 or vlakit's TransformerDecoder "
                 f"(vlakit.convert.decoder_from_transformers converts Llama and Gemma)"
             )
         if getattr(self.pruner, "needs_attention", False):
-            if not getattr(self.decoder, "supports_attention_tap", False):
+            if not self.decoder.supports_attention_tap:
                 raise ValueError(
                     f"{name} reads attention weights through an AttentionTap, which {decoder} "
                     f"cannot give; use vlakit's TransformerDecoder"
@@ -279,8 +168,8 @@ class VLA(nn.Module):
                 raise ValueError(f"{name} reads the attention of layer {layer - 1}: use layer >= 1")
 
     def _check_vocabulary(self) -> None:
-        vocab = getattr(self.decoder, "vocab_size", None)
-        if vocab is None:
+        vocab = self.decoder.vocab_size
+        if vocab is None:  # a bare layer stack has no vocabulary
             return
         ids = getattr(self.head, "token_ids", None)
         if ids is not None and len(ids) and (ids[0] < 0 or ids[-1] >= vocab):
@@ -300,34 +189,8 @@ class VLA(nn.Module):
                     f"vocabulary of {vocab} tokens (ids 0..{vocab - 1})"
                 )
 
-    # -- pieces ----------------------------------------------------------------------------
-
-    def encode_images(
-        self, pixels: Tensor, condition: Float[Tensor, "b c"] | None = None
-    ) -> Float[Tensor, "b p d"]:
-        """Preprocessed pixels -> projected image tokens ``[b, v·p, d]``; ``condition``
-        is the FiLM language vector for encoders with FiLM."""
-        if condition is None:
-            return self.projector(self.encoder(pixels))
-        return self.projector(self.encoder(pixels, condition=condition))
-
-    def film_condition(self, inputs: VLAInputs) -> Float[Tensor, "b d"]:
-        """FiLM's language vector ``[b, d]`` (see ``film_language``): OpenVLA-OFT
-        conditions both vision towers on it."""
-        ids = inputs.input_ids
-        if self.film_language == "oft":
-            b = ids.shape[0]
-            ends = [
-                torch.full((b, 1), token, dtype=ids.dtype, device=ids.device)
-                for token in (self.interleaver.bos_id, self.interleaver.eos_id)
-            ]
-            ids = torch.cat((ends[0], ids, ends[1]), 1)  # [b, t + 2]
-            return self.decoder.embed_tokens(ids).mean(1)
-        embeds = self.decoder.embed_tokens(ids)  # [b, t, d]
-        weights = inputs.text_valid.to(embeds.dtype)[..., None]  # [b, t, 1]
-        return (embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-
-    def _check_views(self, pixels: Tensor) -> None:
+    def check_views(self, pixels: Tensor) -> None:
+        """Raise if ``pixels [b, v, c, h, w]`` bring another view count than ``num_views``."""
         if self.num_views is None:
             return
         views = pixels.shape[1] if pixels.dim() == 5 else 1
@@ -338,110 +201,6 @@ class VLA(nn.Module):
                 f"); pass {self.num_views} images per example, or build with num_views="
                 f"{views}"
             )
-
-    def image_tokens(self, inputs: VLAInputs) -> Float[Tensor, "b p d"]:
-        """Projected image tokens of ``inputs`` (FiLM-conditioned when the encoder has it)."""
-        _check_batch(inputs)
-        if inputs.pixels is None:
-            raise ValueError(
-                "inputs.pixels is None: the model needs preprocessed images, [b, c, h, w] or "
-                "[b, views, c, h, w] (the processor makes them)"
-            )
-        self._check_views(inputs.pixels)
-        condition = None
-        if getattr(self.encoder, "has_film", False):
-            condition = self.film_condition(inputs)
-        pixels = inputs.pixels
-        dtype = _float_dtype(self.encoder)
-        if dtype is not None and pixels.dtype != dtype:
-            pixels = pixels.to(dtype)  # processors give float32; a bf16 model takes bf16
-            condition = None if condition is None else condition.to(dtype)
-        return self.encode_images(pixels, condition)
-
-    def _extras(self, inputs: VLAInputs) -> list[tuple[Tensor, TokenRole]]:
-        if inputs.proprio is None:
-            return []
-        if self.proprio_projector is None:
-            raise ValueError(
-                "inputs.proprio was given but the model was built without a "
-                "proprio_projector; build it with e.g. proprio_projector=ProprioProjector("
-                "proprio_dim, hidden_size), or leave inputs.proprio as None"
-            )
-        proprio = inputs.proprio
-        if self.proprio_normalizer is not None:
-            proprio = self.proprio_normalizer.normalize(proprio)
-        dtype = _float_dtype(self.proprio_projector)
-        if dtype is not None:
-            proprio = proprio.to(dtype)
-        return [(self.proprio_projector(proprio)[:, None], TokenRole.PROPRIO)]
-
-    def place_head_tokens(
-        self, inputs: VLAInputs, with_targets: bool, image_tokens: Tensor
-    ) -> HeadTokens:
-        """The head's tokens: for training (normalised target actions) or prediction;
-        ``image_tokens`` give the batch size, device and dtype of new tokens."""
-        actions = self._normalized_actions(inputs) if with_targets else None
-        return self.head.place(actions, self.decoder.embed_tokens, image_tokens)
-
-    def _normalized_actions(self, inputs: VLAInputs) -> Tensor | None:
-        actions = inputs.actions
-        if actions is not None and self.action_normalizer is not None:
-            actions = self.action_normalizer.normalize(actions)
-        return actions
-
-    def build_sequence(
-        self,
-        inputs: VLAInputs,
-        tokens: HeadTokens,
-        image_tokens: Tensor | None = None,
-    ) -> TokenSequence:
-        """Run encoder, projector, extras and interleaver (and the pruner).
-
-        Args:
-            inputs: the batch.
-            tokens: the head's tokens (from [place_head_tokens][vlakit.VLA.place_head_tokens]).
-            image_tokens: projected image tokens computed earlier, to reuse.
-        """
-        if image_tokens is None:
-            image_tokens = self.image_tokens(inputs)  # checks the batch first
-        else:
-            _check_batch(inputs)
-        seq = self.interleaver(
-            self.decoder.embed_tokens,
-            image_tokens,
-            inputs.input_ids,
-            inputs.text_valid,
-            extras=self._extras(inputs) + tokens.extras,
-            action_embeds=tokens.action_embeds,
-            action_ids=tokens.action_ids,
-            token_type_ids=inputs.token_type_ids,
-            action_roles=tokens.action_roles,
-        )
-        if self.pruner_layer == 0:
-            seq = self.pruner(seq)
-        return seq
-
-    def decode(self, seq: TokenSequence) -> tuple[Float[Tensor, "b m d"], TokenSequence]:
-        """Run the decoder over ``seq`` (one pass, no cache): final hidden states and the
-        sequence they belong to (the pruned one when a pruner sits between layers).
-
-        A pruner before layer 0 already ran in
-        [build_sequence][vlakit.VLA.build_sequence]. A pruner before layer ``k > 0``
-        splits the pass: layers ``0..k-1`` on every token (filling the pruner's
-        [AttentionTap][vlakit.core.AttentionTap] if it reads one), the pruner on their
-        output, then layers ``k..`` on the kept tokens with the mask rebuilt for them.
-        """
-        layer = self.pruner_layer
-        if layer == 0:
-            return self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions), seq
-        self._check_pruner()  # static checks, also for a pruner assigned after construction
-        tap = self.pruner.attention_tap(seq)
-        x = self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions,
-                         end_layer=layer, tap=tap)
-        seq = self.pruner(seq.replace(embeds=x), None if tap is None else tap.weights)
-        hidden = self.decoder(seq.embeds, self.mask_policy.spec(seq), seq.positions,
-                              start_layer=layer)
-        return hidden, seq
 
     def check_cacheable(self, what: str) -> None:
         """Raise if the pruner sits between decoder layers: a KV cache would then hold a
@@ -456,54 +215,56 @@ class VLA(nn.Module):
 
     # -- training / scoring ----------------------------------------------------------------
 
-    def forward(self, inputs: VLAInputs, return_logits: bool = False) -> VLAOutput:
+    def runner(self, inputs: VLAInputs) -> VLARunner:
+        """The [VLARunner][vlakit.runner.VLARunner] for one batch: the path from pixels and
+        prompt ids to hidden states that the head trains and predicts through."""
+        return VLARunner(self, inputs)
+
+    def forward(
+        self,
+        inputs: VLAInputs,
+        return_logits: bool = False,
+        sampling: Sampling | None = None,
+    ) -> VLAOutput:
         """Run the model; the head's loss is computed when the inputs carry its targets.
 
-        A head with ``loss`` gets the hidden states of one pass over the whole sequence. A
-        head with ``prefix_loss(runner, actions)`` (an action expert trained against the
-        prefix cache, pi0-style) gets a runner instead: the prefix runs once through the
-        decoder and the output's ``hidden`` and ``sequence`` are the prefix's.
-        ``return_logits`` also returns ``[b, n, V]`` logits.
+        Every head trains through one entry, ``head.loss(runner, sampling)``: it runs its
+        tokens through the runner (one pass over the whole sequence, or a prefix encoded
+        once and a suffix against it). The output's ``hidden`` and ``sequence`` are those
+        of the runner's last decoder pass (the whole sequence, or the prefix); without
+        targets, the prompt alone is run.
+
+        Args:
+            inputs: the batch.
+            return_logits: also return ``[b, n, V]`` logits.
+            sampling: the training draws of a sampling head (a generator, or given noise
+                and time: see [Sampling][vlakit.heads.Sampling]); default: drawn from
+                torch's random state, as the reference training loops do.
         """
-        with_targets = self.head.has_targets(inputs)
-        image_tokens = self.image_tokens(inputs)
-        if with_targets and callable(getattr(self.head, "prefix_loss", None)):
-            return self._forward_through_prefix(inputs, image_tokens, return_logits)
-        tokens = self.place_head_tokens(inputs, with_targets, image_tokens)
-        seq = self.build_sequence(inputs, tokens, image_tokens)
-        hidden, seq = self.decode(seq)
+        sampling = Sampling() if sampling is None else sampling
+        runner = self.runner(inputs)
         loss = None
-        if with_targets:
-            loss = self.head.loss(hidden, seq, tokens, self.decoder.logits)
+        if self.head.has_targets(inputs):
+            loss = self.head.loss(runner, sampling)
+            if runner.last_pass is None:
+                raise RuntimeError(
+                    f"{type(self.head).__name__}.loss returned without running the decoder "
+                    f"(runner.run or runner.prefix)"
+                )
+        else:
+            runner.run(HeadTokens())
+        hidden, seq = runner.last_pass
+        if loss is not None:
+            # A zero term through the last pass's output, on every path: a loss that reaches
+            # the decoder only through cached keys and values (a prefix-trained expert) would
+            # otherwise never pass the last layer's output in backward, and FSDP2 (which
+            # re-gathers a layer's weights when a gradient reaches its output) would run the
+            # layers' backward on freed weights. Where the loss reads the output, it is +0.
+            loss = loss + 0.0 * hidden.sum()
         logits = self.decoder.logits(hidden) if return_logits else None
         return VLAOutput(loss=loss, hidden=hidden, sequence=seq, logits=logits)
 
-    def _forward_through_prefix(
-        self, inputs: VLAInputs, image_tokens: Tensor, return_logits: bool
-    ) -> VLAOutput:
-        # A head that trains its suffix against the prefix cache (pi0's action expert):
-        # the prefix runs once through the decoder, gradients flow through the cache.
-        runner = VLARunner(self, inputs, image_tokens)
-        loss = self.head.prefix_loss(runner, self._normalized_actions(inputs))
-        prefix = runner.last_prefix
-        if prefix is None:
-            raise RuntimeError(
-                f"{type(self.head).__name__}.prefix_loss returned without encoding a prefix "
-                f"(runner.prefix()); a head that does not need one implements loss() instead"
-            )
-        # A zero term through the decoder's output: the loss depends on the prefix only via
-        # the cached keys and values, so without it backward never passes the last layer's
-        # output, and FSDP2 (which re-gathers a layer's weights when a gradient reaches its
-        # output) would run the layers' backward on freed weights.
-        loss = loss + 0.0 * prefix.hidden.sum()
-        logits = self.decoder.logits(prefix.hidden) if return_logits else None
-        return VLAOutput(loss=loss, hidden=prefix.hidden, sequence=prefix.sequence, logits=logits)
-
     # -- inference -------------------------------------------------------------------------
-
-    def runner(self, inputs: VLAInputs) -> VLARunner:
-        """The [VLARunner][vlakit.runner.VLARunner] a head predicts through."""
-        return VLARunner(self, inputs)
 
     @torch.no_grad()
     def generate(self, inputs: VLAInputs, max_new_tokens: int) -> Int[Tensor, "b m"]:
@@ -512,31 +273,36 @@ class VLA(nn.Module):
 
     @torch.no_grad()
     def predict_action(
-        self, inputs: VLAInputs, num_samples: int | None = None
+        self, inputs: VLAInputs, sampling: Sampling | None = None
     ) -> Float[Tensor, "b chunk a"] | Float[Tensor, "b n chunk a"]:
         """Unnormalised actions ``[b, chunk, a]`` for every example of the batch.
 
         Head-agnostic: the head predicts normalised actions through a runner (generation,
         one pass with slots, or suffix passes against a cached prefix); the model
-        unnormalises them. ``num_samples`` (sampling heads: diffusion, flow matching) draws
-        that many chunks per example from one shared prefix: ``[b, num_samples, chunk, a]``.
+        unnormalises them.
+
+        Args:
+            inputs: the batch (a processor's output).
+            sampling: how a sampling head (diffusion, flow matching) draws
+                ([Sampling][vlakit.heads.Sampling]): ``num_samples`` chunks per example from
+                one shared prefix (then ``[b, num_samples, chunk, a]``), a
+                ``torch.Generator`` (the same state gives bit-identical actions) or explicit
+                initial noise, and a wrapper around every denoising step (real-time
+                chunking). Default: one chunk from fresh randomness (never torch's global
+                random state). Deterministic heads refuse any option.
         """
-        if not callable(getattr(self.head, "predict", None)):
+        if not isinstance(self.head, ActionHead):
             raise TypeError(
                 f"this model's head ({type(self.head).__name__}) predicts no actions; use "
                 f"generate() for text"
             )
-        runner = self.runner(inputs)
-        if num_samples is None:
-            actions = self.head.predict(runner)
-        elif getattr(self.head, "supports_sampling", False):
-            actions = self.head.predict(runner, num_samples=num_samples)
-        else:
-            raise ValueError(
-                f"num_samples={num_samples}: {type(self.head).__name__} is deterministic and "
-                f"draws no samples; num_samples is for sampling heads (DiffusionActionHead, "
-                f"FlowMatchingHead)"
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise TypeError(
+                f"sampling must be a vlakit.heads.Sampling, got {type(sampling).__name__}; "
+                f"e.g. Sampling(num_samples=4, generator=torch.Generator().manual_seed(0))"
             )
+        sampling = Sampling() if sampling is None else sampling
+        actions = self.head.predict(self.runner(inputs), sampling)
         if self.action_normalizer is not None:
             actions = self.action_normalizer.unnormalize(actions)
         return actions
@@ -547,8 +313,8 @@ class VLA(nn.Module):
         The vision encoder, the projector and the decoder are compiled with
         ``fullgraph=True, dynamic=False`` (each decoder call shape compiles once: the
         prompt, a generation step, a prefix, a suffix step). The loops around them (greedy
-        generation, diffusion and flow steps) have fixed step counts and read nothing back
-        from the device, so they run as plain Python around compiled calls. On a GPU,
+        generation, the samplers) have fixed step counts and read nothing back from the
+        device, so they run as plain Python around compiled calls. On a GPU,
         ``mode="reduce-overhead"`` also captures each call in a CUDA graph. Value checks
         are skipped inside compiled code (see [validation][vlakit.core.validation]).
 
@@ -562,39 +328,14 @@ class VLA(nn.Module):
             module.compile(**options)
         return self
 
-    # -- save and load any composition -------------------------------------------------------
+    # -- save and load (vlakit.persistence) --------------------------------------------------
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write the model to the directory ``path``: ``model.safetensors`` (every parameter and
-        persistent buffer) and ``vlakit.json``, a readable description of the composition (the
-        constructor tree with nested blocks, as [describe][vlakit.core.describe] gives it: class
-        paths and arguments, no pickle). [VLA.from_pretrained][vlakit.VLA.from_pretrained]
-        rebuilds it. Files are written under temporary names and renamed, so an interrupted save
-        leaves no half-written checkpoint. A block that cannot be described (a wrapped timm or
-        transformers model, a block replaced after construction) raises a
-        [DescriptionError][vlakit.core.DescriptionError] naming it before anything is written.
-        Returns the directory."""
-        from safetensors.torch import save_file
+        """Write the model to the directory ``path``; see
+        [save_model][vlakit.persistence.save_model]. Returns the directory."""
+        from vlakit.persistence import save_model
 
-        description = {"format": _FORMAT, "model": describe(self)}
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state, seen = {}, set()
-        for key, tensor in self.state_dict().items():
-            tensor = tensor.detach().cpu().contiguous()
-            if tensor.untyped_storage().data_ptr() in seen:  # shared storage: its own copy
-                tensor = tensor.clone()
-            seen.add(tensor.untyped_storage().data_ptr())
-            state[key] = tensor
-        for name, write in ((WEIGHTS_FILE, lambda f: save_file(state, f)),
-                            (DESCRIPTION_FILE, lambda f: Path(f).write_text(
-                                json.dumps(description, indent=1)))):
-            with tempfile.NamedTemporaryFile(dir=path, prefix=f".{name}.", delete=False) as tmp:
-                temporary = tmp.name
-            write(temporary)
-            os.replace(temporary, path / name)
-        return path
-
+        return save_model(self, path)
 
     @classmethod
     def from_pretrained(
@@ -608,46 +349,17 @@ class VLA(nn.Module):
         trust: tuple[str, ...] = (),
     ) -> "VLA | tuple[VLA, LoadReport]":
         """Rebuild a model saved with [save_pretrained][vlakit.VLA.save_pretrained] and load
-        its weights strictly (missing, unexpected and mis-shaped keys are reported together).
+        its weights strictly; see [load_model][vlakit.persistence.load_model] for the
+        arguments."""
+        from vlakit.persistence import load_model
 
-        The composition is rebuilt on the ``meta`` device from ``vlakit.json`` and the weights
-        are assigned from the memory-mapped ``model.safetensors``.
-
-        Args:
-            path: a local directory, or a Hugging Face Hub repository id (downloaded with
-                ``huggingface_hub.snapshot_download``).
-            dtype: parameter dtype (default: as stored).
-            device: where the weights go (default CPU).
-            revision: the Hub revision, for a repository id.
-            return_report: also return the [LoadReport][vlakit.core.LoadReport].
-            trust: module prefixes of your own ``@recorded`` blocks. ``vlakit.json`` is
-                data: only vlakit's blocks (and those under ``trust``) are ever imported
-                or called by it (see [rebuild][vlakit.core.rebuild]).
-        """
-        path = Path(path)
-        if not path.is_dir():
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(repo_id=str(path), revision=revision))
-        file = path / DESCRIPTION_FILE
-        if not file.is_file():
-            raise CheckpointError(f"{path} has no {DESCRIPTION_FILE}: not saved by "
-                                  f"VLA.save_pretrained (published checkpoints load with "
-                                  f"vlakit.models.load_*)")
-        data = json.loads(file.read_text())
-        if data.get("format") != _FORMAT:
-            raise CheckpointError(f"{file} is not a vlakit composition (format "
-                                  f"{data.get('format')!r})")
-        with building(None, "meta"):
-            model = rebuild(data["model"], trust=tuple(trust))
+        model, report = load_model(path, dtype=dtype, device=device, revision=revision,
+                                   trust=trust)
         if not isinstance(model, cls):
-            raise CheckpointError(
-                f"{file} describes a {type(model).__name__}, not a {cls.__name__}"
-            )
-        with CheckpointFiles(path / WEIGHTS_FILE) as files:
-            report = load_into(model, files, device=device,
-                               dtype="stored" if dtype is None else dtype,
-                               source=str(path / WEIGHTS_FILE))
+            from vlakit.core import CheckpointError
+
+            raise CheckpointError(f"{path} describes a {type(model).__name__}, not a "
+                                  f"{cls.__name__}")
         return (model, report) if return_report else model
 
     def push_to_hub(
@@ -658,15 +370,9 @@ class VLA(nn.Module):
         token: str | None = None,
         commit_message: str = "Upload a vlakit model",
     ) -> Any:
-        """[save_pretrained][vlakit.VLA.save_pretrained] to a temporary folder and upload it to
-        the Hugging Face Hub repository ``repo_id`` (created if needed) with
-        ``huggingface_hub.HfApi``; returns its commit info. ``VLA.from_pretrained(repo_id)``
-        pulls it back."""
-        from huggingface_hub import HfApi
+        """[save_pretrained][vlakit.VLA.save_pretrained] to a temporary folder and upload it;
+        see [push_model][vlakit.persistence.push_model]."""
+        from vlakit.persistence import push_model
 
-        api = HfApi(token=token)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder,
-                                     commit_message=commit_message)
+        return push_model(self, repo_id, private=private, token=token,
+                          commit_message=commit_message)

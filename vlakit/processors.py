@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlakit.model import VLAInputs
+from vlakit.batch import VLAInputs
 
 __all__ = ["OpenVLAProcessor", "PaliGemmaProcessor", "OPENVLA_PROMPT", "word_tokenizer"]
 
@@ -159,8 +159,14 @@ class _Processor:
     def _tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _pixels(self, images: Any, batch: int) -> Tensor:
-        pixels = self.preprocess(images)
+    def _pixels(self, images: Any, batch: int, pixels: Tensor | None = None) -> Tensor:
+        if (images is None) == (pixels is None):
+            raise ValueError(
+                "pass either images (raw: preprocessed here) or pixels (already preprocessed, "
+                "[b, v, c, h, w]), not both and not neither"
+            )
+        if pixels is None:
+            pixels = self.preprocess(images)
         if pixels.dim() == 4:
             pixels = pixels[:, None]  # one view
         if pixels.shape[0] != batch:
@@ -288,14 +294,18 @@ class OpenVLAProcessor(_Processor):
         instructions: str | Sequence[str],
         actions: Any = None,
         proprio: Any = None,
+        pixels: Tensor | None = None,
     ) -> VLAInputs:
         """Build [`VLAInputs`][vlakit.VLAInputs].
 
         Args:
-            images: ``[b, 3, H, W]`` / ``[b, v, 3, H, W]`` tensors or arrays, or PIL images.
+            images: ``[b, 3, H, W]`` / ``[b, v, 3, H, W]`` tensors or arrays, or PIL images
+                (``None`` when ``pixels`` is given).
             instructions: one string per example.
             actions: raw ``[b, chunk, a]`` target actions (training), optional.
             proprio: raw ``[b, p]`` state, optional.
+            pixels: images already preprocessed, ``[b, v, c, h, w]`` (e.g. views of
+                different sizes preprocessed one by one), instead of ``images``.
         """
         rows = [self.prompt_ids(text) for text in _as_list(instructions)]
         self._check_length(
@@ -306,10 +316,17 @@ class OpenVLAProcessor(_Processor):
         return VLAInputs(
             input_ids=ids,
             text_valid=valid,
-            pixels=self._pixels(images, len(rows)),
+            pixels=self._pixels(images, len(rows), pixels),
             actions=a,
             proprio=p,
         )
+
+    def config(self) -> dict[str, Any]:
+        """The arguments that rebuild this processor with
+        [from_model][vlakit.processors.OpenVLAProcessor.from_model] (JSON-ready; the
+        tokenizer and the model's preprocessing are saved apart, by a policy bundle)."""
+        return {"prompt_template": self.prompt_template, "append_token_id": self.append_token_id,
+                "max_length": self.max_length, "pad_id": self.pad_id}
 
 
 class PaliGemmaProcessor(_Processor):
@@ -401,12 +418,13 @@ class PaliGemmaProcessor(_Processor):
         suffixes: str | Sequence[str] | None = None,
         actions: Any = None,
         proprio: Any = None,
+        pixels: Tensor | None = None,
     ) -> VLAInputs:
         """Build [`VLAInputs`][vlakit.VLAInputs] (arguments as
         [`OpenVLAProcessor`][vlakit.processors.OpenVLAProcessor],
         plus optional target ``suffixes``)."""
         prompts = _as_list(prompts)
-        pixels = self._pixels(images, len(prompts))
+        pixels = self._pixels(images, len(prompts), pixels)
         placeholders = [self.image_token_id] * (self.num_image_tokens * pixels.shape[1])
         rows, types = [], []
         suffix_list = _as_list(suffixes) if suffixes is not None else [None] * len(prompts)
@@ -436,3 +454,10 @@ class PaliGemmaProcessor(_Processor):
             actions=a,
             proprio=p,
         )
+
+    def config(self) -> dict[str, Any]:
+        """The arguments that rebuild this processor with
+        [from_model][vlakit.processors.PaliGemmaProcessor.from_model] (JSON-ready)."""
+        return {"image_token_id": self.image_token_id, "num_image_tokens": self.num_image_tokens,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "max_length": self.max_length}

@@ -1,9 +1,23 @@
-"""The model's side of prediction: what a head predicts through.
+"""The predict path, top to bottom: one batch of one [VLA][vlakit.VLA], from pixels and
+prompt ids to the decoder's hidden states, for training and for prediction.
 
-A [VLARunner][vlakit.runner.VLARunner] wraps one model and one batch. It encodes the images
-once and offers the three ways heads predict (see [`vlakit.heads`][vlakit.heads]):
-greedy generation, one pass with the head's tokens, and a prefix encoded once into a
-read-only KV cache against which suffixes run in a fixed-step loop.
+```
+inputs ─ check_batch ─ pixels ─ encoder (FiLM: language_vector(prompt)) ─ projector ─┐
+         proprio ─ normaliser ─ proprio projector ─ extras ──────────────────────────┤
+         head tokens (extras, slots) ──────────────────────────────────────────────┤
+                                                 interleaver ─ TokenSequence ─ pruner (layer 0)
+                                                                     │
+                      mask policy ─ decoder layers [0, k) ─ pruner (layer k) ─ layers [k, L)
+                                                                     │
+                                 hidden ─ head (loss / prediction) ─ normaliser.unnormalize
+```
+
+A [VLARunner][vlakit.runner.VLARunner] is what a head trains and predicts through (it
+implements [ModelRunner][vlakit.heads.ModelRunner]): one pass over the whole sequence
+(``run``), greedy generation (``generate``), or a prefix encoded once into a read-only KV
+cache against which suffixes run (``prefix``). The model itself only holds the blocks and
+their build-time checks; nothing else knows how a sequence is laid out (the interleaver
+answers its own layout: ``suffix_length``).
 """
 
 import dataclasses
@@ -12,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from vlakit.batch import check_batch
 from vlakit.core import IGNORE_ID, MaskSpec, TokenRole, TokenSequence
 from vlakit.decoders import greedy_generate, last_valid_index
 from vlakit.heads import HeadTokens
@@ -19,33 +34,43 @@ from vlakit.heads import HeadTokens
 __all__ = ["VLARunner", "VLAPrefix"]
 
 
-class VLARunner:
-    """Prediction plumbing for one batch of one [VLA][vlakit.VLA].
+def float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating parameter (``None`` if it has none)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
 
-    Implements [PredictionRunner][vlakit.heads.PredictionRunner]. Image tokens are computed
-    once, on first use, and shared by every call.
+
+class VLARunner:
+    """The predict path for one batch of one [VLA][vlakit.VLA].
+
+    Implements [ModelRunner][vlakit.heads.ModelRunner]. The batch is checked and its image
+    tokens computed once, when the runner is made (so a bad batch fails first), and shared
+    by every call; ``last_pass`` holds the hidden states and sequence
+    of the most recent decoder pass (a whole pass, or an encoded prefix), which
+    [VLA.forward][vlakit.VLA.forward] returns.
 
     Args:
         model (VLA): the VLA.
         inputs (VLAInputs): the batch ([VLAInputs][vlakit.VLAInputs]).
+        image_tokens: projected image tokens computed earlier, to reuse.
     """
 
     def __init__(self, model, inputs, image_tokens: Tensor | None = None) -> None:
+        check_batch(inputs)
         self.model = model
         self.inputs = inputs
-        self._image_tokens = image_tokens
-        self.last_prefix: VLAPrefix | None = None  # the prefix most recently encoded
+        self.image_tokens = self._encode_images() if image_tokens is None else image_tokens
+        """The batch's projected image tokens ``[b, v·p, d]`` (FiLM-conditioned on the
+        model's language vector when the encoder has FiLM)."""
+        self.last_pass: tuple[Tensor, TokenSequence] | None = None
+
+    # -- the batch -------------------------------------------------------------------------
 
     @property
     def batch_size(self) -> int:
         return self.inputs.input_ids.shape[0]
-
-    @property
-    def image_tokens(self) -> Float[Tensor, "b p d"]:
-        """The batch's projected image tokens (computed once)."""
-        if self._image_tokens is None:
-            self._image_tokens = self.model.image_tokens(self.inputs)
-        return self._image_tokens
 
     @property
     def device(self) -> torch.device:
@@ -55,6 +80,74 @@ class VLARunner:
     def dtype(self) -> torch.dtype:
         return self.image_tokens.dtype
 
+    def target_actions(self) -> Float[Tensor, "b c a"]:
+        """The batch's target actions, normalised by the model's action normaliser and
+        checked against the head's ``[chunk_size, action_dim]``."""
+        actions = self.inputs.actions
+        head = self.model.head
+        if actions is None:
+            raise ValueError(
+                f"{type(head).__name__} trains on target actions but inputs.actions is None; "
+                f"pass actions [batch, chunk, action_dim] (the processor's actions=)"
+            )
+        expected = (head.chunk_size, head.action_dim)
+        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
+            raise ValueError(
+                f"inputs.actions must be [batch, chunk={head.chunk_size}, action_dim="
+                f"{head.action_dim}] for {type(head).__name__}, got shape "
+                f"{tuple(actions.shape)}"
+            )
+        if self.model.action_normalizer is not None:
+            actions = self.model.action_normalizer.normalize(actions)
+        return actions
+
+    # -- images and extras -----------------------------------------------------------------
+
+    def _encode_images(self) -> Float[Tensor, "b p d"]:
+        model, pixels = self.model, self.inputs.pixels
+        if pixels is None:
+            raise ValueError(
+                "inputs.pixels is None: the model needs preprocessed images, [b, c, h, w] or "
+                "[b, views, c, h, w] (the processor makes them)"
+            )
+        model.check_views(pixels)
+        condition = self.language_vector() if model.encoder.has_film else None
+        dtype = float_dtype(model.encoder)
+        if dtype is not None and pixels.dtype != dtype:
+            pixels = pixels.to(dtype)  # processors give float32; a bf16 model takes bf16
+            condition = None if condition is None else condition.to(dtype)
+        if condition is None:
+            return model.projector(model.encoder(pixels))
+        return model.projector(model.encoder(pixels, condition=condition))
+
+    def language_vector(self) -> Float[Tensor, "b d"]:
+        """FiLM's condition ``[b, d]``: the model's ``language_vector`` block over the
+        prompt (OpenVLA-OFT conditions both vision towers on it)."""
+        return self.model.language_vector(
+            self.model.decoder.embed_tokens, self.inputs.input_ids, self.inputs.text_valid
+        )
+
+    def extras(self) -> list[tuple[Tensor, TokenRole]]:
+        """Tokens the model places after the images: one ``PROPRIO`` token when the batch
+        carries proprio."""
+        model, proprio = self.model, self.inputs.proprio
+        if proprio is None:
+            return []
+        if model.proprio_projector is None:
+            raise ValueError(
+                "inputs.proprio was given but the model was built without a "
+                "proprio_projector; build it with e.g. proprio_projector=ProprioProjector("
+                "proprio_dim, hidden_size), or leave inputs.proprio as None"
+            )
+        if model.proprio_normalizer is not None:
+            proprio = model.proprio_normalizer.normalize(proprio)
+        dtype = float_dtype(model.proprio_projector)
+        if dtype is not None:
+            proprio = proprio.to(dtype)
+        return [(model.proprio_projector(proprio)[:, None], TokenRole.PROPRIO)]
+
+    # -- the sequence and the decoder pass ---------------------------------------------------
+
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
         return self.model.decoder.embed_tokens(ids)
 
@@ -62,9 +155,77 @@ class VLARunner:
         return self.model.decoder.logits(hidden)
 
     def sequence(self, tokens: HeadTokens | None = None) -> TokenSequence:
-        """The interleaved sequence with ``tokens`` placed (none: the prompt alone)."""
+        """The interleaved sequence with the head's ``tokens`` placed (none: the prompt
+        alone), pruned when the pruner runs before decoder layer 0."""
         tokens = HeadTokens() if tokens is None else tokens
-        return self.model.build_sequence(self.inputs, tokens, self.image_tokens)
+        model, inputs = self.model, self.inputs
+        seq = model.interleaver(
+            model.decoder.embed_tokens,
+            self.image_tokens,
+            inputs.input_ids,
+            inputs.text_valid,
+            extras=self.extras() + tokens.extras,
+            action_embeds=tokens.action_embeds,
+            action_ids=tokens.action_ids,
+            token_type_ids=inputs.token_type_ids,
+            action_roles=tokens.action_roles,
+        )
+        if model.pruner_layer == 0:
+            seq = model.pruner(seq)
+        return seq
+
+    def run_decoder(self, seq: TokenSequence) -> tuple[Float[Tensor, "b m d"], TokenSequence]:
+        """Run the decoder over ``seq`` (one pass, no cache): final hidden states and the
+        sequence they belong to (the pruned one when a pruner sits between layers).
+
+        A pruner before layer 0 already ran in [sequence][vlakit.runner.VLARunner.sequence].
+        A pruner before layer ``k > 0`` splits the pass: layers ``0..k-1`` on every token
+        (filling the pruner's [AttentionTap][vlakit.core.AttentionTap] if it reads one), the
+        pruner on their output, then layers ``k..`` on the kept tokens with the mask rebuilt
+        for them.
+        """
+        model = self.model
+        decoder, policy, layer = model.decoder, model.mask_policy, model.pruner_layer
+        if layer == 0:
+            return decoder(seq.embeds, policy.spec(seq), seq.positions), seq
+        model.check_pruner()  # static checks, also for a pruner assigned after construction
+        tap = model.pruner.attention_tap(seq)
+        x = decoder(seq.embeds, policy.spec(seq), seq.positions, end_layer=layer, tap=tap)
+        seq = model.pruner(seq.replace(embeds=x), None if tap is None else tap.weights)
+        hidden = decoder(seq.embeds, policy.spec(seq), seq.positions, start_layer=layer)
+        return hidden, seq
+
+    def run(self, tokens: HeadTokens) -> tuple[Float[Tensor, "b n d"], TokenSequence]:
+        """One pass over the sequence with the head's tokens placed."""
+        self.last_pass = self.run_decoder(self.sequence(tokens))
+        return self.last_pass
+
+    def run_layers(
+        self, tokens: HeadTokens, layers: tuple[int, ...]
+    ) -> tuple[Float[Tensor, "b n d"], TokenSequence, dict[int, Tensor]]:
+        """One pass like [run][vlakit.runner.VLARunner.run] that also hands back the
+        hidden states of the decoder ``layers`` (``{i: [b, n, d]}``: the output of layer
+        ``i``, before any later layer and the final norm), for heads that read middle-layer
+        features (GR00T-style). Needs a decoder with ``supports_return_layers`` and no
+        pruner between layers (the kept tokens would differ from layer to layer)."""
+        model = self.model
+        decoder = model.decoder
+        if not decoder.supports_return_layers:
+            raise ValueError(
+                f"{type(decoder).__name__} hands back no intermediate layers; build the model "
+                f"with vlakit's TransformerDecoder (vlakit.convert.decoder_from_transformers)"
+            )
+        if model.pruner_layer > 0:
+            raise ValueError(
+                f"run_layers reads layers {list(layers)}, but {type(model.pruner).__name__} "
+                f"prunes before layer {model.pruner_layer}, so layers would hold different "
+                f"tokens; prune before layer 0"
+            )
+        seq = self.sequence(tokens)
+        hidden, states = decoder(seq.embeds, model.mask_policy.spec(seq), seq.positions,
+                                 return_layers=tuple(layers))
+        self.last_pass = (hidden, seq)
+        return hidden, seq, states
 
     def generate(self, max_new_tokens: int) -> Int[Tensor, "b m"]:
         """Greedy generation of exactly ``max_new_tokens`` tokens after the prompt."""
@@ -79,18 +240,18 @@ class VLARunner:
             max_new_tokens,
         )
 
-    def run(self, tokens: HeadTokens) -> tuple[Float[Tensor, "b n d"], TokenSequence]:
-        """One pass over the sequence with the head's tokens placed."""
-        return self.model.decode(self.sequence(tokens))
+    # -- a prefix, encoded once --------------------------------------------------------------
+
+    def suffix_length(self, num_slots: int) -> int:
+        """Suffix tokens for ``num_slots`` head tokens, as the interleaver lays them out."""
+        return self.model.interleaver.suffix_length(num_slots)
 
     @property
     def supports_prefix_cache(self) -> bool:
         """Whether [prefix][vlakit.runner.VLARunner.prefix] works: the decoder keeps a prefix
         cache that many suffixes read (vlakit's own decoder; not ``HFDecoder``), and no
         pruner sits between decoder layers."""
-        if self.model.pruner_layer > 0:
-            return False
-        return bool(getattr(self.model.decoder, "supports_read_only_cache", False))
+        return self.model.pruner_layer == 0 and self.model.decoder.supports_read_only_cache
 
     def repeat(self, repeats: int) -> "VLARunner":
         """A runner over every row repeated ``repeats`` times (``[b·r]`` rows, each row's
@@ -116,11 +277,11 @@ class VLARunner:
         """Encode the prefix (images, extras, prompt and any ``tokens.extras`` the head places
         in it) once into a KV cache; ``repeats`` > 1 repeats every row for several samples.
 
-        ``suffix_len``: the number of suffix tokens each step will run (the head's slots and
-        what the interleaver appends, e.g. ``</s>``); the cache then reserves that many slots
-        after the prefix and steps write only there (see
-        [KVCache.suffix_view][vlakit.decoders.KVCache.suffix_view]). Without it, each step
-        concatenates the prefix's keys with its own.
+        ``suffix_len``: the number of suffix tokens each step will run
+        ([suffix_length][vlakit.runner.VLARunner.suffix_length] of the head's slots); the
+        cache then reserves that many slots after the prefix and steps write only there.
+        Without it, each step concatenates the prefix's keys with its own. With gradients
+        enabled (training) the cache keeps the prefix's graph.
         """
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -141,9 +302,8 @@ class VLARunner:
         else:
             view = cache.read_only() if repeats == 1 else cache.expand_batch(repeats)
         del cache  # the view holds what it needs; a suffix view holds a copy
-        prefix = VLAPrefix(self.model, seq, hidden, view, repeats)
-        self.last_prefix = prefix
-        return prefix
+        self.last_pass = (hidden, seq)
+        return VLAPrefix(self.model, seq, hidden, view, repeats)
 
 
 class VLAPrefix:
@@ -179,8 +339,8 @@ class VLAPrefix:
         return self.seq.batch_size
 
     def run(self, tokens: HeadTokens) -> tuple[Float[Tensor, "B s d"], TokenSequence]:
-        """Run the head's slot tokens as the suffix, as the interleaver would append them
-        (slots, then ``</s>`` for the OpenVLA family).
+        """Run the head's slot tokens as the suffix, as the interleaver appends them (its
+        ``suffix_tokens``).
 
         Returns the final hidden states and the sequence of ``[last prefix token] + suffix``
         (``1 + s`` tokens): the last prefix token leads, so a head that reads each slot
@@ -210,6 +370,7 @@ class VLAPrefix:
         embeds: Float[Tensor, "B m e"],
         roles: TokenRole | Int[Tensor, "B m"],
         decoder: nn.Module | None = None,
+        condition: Float[Tensor, "B c"] | None = None,
     ) -> Float[Tensor, "B m e"]:
         """Final hidden states ``[B, m, e]`` of ``m`` suffix tokens run against the prefix.
 
@@ -225,6 +386,9 @@ class VLAPrefix:
                 the prefix keys and values of the model's layer ``i`` (pi0's action expert:
                 same layer count, key/value heads and head width, any model width).
                 Default: the model's decoder.
+            condition: ``[B, c]`` the per-call condition of ``decoder``'s conditioned norms
+                (pi0.5's adaptive RMSNorm reads the flow time's embedding); ``None`` for a
+                decoder without them.
         """
         b, m = embeds.shape[:2]
         if b != self.batch_size:
@@ -254,7 +418,9 @@ class VLAPrefix:
         mask = spec.rows(n)  # [B, m, n + m]: the suffix queries
         decoder = self.decoder if decoder is None else decoder
         dtype = next(decoder.parameters()).dtype
-        return decoder(embeds.to(dtype), mask, positions, self.cache)
+        if condition is None:
+            return decoder(embeds.to(dtype), mask, positions, self.cache)
+        return decoder(embeds.to(dtype), mask, positions, self.cache, condition=condition)
 
     def _check_prefix_blind(self, spec: MaskSpec, n: int) -> None:
         # once per prefix (one device read), whatever the validation switch says: a policy

@@ -81,7 +81,8 @@ def check(tied: bool) -> None:
     fresh = fully_shard_vla(copy.deepcopy(reference))
     runner = fresh.runner(predict)
     torch.testing.assert_close(runner.generate(3), reference.generate(predict, 3), rtol=0, atol=0)
-    torch.testing.assert_close(fresh.image_tokens(predict), reference.image_tokens(predict))
+    torch.testing.assert_close(fresh.runner(predict).image_tokens,
+                               reference.runner(predict).image_tokens)
     prefix = runner.prefix()
     assert prefix.batch_size == 2
     torch.testing.assert_close(fresh(inputs).loss, loss_ref, rtol=0, atol=1e-6)
@@ -116,6 +117,7 @@ class ExpertHead(torch.nn.Module):
     """pi0's shape at toy size: an action expert trained against the prefix cache."""
 
     num_action_tokens = 6
+    chunk_size, action_dim = 2, 3
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,10 +135,10 @@ class ExpertHead(torch.nn.Module):
         hidden = runner.prefix().run_suffix(slots, TokenRole.ACTION, decoder=self.expert)
         return self.out(hidden).reshape(-1, 2, 3)
 
-    def prefix_loss(self, runner, actions):
-        return (self._actions(runner) - actions).abs().mean()
+    def loss(self, runner, sampling):
+        return (self._actions(runner) - runner.target_actions()).abs().mean()
 
-    def predict(self, runner):
+    def predict(self, runner, sampling):
         return self._actions(runner)
 
 
@@ -216,10 +218,13 @@ def check_continuous_heads() -> None:
                             pixels=inputs.pixels, proprio=inputs.proprio)
         n = 2 if head != "l1" else None
         reference.eval(), sharded.eval()
-        torch.manual_seed(6)
-        want = reference.predict_action(predict, num_samples=n)
-        torch.manual_seed(6)
-        got = sharded.predict_action(predict, num_samples=n)
+        from vlakit.heads import Sampling
+
+        def sampling(n=n):
+            return Sampling(num_samples=n, generator=torch.Generator().manual_seed(6))
+
+        want = reference.predict_action(predict, sampling())
+        got = sharded.predict_action(predict, sampling())
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         name = "" if pruner is None else f" + {type(pruner).__name__}"
         print(f"continuous head {head}/{attention}{name}: loss, gradients and actions equal")

@@ -31,7 +31,7 @@ from vlakit.convert.vision import (
     vit_from_timm,
     vit_from_transformers,
 )
-from vlakit.core.files import (
+from vlakit.core.checkpoint import (
     CheckpointFiles,
     LoadReport,
     load_into,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from vlakit.core.checkpoint import CheckpointError
-from vlakit.core.files import CheckpointView
+from vlakit.core.checkpoint import CheckpointError, CheckpointView
 
 __all__ = ["LoraAdapter", "MergedCheckpoint"]
 
@@ -69,7 +68,7 @@ class LoraAdapter:
 
     @staticmethod
     def _weights(path: Path) -> dict[str, Tensor]:
-        from vlakit.core.files import CheckpointFiles, read_torch_weights
+        from vlakit.core.checkpoint import CheckpointFiles, read_torch_weights
 
         if (path / "adapter_model.safetensors").is_file():
             with CheckpointFiles(path / "adapter_model.safetensors") as files:

@@ -3,19 +3,21 @@
 Imports nothing else of vlakit.
 """
 
-from vlakit.core.checkpoint import CheckpointError, guard_meta_loading, load_checked
-from vlakit.core.checks import set_validation, validation, validation_enabled
-from vlakit.core.files import (
+from vlakit.core.checkpoint import (
+    CheckpointError,
     CheckpointFiles,
     CheckpointView,
     LoadReport,
+    guard_meta_loading,
+    load_checked,
     load_into,
     read_torch_weights,
     strip_prefix,
 )
+from vlakit.core.checks import set_validation, validation, validation_enabled
 from vlakit.core.init import building, init_parameters
 from vlakit.core.linear import LinearFactory
-from vlakit.core.low_rank import LoRALinear, apply_lora, lora, merge_lora
+from vlakit.core.low_rank import LoRALinear, apply_lora, lora, merge_lora, replace_linears
 from vlakit.core.masks import (
     MaskSpec,
     bidirectional_mask,
@@ -33,7 +35,14 @@ from vlakit.core.policies import (
     PrefixLMMask,
     RoleBlockMask,
 )
-from vlakit.core.recording import DescriptionError, describe, rebuild, record_call, recorded
+from vlakit.core.recording import (
+    DescriptionError,
+    describe,
+    rebuild,
+    record_call,
+    recorded,
+    replace_module,
+)
 from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import IGNORE_ID, TokenSequence
 from vlakit.core.tap import AttentionTap
@@ -43,6 +52,7 @@ __all__ = [
     "LoRALinear",
     "lora",
     "apply_lora",
+    "replace_linears",
     "merge_lora",
     "init_parameters",
     "building",
@@ -57,6 +67,7 @@ __all__ = [
     "strip_prefix",
     "recorded",
     "record_call",
+    "replace_module",
     "describe",
     "rebuild",
     "DescriptionError",

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from vlakit.core.recording import recorded
+from vlakit.core.recording import recorded, replace_module
 
-__all__ = ["LoRALinear", "lora", "merge_lora", "apply_lora"]
+__all__ = ["LoRALinear", "lora", "merge_lora", "apply_lora", "replace_linears"]
 
 
 @recorded
@@ -102,10 +102,39 @@ def _lora_linear(in_features: int, out_features: int, bias: bool = True, **optio
     return LoRALinear(in_features, out_features, bias=bias, **options)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def replace_linears(
+    model: nn.Module,
+    linear: Callable[..., nn.Module],
+    targets: Callable[[str, nn.Linear], bool] | None = None,
+) -> list[str]:
+    """Replace ``nn.Linear`` layers of an existing model by ``linear(in_features,
+    out_features, bias=...)`` (a [LinearFactory][vlakit.core.LinearFactory], the same one a
+    builder's ``linear=`` takes: LoRA, a quantised or FP8 linear), holding the same weights;
+    ``targets(name, layer)`` picks them (default: every ``nn.Linear``). Returns the replaced
+    names.
+
+    The new module takes the old one's ``weight`` and ``bias`` by name (as
+    [LoRALinear][vlakit.core.LoRALinear] does); any other key it has keeps its own
+    initialisation, and a module that cannot take them raises, naming the layer. Each
+    replacement is recorded ([replace_module][vlakit.core.replace_module]), so
+    ``save_pretrained`` saves the transformed model and ``from_pretrained`` rebuilds it.
+    """
+    replaced = []
+    for name, layer in list(model.named_modules()):
+        if type(layer) is not nn.Linear or (targets is not None and not targets(name, layer)):
+            continue
+        new = linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        result = new.load_state_dict(layer.state_dict(), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"{type(new).__name__} (from the linear factory) cannot take {name}'s "
+                f"{result.unexpected_keys}: replace_linears copies nn.Linear's weight and bias "
+                f"by name"
+            )
+        replace_module(model, name, new)
+        replaced.append(name)
+    return replaced
 
 
 def apply_lora(
@@ -118,32 +147,19 @@ def apply_lora(
     """Replace ``nn.Linear`` layers of an existing model by
     [LoRALinear][vlakit.core.LoRALinear] layers holding the same weights (outputs unchanged
     until ``B`` trains); ``targets(name, layer)`` picks them (default: every ``nn.Linear``).
-    Returns the replaced names. (The replaced blocks are no longer what the model's
-    constructor arguments describe, so [VLA.save_pretrained][vlakit.VLA.save_pretrained]
-    refuses such a model; build with ``linear=lora(...)`` to save LoRA layers, or save the
-    state dict.)"""
-    replaced = []
-    for name, layer in list(model.named_modules()):
-        if type(layer) is not nn.Linear or (targets is not None and not targets(name, layer)):
-            continue
-        adapted = LoRALinear(layer.in_features, layer.out_features, rank, alpha,
-                             bias=layer.bias is not None, **options)
-        adapted = adapted.to(device=layer.weight.device, dtype=layer.weight.dtype)
-        with torch.no_grad():
-            adapted.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                adapted.bias.copy_(layer.bias)
-        _replace(model, name, adapted)
-        replaced.append(name)
-    return replaced
+    Returns the replaced names. Recorded: a model with LoRA applied saves with
+    [VLA.save_pretrained][vlakit.VLA.save_pretrained] and loads back with its LoRA layers
+    (see [replace_linears][vlakit.core.replace_linears])."""
+    return replace_linears(model, lora(rank, alpha, **options), targets)
 
 
 def merge_lora(model: nn.Module) -> list[str]:
     """Fold every [LoRALinear][vlakit.core.LoRALinear] of ``model`` into an ``nn.Linear``,
-    in place (for inference: same outputs, no extra matmuls). Returns the merged names."""
+    in place (for inference: same outputs, no extra matmuls). Returns the merged names.
+    Recorded, like [apply_lora][vlakit.core.apply_lora]: a merged model saves and loads."""
     merged = []
     for name, layer in list(model.named_modules()):
         if isinstance(layer, LoRALinear):
-            _replace(model, name, layer.merge())
+            replace_module(model, name, layer.merge())
             merged.append(name)
     return merged

@@ -2,8 +2,11 @@
 
 Every vlakit block is decorated with [recorded][vlakit.core.recorded]: its constructor
 arguments are kept on the instance (nested blocks, lists and plain values as they were
-passed), and a few methods that change a block after construction (``ViT.truncate``,
-``ViT.add_film``) record themselves as calls. [describe][vlakit.core.describe] turns that
+passed), a few methods that change a block after construction (``ViT.truncate``,
+``ViT.add_film``) record themselves as calls, and transforms that swap sub-modules (LoRA
+applied or merged, linears replaced through a factory) go through
+[replace_module][vlakit.core.replace_module], which records the new module in its
+parent. [describe][vlakit.core.describe] turns that
 into JSON-ready data (no pickle: classes and functions by their import path, dtypes and
 enums by name, diffusers schedulers by their config) and [rebuild][vlakit.core.rebuild]
 calls the same constructors again. No registry of names is involved: a class is found by
@@ -21,7 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["recorded", "record_call", "describe", "rebuild", "DescriptionError"]
+__all__ = [
+    "recorded",
+    "record_call",
+    "replace_module",
+    "describe",
+    "rebuild",
+    "DescriptionError",
+]
 
 FORMAT = "vlakit.constructor-tree"
 
@@ -75,6 +85,61 @@ def record_call(obj: Any, method: str, **arguments: Any) -> None:
         obj.__dict__["_recorded_calls"].append((method, arguments))
         for module in obj.modules() if isinstance(obj, nn.Module) else [obj]:
             _snapshot(module)  # the call may have changed blocks inside obj too
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace ``root``'s sub-module ``name`` (a dotted path) by ``module`` and record it, so a
+    saved description rebuilds the replacement: the parent's description carries
+    ``"replaced": {child: description of module}``, applied after the parent is built and its
+    recorded calls are repeated. Transforms (``apply_lora``, ``merge_lora``,
+    ``replace_linears``, a loader keeping LoRA layers) call this; a child replaced by plain
+    assignment is still refused by [describe][vlakit.core.describe], since nothing says how
+    it came to be."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if child not in parent._modules:
+        raise KeyError(f"{type(parent).__name__} has no sub-module {child!r} to replace "
+                       f"(looked up {name!r} in {type(root).__name__})")
+    setattr(parent, child, module)
+    parent.__dict__.setdefault("_recorded_replaced", []).append(child)
+
+
+def _replaced(obj: Any) -> list[str]:
+    """The children of ``obj`` a transform replaced, once each, in order of first
+    replacement (the current module in each slot is what gets described)."""
+    names = obj.__dict__.get("_recorded_replaced", [])
+    return [n for i, n in enumerate(names) if n not in names[:i] and n in obj._modules]
+
+
+def _collect_replaced(obj: nn.Module, arguments: dict) -> dict[str, nn.Module]:
+    """The recorded replacements inside ``obj`` by dotted path: in ``obj`` itself and in the
+    sub-modules its constructor built (not those passed as arguments, which describe their
+    own, nor inside a replacement, which is described whole)."""
+    passed: set[int] = set()
+
+    def note(value: Any) -> None:
+        if isinstance(value, nn.Module):
+            passed.add(id(value))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                note(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                note(v)
+
+    note(arguments)
+    found: dict[str, nn.Module] = {}
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        swapped = _replaced(module)
+        for name in swapped:
+            found[prefix + name] = module._modules[name]
+        for name, child in module._modules.items():
+            if child is not None and name not in swapped and id(child) not in passed:
+                walk(f"{prefix}{name}.", child)
+
+    walk("", obj)
+    return found
 
 
 def _snapshot(obj: Any) -> None:
@@ -170,12 +235,18 @@ def describe(obj: Any, *, _memo: dict | None = None, _where: str = "model") -> A
                                    f"name when the model is loaded; define it in a module")
         _check_children(obj, arguments, where)
         memo[id(obj)] = len(memo)
-        return {
+        described = {
             "$class": _path(cls), "$id": memo[id(obj)],
             "args": {k: inner(v, f"{where}.{k}") for k, v in arguments.items()},
             "calls": [[name, {k: inner(v, f"{where}.{name}({k})") for k, v in args.items()}]
                       for name, args in obj.__dict__.get("_recorded_calls", [])],
         }
+        replaced = _collect_replaced(obj, arguments) if isinstance(obj, nn.Module) else {}
+        if replaced:
+            described["replaced"] = {
+                name: inner(module, f"{where}.{name}") for name, module in replaced.items()
+            }
+        return described
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = {f.name: inner(getattr(obj, f.name), f"{where}.{f.name}")
                   for f in dataclasses.fields(obj) if f.init}
@@ -208,12 +279,14 @@ def _check_children(obj: Any, arguments: dict, where: str) -> None:
     snapshot = obj.__dict__.get("_recorded_children")
     if snapshot is None or not isinstance(obj, nn.Module):
         return
-    now = obj._modules
-    changed = sorted(k for k in set(now) | set(snapshot) if now.get(k) is not snapshot.get(k))
+    now, transformed = obj._modules, set(_replaced(obj))
+    changed = sorted(k for k in set(now) | set(snapshot)
+                     if now.get(k) is not snapshot.get(k) and k not in transformed)
     if changed:
         raise DescriptionError(
             f"{where}.{changed[0]} was replaced after {type(obj).__name__} was built, so the "
-            f"constructor arguments no longer describe it; pass it to the constructor instead"
+            f"constructor arguments no longer describe it; pass it to the constructor instead "
+            f"(or replace it with vlakit.core.replace_module, which records the change)"
         )
 
 
@@ -307,6 +380,12 @@ def rebuild(description: Any, *, trust: tuple[str, ...] = (), _memo: dict | None
                 raise DescriptionError(f"the description calls {name!r} on {cls.__name__}; "
                                        f"only {sorted(_RECORDED_METHODS)} are repeated")
             getattr(obj, name)(**{k: inner(v) for k, v in arguments.items()})
+        for name, child in description.get("replaced", {}).items():
+            try:
+                replace_module(obj, name, inner(child))
+            except (AttributeError, KeyError) as error:
+                raise DescriptionError(f"the description replaces {cls.__name__}.{name}, which "
+                                       f"the rebuilt {cls.__name__} does not have") from error
         if "$id" in description:
             memo[description["$id"]] = obj
         return obj

@@ -42,9 +42,10 @@ def greedy_generate(
         ids = greedy_generate(decoder, embeds, mask, positions, valid, 7, step=step)
 
     Args:
-        decoder: a [`TransformerDecoder`][vlakit.decoders.TransformerDecoder] or
-            [`HFDecoder`][vlakit.decoders.HFDecoder] (anything with ``new_cache``,
-            ``forward``, ``embed_tokens`` and ``logits``).
+        decoder: a [`Decoder`][vlakit.decoders.Decoder]
+            ([`TransformerDecoder`][vlakit.decoders.TransformerDecoder],
+            [`HFDecoder`][vlakit.decoders.HFDecoder]); its cache tells with
+            ``is_preallocated`` whether it has a fixed number of slots.
         embeds: ``[b, n, d]`` prompt embeddings.
         mask: ``[b, n, n]`` prompt attention mask, or a [`MaskSpec`][vlakit.core.MaskSpec].
         positions: ``[b, n]`` prompt positions.
@@ -67,7 +68,7 @@ def greedy_generate(
     last = last_valid_index(valid)
     h_last = hidden[rows, last][:, None]  # [b, 1, d]
     next_pos = positions[rows, last][:, None] + 1  # [b, 1]
-    preallocated = getattr(cache, "is_preallocated", False)
+    preallocated = cache.is_preallocated
     if preallocated:
         key_valid = torch.zeros(b, total, dtype=torch.bool, device=embeds.device)
         key_valid[:, :n] = valid

@@ -1,6 +1,7 @@
 """Any transformers causal LM behind the vlakit decoder interface."""
 
 import os
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -8,6 +9,7 @@ from torch import Tensor, nn
 
 from vlakit.core.checks import should_validate
 from vlakit.core.masks import MaskSpec, check_mask_shape
+from vlakit.core.tap import AttentionTap
 from vlakit.decoders.embedding import check_token_ids
 
 __all__ = ["HFDecoder", "HFCache"]
@@ -24,6 +26,9 @@ class HFCache:
     and Gemma) for diffusion and flow-matching heads.
     """
 
+    is_read_only = False
+    is_preallocated = False
+
     def __init__(self, config) -> None:
         from transformers import DynamicCache
 
@@ -33,11 +38,20 @@ class HFCache:
         return int(self.cache.get_seq_length())
 
     def read_only(self) -> "HFCache":
-        raise RuntimeError(
-            "HFDecoder cannot run suffixes against a read-only prefix cache: transformers' "
-            "caches append on every forward. Use TransformerDecoder (e.g. "
-            "vlakit.convert.decoder_from_transformers(model)) for heads that need it."
-        )
+        raise RuntimeError(_NO_READ_ONLY)
+
+    def suffix_view(self, suffix_slots: int, repeats: int = 1) -> "HFCache":
+        raise RuntimeError(_NO_READ_ONLY)
+
+    def expand_batch(self, repeats: int) -> "HFCache":
+        raise RuntimeError(_NO_READ_ONLY)
+
+
+_NO_READ_ONLY = (
+    "HFDecoder cannot run suffixes against a read-only prefix cache: transformers' "
+    "caches append on every forward. Use TransformerDecoder (e.g. "
+    "vlakit.convert.decoder_from_transformers(model)) for heads that need it."
+)
 
 
 class HFDecoder(nn.Module):
@@ -59,6 +73,18 @@ class HFDecoder(nn.Module):
 
     supports_read_only_cache = False
     """transformers caches store every forward: no prefix read by many suffixes."""
+
+    supports_layer_ranges = False
+    """The wrapped model runs all its layers in one call."""
+
+    supports_attention_tap = False
+    """No attention weights are read out of the wrapped model."""
+
+    supports_return_layers = False
+    """No intermediate layers are handed back (use the own decoder)."""
+
+    condition_dim: int | None = None
+    """The wrapped model's norms read no per-call condition."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -112,9 +138,19 @@ class HFDecoder(nn.Module):
         mask: Bool[Tensor, "b q k"] | MaskSpec,
         positions: Int[Tensor, "b q"],
         cache: HFCache | None = None,
+        start_layer: int = 0,
+        end_layer: int | None = None,
+        tap: AttentionTap | None = None,
+        *,
+        condition: Tensor | None = None,
+        return_layers: Sequence[int] | None = None,
     ) -> Float[Tensor, "b q d"]:
         """Final hidden states; same contract as
-        [`TransformerDecoder.forward`][vlakit.decoders.TransformerDecoder.forward]."""
+        [`LayerStack.forward`][vlakit.decoders.LayerStack.forward] for ``embeds``, ``mask``,
+        ``positions`` and ``cache``. The other keywords exist so that every decoder takes
+        the same call; given anything but their defaults they raise (the capabilities are
+        ``False``: see [`Decoder`][vlakit.decoders.Decoder])."""
+        self._refuse_unsupported(start_layer, end_layer, tap, condition, return_layers)
         if cache is not None and not isinstance(cache, HFCache):
             raise TypeError(
                 f"HFDecoder takes the cache from its own new_cache(), got {type(cache).__name__}"
@@ -141,3 +177,27 @@ class HFDecoder(nn.Module):
 
     def logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
         return self.model.get_output_embeddings()(hidden)
+
+    def _refuse_unsupported(self, start_layer, end_layer, tap, condition, return_layers) -> None:
+        use = "vlakit's TransformerDecoder (vlakit.convert.decoder_from_transformers)"
+        if start_layer != 0 or end_layer not in (None, self.num_layers):
+            raise ValueError(
+                f"HFDecoder runs all {self.num_layers} layers in one call "
+                f"(supports_layer_ranges=False), got start_layer={start_layer}, "
+                f"end_layer={end_layer}; use {use}"
+            )
+        if tap is not None:
+            raise ValueError(
+                f"HFDecoder cannot read attention weights (supports_attention_tap=False); "
+                f"use {use}"
+            )
+        if return_layers is not None:
+            raise ValueError(
+                f"HFDecoder hands back no intermediate layers (supports_return_layers=False), "
+                f"got return_layers={return_layers!r}; use {use}"
+            )
+        if condition is not None:
+            raise ValueError(
+                f"HFDecoder's norms read no condition (condition_dim=None), got a condition "
+                f"{tuple(condition.shape)}"
+            )

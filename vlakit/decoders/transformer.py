@@ -1,35 +1,31 @@
-"""The own decoder: embeddings, pre-norm layers, final norm and LM head."""
+"""The own decoder: a layer stack plus its two ends, the token embedding and the LM head."""
 
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vlakit.core.checks import should_validate
-from vlakit.core.masks import MaskSpec, check_mask_shape
 from vlakit.core.recording import recorded
-from vlakit.core.tap import AttentionTap
-from vlakit.decoders.cache import KVCache
 from vlakit.decoders.embedding import TokenEmbedding
 from vlakit.decoders.layer import DecoderLayer
 from vlakit.decoders.lm_head import TiedLMHead
 from vlakit.decoders.rope import RotaryEmbedding
+from vlakit.decoders.stack import LayerStack
 
 __all__ = ["TransformerDecoder"]
 
 
 @recorded
-class TransformerDecoder(nn.Module):
-    """A decoder-only transformer that takes embeddings, an explicit mask and positions.
+class TransformerDecoder(LayerStack):
+    """A decoder-only transformer: a [`LayerStack`][vlakit.decoders.LayerStack] (layers,
+    final norm, RoPE) with a token embedding in front and an LM head behind.
 
-    The decoder never guesses a mask: pass a dense boolean ``[b, q, k]`` from
-    [`vlakit.core`][vlakit.core] (causal, prefix-LM, bidirectional, segment blocks), or a
-    [`MaskSpec`][vlakit.core.MaskSpec] from a mask policy, which lets the decoder take
-    SDPA's ``is_causal`` fast path when the mask is plainly causal (same numbers). With a
-    [`KVCache`][vlakit.decoders.KVCache] the mask covers the cached keys too:
-    ``[b, q, cache.key_length(q)]``.
+    ``forward`` is the stack's (the same layer loop, masks, cache, ``condition``,
+    ``return_layers``); see [`LayerStack.forward`][vlakit.decoders.LayerStack.forward]. The
+    decoder never guesses a mask: a dense boolean ``[b, q, k]`` or a
+    [`MaskSpec`][vlakit.core.MaskSpec]; with a [`KVCache`][vlakit.decoders.KVCache] the mask
+    covers the cached keys too: ``[b, q, cache.key_length(q)]``.
 
     Data path::
 
@@ -38,7 +34,9 @@ class TransformerDecoder(nn.Module):
                          --norm (when the range ends at the last layer)--> hidden [b, q, d]
         hidden --logits--> [b, q, V]             (TiedLMHead when built without lm_head)
 
-    Every parameter is used inside some module's ``forward`` (the tied head is a
+    The state dict holds ``embed.weight``, ``layers.{i}.…``, ``norm.…`` and (untied)
+    ``lm_head.weight``; the ``layers`` and ``norm`` entries load into a ``LayerStack`` as
+    they are. Every parameter is used inside some module's ``forward`` (the tied head is a
     [`TiedLMHead`][vlakit.decoders.TiedLMHead] module holding the embedding's
     ``Parameter``). ``embed_tokens`` and ``logits`` are the two entry points besides
     ``forward``; [`fully_shard_vla`][vlakit.distributed.fully_shard_vla] registers them
@@ -62,13 +60,12 @@ class TransformerDecoder(nn.Module):
         lm_head: nn.Module | None = None,
         max_seq_len: int = 4096,
     ) -> None:
-        super().__init__()
+        # not LayerStack.__init__: the embedding is registered first, so the state dict
+        # keeps its order (embed, layers, norm, lm_head)
+        nn.Module.__init__(self)
         self.embed = embed
-        self.layers = nn.ModuleList(layers)
-        self.norm = norm
-        self.rope = rope
+        self._build(embed.embedding_dim, layers, norm, rope, max_seq_len)
         self.lm_head = TiedLMHead(embed) if lm_head is None else lm_head
-        self.max_seq_len = max_seq_len
         self.register_load_state_dict_pre_hook(_check_stored_tied_head)
         self.register_load_state_dict_post_hook(_retie_after_load)
 
@@ -82,10 +79,6 @@ class TransformerDecoder(nn.Module):
         return self.embed.num_embeddings
 
     @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
     def tied_embeddings(self) -> bool:
         return isinstance(self.lm_head, TiedLMHead)
 
@@ -93,15 +86,6 @@ class TransformerDecoder(nn.Module):
         """Re-point a tied LM head at the embedding's weight (after ``to_empty`` etc.)."""
         if isinstance(self.lm_head, TiedLMHead):
             self.lm_head.tie(self.embed)
-
-    supports_read_only_cache = True
-    """A prefix cache can be read by many suffixes (diffusion, flow matching)."""
-
-    supports_layer_ranges = True
-    """``forward`` runs any range of layers (a pruner may sit between two layers)."""
-
-    supports_attention_tap = True
-    """``forward(..., tap=AttentionTap(...))`` reads one layer's attention weights."""
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -116,115 +100,9 @@ class TransformerDecoder(nn.Module):
         """
         return self.embed(ids)
 
-    def new_cache(self, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for this decoder: appending, or preallocated to ``max_len``
-        positions (fixed shapes per step: a compiled decoder compiles once)."""
-        return KVCache(self.num_layers, max_len=max_len)
-
-    def forward(
-        self,
-        embeds: Float[Tensor, "b q d"],
-        mask: Bool[Tensor, "b q k"] | MaskSpec,
-        positions: Int[Tensor, "b q"],
-        cache: KVCache | None = None,
-        start_layer: int = 0,
-        end_layer: int | None = None,
-        tap: AttentionTap | None = None,
-    ) -> Float[Tensor, "b q d"]:
-        """Run layers ``[start_layer, end_layer)`` (all by default) and, when the range
-        ends at the last layer, the final norm.
-
-        Running a range lets a block sit between layers (a token pruner before layer ``k``:
-        ``decoder(x, m, p, end_layer=k)``, prune, ``decoder(x', m', p', start_layer=k)``).
-
-        Args:
-            embeds: ``[b, q, d]`` input embeddings (hidden states when ``start_layer > 0``).
-            mask: ``[b, q, k]`` boolean, ``True`` = may attend, ``k = cache.key_length(q)``
-                (a mask narrower than a preallocated cache is padded with ``False``); or a
-                [`MaskSpec`][vlakit.core.MaskSpec].
-            positions: ``[b, q]`` RoPE positions, each ``< max_seq_len``.
-            cache: optional [`KVCache`][vlakit.decoders.KVCache] (written to unless
-                read-only).
-            start_layer: first layer to run.
-            end_layer: one past the last layer to run (``None``: all).
-            tap: an [AttentionTap][vlakit.core.AttentionTap] to fill with the attention
-                weights of ``tap.layer`` (which must be in the range run) at its queries.
-
-        Returns:
-            ``[b, q, d]`` hidden states (after the final norm if the last layer ran).
-        """
-        end = self.num_layers if end_layer is None else end_layer
-        if not 0 <= start_layer <= end <= self.num_layers:
-            raise ValueError(
-                f"layer range [{start_layer}, {end}) is not inside the decoder's "
-                f"{self.num_layers} layers: need 0 <= start_layer <= end_layer <= "
-                f"{self.num_layers}"
-            )
-        if tap is not None and not start_layer <= tap.layer < end:
-            raise ValueError(
-                f"the attention tap asks for layer {tap.layer}, but this call runs layers "
-                f"[{start_layer}, {end}) of the decoder's {self.num_layers} (0.."
-                f"{self.num_layers - 1})"
-            )
-        attn_mask = self._attention_mask(embeds, mask, positions, cache)
-        cos, sin = self.rope(positions, embeds.dtype)
-        x = embeds
-        for i in range(start_layer, end):
-            if tap is not None and i == tap.layer:
-                x = self.layers[i](x, cos, sin, attn_mask, cache, i, tap)
-            else:
-                x = self.layers[i](x, cos, sin, attn_mask, cache, i)
-        if end < self.num_layers:
-            return x
-        if cache is not None:
-            cache.advance(embeds.shape[1])
-        return self.norm(x)
-
     def logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
         """Project hidden states to vocabulary logits."""
         return self.lm_head(hidden)
-
-    def _attention_mask(
-        self, embeds: Tensor, mask: Tensor | MaskSpec, positions: Tensor, cache: KVCache | None
-    ) -> Tensor | None:
-        """Check the inputs; return the dense mask for the layers, or ``None`` for SDPA's
-        plain-causal path."""
-        if embeds.shape[-1] != self.dim:
-            raise ValueError(
-                f"embeddings have width {embeds.shape[-1]}, but the decoder's hidden size is "
-                f"{self.dim}"
-            )
-        b, q = embeds.shape[:2]
-        if tuple(positions.shape) != (b, q):
-            raise ValueError(
-                f"positions must be [batch, tokens] = [{b}, {q}], got {tuple(positions.shape)}"
-            )
-        keys = q if cache is None else cache.key_length(q)
-        if isinstance(mask, MaskSpec):
-            if mask.shape != (b, q, q):
-                raise ValueError(
-                    f"the mask (a MaskSpec) is [batch={mask.shape[0]}, tokens={mask.shape[1]}], "
-                    f"but the embeddings are [batch={b}, tokens={q}]; build the mask from the "
-                    f"same sequence as the embeddings"
-                )
-            if mask.is_causal and keys == q:
-                mask = None
-            else:
-                mask = mask.dense()
-        if mask is not None:
-            if cache is not None and cache.is_preallocated and mask.shape[-1] < keys:
-                mask = F.pad(mask, (0, keys - mask.shape[-1]), value=False)
-            check_mask_shape(mask, b, q, keys)
-        if should_validate(positions):
-            bottom, top = torch.aminmax(positions)  # one read-back for both
-            bottom, top = int(bottom), int(top)
-            if top >= self.max_seq_len or bottom < 0:
-                bad = top if top >= self.max_seq_len else bottom
-                raise ValueError(
-                    f"position {bad} is outside [0, max_seq_len={self.max_seq_len}) that the "
-                    f"decoder was built with"
-                )
-        return mask
 
 
 def _check_stored_tied_head(decoder: TransformerDecoder, state_dict, prefix, *args) -> None:

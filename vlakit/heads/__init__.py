@@ -1,7 +1,9 @@
 """Heads: place their tokens, read hidden states by role, own their loss and prediction.
 
 The contract ([Head][vlakit.heads.Head], [ActionHead][vlakit.heads.ActionHead],
-[PredictionRunner][vlakit.heads.PredictionRunner]) is in ``vlakit.heads.base``; see the
+[ModelRunner][vlakit.heads.ModelRunner]) is in ``vlakit.heads.base``; the samplers
+([euler][vlakit.heads.euler], [scheduler_denoise][vlakit.heads.scheduler_denoise]) and the
+sampling argument ([Sampling][vlakit.heads.Sampling]) in ``vlakit.heads.sampling``; see the
 heads page of the documentation for a diagram.
 """
 
@@ -9,9 +11,9 @@ from vlakit.heads.base import (
     ActionHead,
     Head,
     HeadTokens,
-    PredictionRunner,
+    ModelRunner,
     PrefixRunner,
-    PrefixTrainedHead,
+    has_action_targets,
 )
 from vlakit.heads.diffusion import DiffusionActionHead, NoisyActionProjector
 from vlakit.heads.discrete import ActionCodec, DiscreteActionHead
@@ -20,6 +22,15 @@ from vlakit.heads.l1 import L1RegressionHead
 from vlakit.heads.lm_loss import next_token_loss
 from vlakit.heads.mlp_resnet import MLPResNet, MLPResNetBlock
 from vlakit.heads.next_token import NextTokenHead
+from vlakit.heads.sampling import (
+    DenoiseStep,
+    Sampling,
+    StepWrapper,
+    draw_noise,
+    euler,
+    prediction_generator,
+    scheduler_denoise,
+)
 from vlakit.heads.slots import SLOT_READS, read_slots
 from vlakit.heads.time_embedding import sincos_time_embedding, sinusoidal_embedding
 
@@ -27,9 +38,16 @@ __all__ = [
     "Head",
     "ActionHead",
     "HeadTokens",
-    "PredictionRunner",
+    "ModelRunner",
     "PrefixRunner",
-    "PrefixTrainedHead",
+    "has_action_targets",
+    "Sampling",
+    "DenoiseStep",
+    "StepWrapper",
+    "euler",
+    "scheduler_denoise",
+    "draw_noise",
+    "prediction_generator",
     "DiscreteActionHead",
     "ActionCodec",
     "NextTokenHead",

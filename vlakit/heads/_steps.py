@@ -6,19 +6,15 @@ from collections.abc import Callable
 from torch import Tensor
 
 from vlakit.core import TokenSequence
-from vlakit.heads.base import HeadTokens, PredictionRunner
-
-
-def check_num_samples(num_samples: int) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+from vlakit.heads.base import HeadTokens, ModelRunner
 
 
 class StepRunner:
     """Runs one step's head tokens, against a cached prefix or as a full pass.
 
     ``cached``: the prefix (images, extras, prompt) is encoded once, for ``num_samples``
-    samples per row, with ``suffix_len`` cache slots reserved; each step runs only the
+    samples per row, with cache slots reserved for the suffix of ``num_slots`` head tokens
+    (as long as the interleaver makes it: ``runner.suffix_length``); each step runs only the
     suffix. Otherwise (the OFT layout, or a decoder with no read-only cache) every step runs
     the whole sequence at ``b * num_samples`` rows.
     """
@@ -26,10 +22,10 @@ class StepRunner:
     def __init__(
         self,
         head,
-        runner: PredictionRunner,
+        runner: ModelRunner,
         num_samples: int,
         cached: bool,
-        suffix_len: int,
+        num_slots: int,
     ) -> None:
         self.batch_size = runner.batch_size * num_samples
         self.device, self.dtype = runner.device, runner.dtype
@@ -47,6 +43,7 @@ class StepRunner:
             )
         self._run: Callable[[HeadTokens], tuple[Tensor, TokenSequence]]
         if self.cached:
+            suffix_len = runner.suffix_length(num_slots)
             self._run = runner.prefix(num_samples, suffix_len=suffix_len).run
         else:
             self._run = runner.repeat(num_samples).run

@@ -1,29 +1,33 @@
 """The head contract: what every head does and what the model gives it.
 
 ```
-              training                                  prediction
-  actions ─ head.place(actions, embed, like) ┐ head.predict(runner) ─┬─ runner.generate(m)
-            HeadTokens(extras, slots)   │                             ├─ runner.run(tokens)
-  VLA: interleave ─ decoder ─ hidden ───┤                             ├─ runner.prefix(r)
-  head.loss(hidden, seq, tokens, lm) ◄──┘                             │   .run_suffix(x, role)
-                                                                      └─► normalised actions
+   training: head.loss(runner, sampling)      prediction: head.predict(runner, sampling)
+                   │                                         │
+   runner.target_actions() (normalised)      ┌───────────────┼──────────────────┐
+   runner.run(tokens) -> hidden, seq      generate(m)    run(tokens)   prefix(r).run(tokens)
+   or runner.prefix().run_suffix(...)                                  .run_suffix(x, role)
+                   │                                         │
+              scalar loss                           normalised actions
 ```
 
 A head
 
-1. **places** its tokens: [`Head.place`][vlakit.heads.Head.place] returns
-   [HeadTokens][vlakit.heads.HeadTokens]:
-   extra tokens (a diffusion timestep) and action slots (embeddings and, for vocabulary
-   tokens, ids), plus whatever its loss needs later (noise, targets);
-2. computes its **loss** from the final hidden states and the
-   [TokenSequence][vlakit.core.TokenSequence] (it finds its slots by role);
-3. **predicts** through a [PredictionRunner][vlakit.heads.PredictionRunner] the model hands
-   it: greedy generation (discrete tokens), one pass with its slots (L1 regression), or a
-   prefix encoded once into a read-only cache and a fixed-step loop of suffix passes against
-   it (diffusion, flow matching; ``prefix(repeats)`` shares one prefix among several samples).
+1. **places** its tokens ([HeadTokens][vlakit.heads.HeadTokens]): extra tokens (a diffusion
+   timestep) and action slots (embeddings and, for vocabulary tokens, ids);
+2. **trains** through one entry, ``loss(runner, sampling)``: it reads the normalised target
+   actions from ``runner.target_actions()``, runs its tokens through the runner (one pass
+   over the whole sequence, or a prefix encoded once and a suffix against it, pi0-style)
+   and returns the scalar loss;
+3. **predicts** through the same runner: greedy generation (discrete tokens), one pass with
+   its slots (L1 regression), or a prefix in a read-only cache and one of the samplers of
+   [vlakit.heads.sampling][vlakit.heads.sampling] over suffix passes (diffusion, flow).
 
-Heads import nothing of the decoders or the model: the embedding and the LM head reach them
-as callables, the rest through the runner.
+Randomness is an argument: [Sampling][vlakit.heads.Sampling] carries the generator, given
+noise or times and the step wrapper; no head draws from torch's global random state at
+prediction.
+
+Heads import nothing of the decoders or the model: everything reaches them through the
+[ModelRunner][vlakit.heads.ModelRunner].
 """
 
 import dataclasses
@@ -35,20 +39,27 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlakit.core import TokenRole, TokenSequence
+from vlakit.heads.sampling import Sampling
 
 __all__ = [
     "HeadTokens",
     "Head",
     "ActionHead",
-    "PrefixTrainedHead",
-    "PredictionRunner",
+    "ModelRunner",
     "PrefixRunner",
+    "has_action_targets",
 ]
 
 EmbedFn = Callable[[Tensor], Tensor]
 """``ids [b, t] -> embeddings [b, t, d]`` (the decoder's token embedding)."""
 LogitsFn = Callable[[Tensor], Tensor]
 """``hidden [..., d] -> logits [..., V]`` (the decoder's LM head)."""
+
+
+def has_action_targets(inputs: Any) -> bool:
+    """Whether a batch carries target actions (``inputs.actions``): what every action head
+    answers for [Head.has_targets][vlakit.heads.Head.has_targets]."""
+    return getattr(inputs, "actions", None) is not None
 
 
 @dataclasses.dataclass(repr=False)
@@ -94,8 +105,8 @@ class PrefixRunner(Protocol):
     """Rows of the suffix batch: the model's batch times ``repeats``."""
 
     def run(self, tokens: HeadTokens) -> tuple[Float[Tensor, "B s d"], TokenSequence]:
-        """Run the head's slot tokens as the suffix (as the interleaver appends them, e.g.
-        slots then ``</s>``) against the cached prefix.
+        """Run the head's slot tokens as the suffix (as the interleaver appends them)
+        against the cached prefix.
 
         Returns final hidden states and the sequence of ``[last prefix token] + suffix``:
         heads find their slots by role, exactly as in a full pass.
@@ -103,26 +114,38 @@ class PrefixRunner(Protocol):
         ...
 
     def run_suffix(
-        self, embeds: Float[Tensor, "B m d"], roles: TokenRole | Int[Tensor, "B m"]
+        self,
+        embeds: Float[Tensor, "B m d"],
+        roles: TokenRole | Int[Tensor, "B m"],
+        decoder: Any = None,
+        condition: Float[Tensor, "B c"] | None = None,
     ) -> Float[Tensor, "B m d"]:
         """Run ``m`` raw suffix tokens against the cached prefix; their final hidden states.
 
         Suffix tokens follow each row's last prefix token (positions continue from there);
         which prefix and suffix tokens each one sees is the model's mask policy over
         ``prefix + suffix`` (the policy must keep the prefix blind to the suffix).
+        ``decoder``: another layer stack sharing the prefix's keys and values (an action
+        expert); ``condition``: its per-call condition (pi0.5's adaptive norms).
         """
         ...
 
 
 @runtime_checkable
-class PredictionRunner(Protocol):
-    """The model's side of prediction, handed to
-    [`ActionHead.predict`][vlakit.heads.ActionHead.predict]."""
+class ModelRunner(Protocol):
+    """The model's side of training and prediction for one batch, handed to
+    [Head.loss][vlakit.heads.Head.loss] and [ActionHead.predict][vlakit.heads.ActionHead.predict]
+    ([VLARunner][vlakit.runner.VLARunner] implements it)."""
 
     batch_size: int
     device: torch.device
     dtype: torch.dtype
     """The decoder's compute dtype: what new slot embeddings should be."""
+
+    def target_actions(self) -> Float[Tensor, "b c a"]:
+        """The batch's target actions, normalised, checked against the head's chunk size
+        and action width (a ``ValueError`` names the dimension)."""
+        ...
 
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
         """The decoder's token embedding."""
@@ -141,6 +164,18 @@ class PredictionRunner(Protocol):
         states and the sequence (to find the slots by role)."""
         ...
 
+    def run_layers(
+        self, tokens: HeadTokens, layers: tuple[int, ...]
+    ) -> tuple[Float[Tensor, "b n d"], TokenSequence, dict[int, Tensor]]:
+        """``run`` that also returns the outputs of decoder ``layers`` (``{i: [b, n, d]}``),
+        for heads that read middle-layer features."""
+        ...
+
+    def suffix_length(self, num_slots: int) -> int:
+        """Suffix tokens a prefix runner runs for ``num_slots`` slots (the interleaver's
+        layout: e.g. the slots and ``</s>``)."""
+        ...
+
     supports_prefix_cache: bool
     """Whether ``prefix`` works (the decoder keeps a read-only prefix cache)."""
 
@@ -153,79 +188,43 @@ class PredictionRunner(Protocol):
         """Encode the prefix once; ``repeats`` > 1 repeats every row (several samples per
         observation share one prefix); ``tokens.extras`` (if given) go into the prefix;
         ``suffix_len`` reserves cache slots for the suffix so steps copy nothing of the
-        prefix."""
+        prefix. In training the prefix keeps its graph: gradients reach it through the
+        cached keys and values."""
         ...
 
-    def repeat(self, repeats: int) -> "PredictionRunner":
+    def repeat(self, repeats: int) -> "ModelRunner":
         """The same batch with every row repeated ``repeats`` times (adjacent copies)."""
         ...
 
 
 @runtime_checkable
 class Head(Protocol):
-    """Every head: places its tokens and computes its loss."""
+    """Every head: one training entry."""
 
     def has_targets(self, inputs: Any) -> bool:
         """Whether ``inputs`` (a [VLAInputs][vlakit.VLAInputs]) carry this head's training
         targets, so the model computes a loss."""
         ...
 
-    def place(
-        self,
-        actions: Float[Tensor, "b c a"] | None,
-        embed_tokens: EmbedFn,
-        like: Float[Tensor, "b p d"],
-    ) -> HeadTokens:
-        """Tokens to place: for training (``actions`` normalised) or prediction (``None``).
-
-        ``like`` is the batch's projected image tokens: its batch size, device and dtype
-        are the ones new tokens (zero slots, noise, a timestep token) must have.
-        """
-        ...
-
-    def loss(
-        self,
-        hidden: Float[Tensor, "b n d"],
-        seq: TokenSequence,
-        tokens: HeadTokens,
-        lm_logits: LogitsFn,
-    ) -> Float[Tensor, ""]:
-        """Scalar training loss from the final hidden states."""
-        ...
-
-
-@runtime_checkable
-class PrefixTrainedHead(Protocol):
-    """A head that trains its suffix against the prefix cache (pi0's action expert).
-
-    [VLA.forward][vlakit.VLA.forward] calls ``prefix_loss`` instead of running the whole
-    sequence through the decoder: the head encodes the prefix with ``runner.prefix()`` and
-    runs its suffix (e.g. through its own expert decoder, ``run_suffix(..., decoder=)``);
-    gradients flow through the cached keys and values into the prefix. When the prefix
-    cannot see the suffix (a block mask), this equals one joint pass.
-    """
-
-    def has_targets(self, inputs: Any) -> bool:
-        ...
-
-    def prefix_loss(
-        self, runner: PredictionRunner, actions: Float[Tensor, "b c a"]
-    ) -> Float[Tensor, ""]:
-        """Scalar loss for normalised target ``actions``."""
+    def loss(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, ""]:
+        """Scalar training loss: the head places its tokens, runs them through ``runner``
+        (a whole pass or a prefix and suffix) and compares with ``runner.target_actions()``
+        (or the suffix text); ``sampling`` gives the training draws (generator, noise, time)."""
         ...
 
 
 @runtime_checkable
 class ActionHead(Head, Protocol):
-    """A head that predicts actions."""
+    """A head that predicts actions ``[b, chunk_size, action_dim]``."""
 
+    chunk_size: int
+    action_dim: int
     num_action_tokens: int
     """Tokens the head places in the sequence for training (for length checks)."""
 
-    def predict(self, runner: PredictionRunner) -> Float[Tensor, "b c a"]:
-        """Normalised actions ``[b, chunk, a]`` (float32).
-
-        A sampling head (``supports_sampling = True``: diffusion, flow matching) also takes
-        ``num_samples`` and then returns ``[b, num_samples, chunk, a]``.
-        """
+    def predict(
+        self, runner: ModelRunner, sampling: Sampling
+    ) -> Float[Tensor, "b c a"] | Float[Tensor, "b n c a"]:
+        """Normalised actions ``[b, chunk, a]`` (float32); ``[b, n, chunk, a]`` when
+        ``sampling.num_samples = n`` (sampling heads only)."""
         ...

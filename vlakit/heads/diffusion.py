@@ -12,9 +12,10 @@ from torch import Tensor, nn
 
 from vlakit.core import TokenRole, TokenSequence
 from vlakit.core.recording import recorded
-from vlakit.heads._steps import StepRunner, check_num_samples
-from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
+from vlakit.heads._steps import StepRunner
+from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
 from vlakit.heads.mlp_resnet import MLPResNet
+from vlakit.heads.sampling import Sampling, draw_noise, prediction_generator, scheduler_denoise
 from vlakit.heads.slots import check_reads, read_slots
 from vlakit.heads.time_embedding import sinusoidal_embedding
 
@@ -71,9 +72,11 @@ class DiffusionActionHead(nn.Module):
       chunk step to ``[b, chunk, a * d]``, through a noise-prediction
       [MLPResNet][vlakit.heads.MLPResNet] to ``[b, chunk, a]``.
     - loss: mean squared error against ``eps`` (float32).
-    - predict: ``x`` from ``N(0, 1)``, then for each of the scheduler's
+    - predict: ``x`` from ``N(0, 1)`` (or the given noise), then
+      [scheduler_denoise][vlakit.heads.scheduler_denoise]: for each of the scheduler's
       ``num_inference_steps`` timesteps ``x = scheduler.step(eps_hat, k, x).prev_sample``,
-      the passed scheduler's own arithmetic.
+      the passed scheduler's own arithmetic. Randomness comes from
+      [Sampling][vlakit.heads.Sampling] (generator or given noise; never the global state).
 
     Layouts (the sequence is ``<s>, images, [proprio], ..., prompt, slots, </s>``):
 
@@ -103,8 +106,6 @@ class DiffusionActionHead(nn.Module):
         predict_read: the read at prediction, if it differs from training's
             (LightVLA's release: ``"next"``); default ``read``.
     """
-
-    supports_sampling = True
 
     def __init__(
         self,
@@ -154,15 +155,7 @@ class DiffusionActionHead(nn.Module):
         return self.scheduler.config.num_train_timesteps
 
     def has_targets(self, inputs: Any) -> bool:
-        return getattr(inputs, "actions", None) is not None
-
-    def check_actions(self, actions: Tensor) -> None:
-        expected = (self.chunk_size, self.action_dim)
-        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
-            raise ValueError(
-                f"actions must be [batch, chunk={self.chunk_size}, action_dim={self.action_dim}]"
-                f", got shape {tuple(actions.shape)}"
-            )
+        return has_action_targets(inputs)
 
     def tokens(
         self, noisy: Float[Tensor, "b c a"], timesteps: Tensor, dtype: torch.dtype
@@ -179,26 +172,6 @@ class DiffusionActionHead(nn.Module):
         roles[:, 0] = int(TokenRole.TIMESTEP)
         return HeadTokens(action_embeds=torch.cat((time, slots), 1), action_roles=roles)
 
-    def place(
-        self,
-        actions: Float[Tensor, "b c a"] | None,
-        embed_tokens: EmbedFn,
-        like: Float[Tensor, "b p d"],
-    ) -> HeadTokens:
-        """Training: the noised targets at sampled timesteps, the noise kept for the loss.
-        Prediction: nothing (the steps place their own tokens)."""
-        if actions is None:
-            return HeadTokens()
-        self.check_actions(actions)
-        actions = actions.to(torch.float32)
-        noise = torch.randn_like(actions)
-        timesteps = torch.randint(0, self.num_train_timesteps, (actions.shape[0],),
-                                  device=actions.device)
-        noisy = self.scheduler.add_noise(actions, noise, timesteps)
-        tokens = self.tokens(noisy, timesteps, like.dtype)
-        tokens.state["noise"] = noise
-        return tokens
-
     def predict_noise(
         self, hidden: Float[Tensor, "b n d"], seq: TokenSequence, read: str | None = None
     ) -> Float[Tensor, "b c a"]:
@@ -210,37 +183,71 @@ class DiffusionActionHead(nn.Module):
         mlp = self.noise_predictor["mlp_resnet"]
         return mlp(grouped.to(mlp.fc1.weight.dtype)).to(torch.float32)
 
-    def loss(
-        self,
-        hidden: Float[Tensor, "b n d"],
-        seq: TokenSequence,
-        tokens: HeadTokens,
-        lm_logits: LogitsFn,
-    ) -> Float[Tensor, ""]:
-        """Mean squared error between predicted and sampled noise."""
-        return F.mse_loss(self.predict_noise(hidden, seq), tokens.state["noise"])
+    def training_tokens(
+        self, actions: Float[Tensor, "b c a"], sampling: Sampling, dtype: torch.dtype
+    ) -> tuple[HeadTokens, Float[Tensor, "b c a"]]:
+        """Tokens of the targets noised by the scheduler's ``add_noise`` at timesteps ``k``,
+        and the noise; ``k ~ U{0..T-1}`` and ``eps`` from ``sampling`` (given, or drawn:
+        its generator, else torch's)."""
+        sampling.check_training(type(self).__name__)
+        actions = actions.to(torch.float32)
+        b, device = actions.shape[0], actions.device
+        generator = sampling.generator
+        if sampling.noise is not None:
+            noise = draw_noise(tuple(actions.shape), device, sampling)
+        elif generator is not None:
+            noise = torch.randn(actions.shape, generator=generator, device=device)
+        else:
+            noise = torch.randn_like(actions)
+        timesteps = sampling.time
+        if timesteps is None:
+            timesteps = torch.randint(0, self.num_train_timesteps, (b,), device=device,
+                                      generator=generator)
+        elif tuple(timesteps.shape) != (b,) or timesteps.is_floating_point():
+            raise ValueError(
+                f"Sampling.time must be [batch={b}] integer diffusion timesteps in "
+                f"0..{self.num_train_timesteps - 1}, got {timesteps.dtype} of shape "
+                f"{tuple(timesteps.shape)}"
+            )
+        timesteps = timesteps.to(device)
+        noisy = self.scheduler.add_noise(actions, noise, timesteps)
+        return self.tokens(noisy, timesteps, dtype), noise
+
+    def loss(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, ""]:
+        """Mean squared error between predicted and sampled noise (one pass over the whole
+        sequence with the noised action slots)."""
+        tokens, noise = self.training_tokens(runner.target_actions(), sampling, runner.dtype)
+        hidden, seq = runner.run(tokens)
+        return F.mse_loss(self.predict_noise(hidden, seq), noise)
+
+    def noise_at(self, steps: StepRunner):
+        """The noise-prediction closure ``(x [B, c, a], timesteps [B]) -> eps_hat`` over one
+        step's pass of ``steps`` (the prediction read)."""
+
+        def noise_prediction(x: Tensor, timesteps: Tensor) -> Tensor:
+            hidden, seq = steps(self.tokens(x, timesteps, steps.dtype))
+            return self.predict_noise(hidden, seq, self.predict_read)
+
+        return noise_prediction
 
     def predict(
-        self, runner: PredictionRunner, num_samples: int | None = None
+        self, runner: ModelRunner, sampling: Sampling
     ) -> Float[Tensor, "b c a"] | Float[Tensor, "b n c a"]:
-        """Denoise from ``N(0, 1)`` over the scheduler's timesteps: normalised actions
-        ``[b, chunk, a]``, or ``[b, num_samples, chunk, a]`` with ``num_samples``."""
-        n = 1 if num_samples is None else num_samples
-        check_num_samples(n)
-        cached = self.layout == "cached"
-        suffix_len = 1 + self.num_action_tokens + 1  # timestep, slots, </s>
-        steps = StepRunner(self, runner, n, cached, suffix_len)
-        b = steps.batch_size
-        self.scheduler.set_timesteps(self.num_inference_steps)
-        x = torch.randn(b, self.chunk_size, self.action_dim, device=steps.device)
-        for k in self.scheduler.timesteps.tolist():  # host ints: no device reads in the loop
-            timesteps = torch.full((b,), k, device=steps.device)
-            hidden, seq = steps(self.tokens(x, timesteps, steps.dtype))
-            noise = self.predict_noise(hidden, seq, self.predict_read)
-            x = self.scheduler.step(noise, k, x).prev_sample
-        if num_samples is None:
-            return x
-        return x.view(runner.batch_size, n, self.chunk_size, self.action_dim)
+        """Denoise from ``N(0, 1)`` with [scheduler_denoise][vlakit.heads.scheduler_denoise]:
+        normalised actions ``[b, chunk, a]``, or ``[b, num_samples, chunk, a]`` with
+        ``sampling.num_samples``."""
+        sampling.check_prediction(type(self).__name__)
+        n = 1 if sampling.num_samples is None else sampling.num_samples
+        num_slots = 1 + self.num_action_tokens if self.layout == "cached" else None
+        steps = StepRunner(self, runner, n, self.layout == "cached", num_slots or 0)
+        b, c, a = runner.batch_size, self.chunk_size, self.action_dim
+        shape = (b, c, a) if sampling.num_samples is None else (b, n, c, a)
+        generator = prediction_generator(sampling, steps.device)
+        noise = draw_noise(shape, steps.device, Sampling(noise=sampling.noise,
+                                                         generator=generator))
+        x = scheduler_denoise(self.noise_at(steps), noise.reshape(b * n, c, a), self.scheduler,
+                              self.num_inference_steps, sampling.step_wrapper, generator)
+        return x.view(shape)
 
     def extra_repr(self) -> str:
         return (

@@ -7,10 +7,11 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vlakit.core import TokenRole, TokenSequence
+from vlakit.core import TokenRole
 from vlakit.core.recording import recorded
-from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
+from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
 from vlakit.heads.lm_loss import next_token_loss
+from vlakit.heads.sampling import Sampling
 
 __all__ = ["DiscreteActionHead", "ActionCodec"]
 
@@ -36,10 +37,10 @@ class ActionCodec(Protocol):
 class DiscreteActionHead(nn.Module):
     """Actions as ``chunk * action_dim`` vocabulary tokens, read from the LM head.
 
-    - [place][vlakit.heads.DiscreteActionHead.place]: normalised actions ``[b, chunk, a]``
-      become token ids (OpenVLA's 256-bin tokenizer) and their embeddings, placed as the
-      action slots (the interleaver appends ``</s>`` after them).
-    - [loss][vlakit.heads.DiscreteActionHead.loss]: cross-entropy of predicting each action
+    - [loss][vlakit.heads.DiscreteActionHead.loss]: the normalised target actions
+      ``[b, chunk, a]`` become token ids (OpenVLA's 256-bin tokenizer) and their
+      embeddings, placed as the action slots (the interleaver appends ``</s>`` after them);
+      cross-entropy of predicting each action
       token (and ``</s>`` when ``predict_eos``) from the hidden state before it; the number
       of targets is static, so the loss compiles without graph breaks.
     - [predict][vlakit.heads.DiscreteActionHead.predict]: greedy generation of
@@ -72,49 +73,27 @@ class DiscreteActionHead(nn.Module):
         return self.tokenizer.token_ids
 
     def has_targets(self, inputs: Any) -> bool:
-        return getattr(inputs, "actions", None) is not None
+        return has_action_targets(inputs)
 
-    def check_actions(self, actions: Tensor) -> None:
-        """Raise a ``ValueError`` naming the dimension if ``actions`` is not ``[b, chunk, a]``."""
-        expected = (self.chunk_size, self.action_dim)
-        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
-            raise ValueError(
-                f"actions must be [batch, chunk={self.chunk_size}, action_dim={self.action_dim}]"
-                f", got shape {tuple(actions.shape)}"
-            )
-
-    def place(
-        self,
-        actions: Float[Tensor, "b c a"] | None,
-        embed_tokens: EmbedFn,
-        like: Float[Tensor, "b p d"] | None = None,
-    ) -> HeadTokens:
-        """Action-token slots for normalised ``actions`` (training); nothing at prediction."""
-        if actions is None:
-            return HeadTokens()
-        self.check_actions(actions)
-        ids = rearrange(self.tokenizer.encode(actions), "b c a -> b (c a)")
-        return HeadTokens(action_embeds=embed_tokens(ids), action_ids=ids)
-
-    def loss(
-        self,
-        hidden: Float[Tensor, "b n d"],
-        seq: TokenSequence,
-        tokens: HeadTokens,
-        lm_logits: LogitsFn,
-    ) -> Float[Tensor, ""]:
-        """Next-token cross-entropy on the action tokens (and ``</s>``)."""
+    def loss(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, ""]:
+        """Next-token cross-entropy on the action tokens (and ``</s>``): one pass with the
+        target actions' tokens as slots."""
+        sampling.check_deterministic(type(self).__name__)
+        ids = rearrange(self.tokenizer.encode(runner.target_actions()), "b c a -> b (c a)")
+        hidden, seq = runner.run(HeadTokens(action_embeds=runner.embed_tokens(ids),
+                                            action_ids=ids))
         roles = (TokenRole.ACTION, TokenRole.EOS) if self.predict_eos else (TokenRole.ACTION,)
         return next_token_loss(
             hidden,
             seq.token_ids,
             seq.role_mask(*roles) & seq.is_suffix,  # not an </s> id inside the prompt
-            lm_logits,
+            runner.lm_logits,
             max_targets=self.num_action_tokens + int(self.predict_eos),
         )
 
-    def predict(self, runner: PredictionRunner) -> Float[Tensor, "b c a"]:
+    def predict(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, "b c a"]:
         """Greedy generation of the action tokens, decoded to normalised actions."""
+        sampling.check_deterministic(type(self).__name__)
         return self.decode_tokens(runner.generate(self.num_action_tokens))
 
     def decode_tokens(self, ids: Int[Tensor, "b m"]) -> Float[Tensor, "b c a"]:

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from vlakit.core import TokenSequence
 from vlakit.core.recording import recorded
-from vlakit.heads._steps import StepRunner, check_num_samples
-from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
+from vlakit.heads._steps import StepRunner
+from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
+from vlakit.heads.sampling import Sampling, draw_noise, euler
 from vlakit.heads.slots import read_slots
 from vlakit.heads.time_embedding import sincos_time_embedding
 
@@ -32,8 +33,12 @@ class FlowMatchingHead(nn.Module):
     - reads: the final hidden state of each action token (``read="slot"``, pi0) or the one
       before it (``"previous"``), through ``action_out_proj`` to a velocity ``[b, chunk, a]``.
     - loss: mean squared error against ``eps - a`` (float32).
-    - predict: ``x = eps`` at ``t = 1``, then ``num_steps`` steps of ``x += dt v(x, t)`` with
-      ``dt = -1 / num_steps`` and ``t = 1 + k dt`` (a fixed count, no host reads).
+    - predict: ``x = eps`` at ``t = 1``, then [euler][vlakit.heads.euler]: ``num_steps``
+      steps of ``x += dt v(x, t)`` with ``dt = -1 / num_steps`` and ``t = 1 + k dt`` (a fixed
+      count, no host reads); the velocity is
+      [velocity_at][vlakit.heads.FlowMatchingHead.velocity_at] over the runner's suffix
+      pass. Randomness comes from [Sampling][vlakit.heads.Sampling] (generator or given
+      noise; never the global random state).
 
     Layouts: ``"cached"`` (default) encodes images, proprio and prompt once into a read-only
     KV cache and runs only the action tokens per step; it needs a mask policy that keeps the
@@ -79,30 +84,29 @@ class FlowMatchingHead(nn.Module):
         self.action_time_mlp_out = nn.Linear(hidden_size, hidden_size)
         self.action_out_proj = nn.Linear(hidden_size, action_dim)
 
-    supports_sampling = True
-
     @property
     def num_action_tokens(self) -> int:
         """Tokens per example: one per chunk step."""
         return self.chunk_size
 
     def has_targets(self, inputs: Any) -> bool:
-        return getattr(inputs, "actions", None) is not None
+        return has_action_targets(inputs)
 
-    def check_actions(self, actions: Tensor) -> None:
-        expected = (self.chunk_size, self.action_dim)
-        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
-            raise ValueError(
-                f"actions must be [batch, chunk={self.chunk_size}, action_dim={self.action_dim}]"
-                f", got shape {tuple(actions.shape)}"
+    def sample_time(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> Float[Tensor, " b"]:
+        """Training times ``Beta(1.5, 1) * 0.999 + 0.001`` (float32). Without a generator
+        torch's ``Beta`` sampler draws them (as pi0's references do); with one, the same
+        distribution as ``u ** (1 / 1.5)``, ``u ~ U(0, 1)`` from the generator."""
+        if generator is None:
+            beta = torch.distributions.Beta(
+                torch.tensor(1.5, device=device), torch.tensor(1.0, device=device)
             )
-
-    def sample_time(self, batch: int, device: torch.device) -> Float[Tensor, " b"]:
-        """Training times ``Beta(1.5, 1) * 0.999 + 0.001`` (float32)."""
-        beta = torch.distributions.Beta(
-            torch.tensor(1.5, device=device), torch.tensor(1.0, device=device)
-        )
-        return beta.sample((batch,)).to(torch.float32) * 0.999 + 0.001
+            draw = beta.sample((batch,)).to(torch.float32)
+        else:
+            u = torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
+            draw = u.pow(1.0 / 1.5)
+        return draw * 0.999 + 0.001
 
     def embed_actions(
         self, x: Float[Tensor, "b c a"], t: Float[Tensor, " b"]
@@ -123,57 +127,62 @@ class FlowMatchingHead(nn.Module):
         proj = self.action_out_proj
         return proj(slots.to(proj.weight.dtype)).to(torch.float32)
 
-    def place(
-        self,
-        actions: Float[Tensor, "b c a"] | None,
-        embed_tokens: EmbedFn,
-        like: Float[Tensor, "b p d"],
-    ) -> HeadTokens:
-        """Training: tokens of ``x_t`` at a sampled time, the target velocity kept for the
-        loss. Prediction: nothing (the steps place their own tokens)."""
-        if actions is None:
-            return HeadTokens()
-        self.check_actions(actions)
+    def training_tokens(
+        self, actions: Float[Tensor, "b c a"], sampling: Sampling, dtype: torch.dtype
+    ) -> tuple[HeadTokens, Float[Tensor, "b c a"]]:
+        """Tokens of ``x_t = t eps + (1 - t) a`` and the target velocity ``eps - a``; ``t``
+        and ``eps`` from ``sampling`` (given, or drawn: its generator, else torch's)."""
+        sampling.check_training(type(self).__name__)
         actions = actions.to(torch.float32)
-        t = self.sample_time(actions.shape[0], actions.device)
-        noise = torch.randn_like(actions)
+        b, device = actions.shape[0], actions.device
+        t = sampling.time
+        if t is None:
+            t = self.sample_time(b, device, sampling.generator)
+        elif tuple(t.shape) != (b,):
+            raise ValueError(f"Sampling.time must be [batch={b}] flow times, got shape "
+                             f"{tuple(t.shape)}")
+        t = t.to(device=device, dtype=torch.float32)
+        if sampling.noise is not None:
+            noise = draw_noise(tuple(actions.shape), device, sampling)
+        elif sampling.generator is not None:
+            noise = torch.randn(actions.shape, generator=sampling.generator, device=device)
+        else:
+            noise = torch.randn_like(actions)
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
-        tokens = self.embed_actions(x_t, t).to(like.dtype)
-        return HeadTokens(action_embeds=tokens, state={"target": noise - actions})
+        return HeadTokens(action_embeds=self.embed_actions(x_t, t).to(dtype)), noise - actions
 
-    def loss(
-        self,
-        hidden: Float[Tensor, "b n d"],
-        seq: TokenSequence,
-        tokens: HeadTokens,
-        lm_logits: LogitsFn,
-    ) -> Float[Tensor, ""]:
-        """Mean squared error between predicted and target velocity."""
-        return F.mse_loss(self.velocity(hidden, seq), tokens.state["target"])
+    def loss(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, ""]:
+        """Mean squared error between the predicted and the target velocity (one pass
+        over the whole sequence with the noisy action tokens)."""
+        tokens, target = self.training_tokens(runner.target_actions(), sampling, runner.dtype)
+        hidden, seq = runner.run(tokens)
+        return F.mse_loss(self.velocity(hidden, seq), target)
 
-    def predict(
-        self, runner: PredictionRunner, num_samples: int | None = None
-    ) -> Float[Tensor, "b c a"] | Float[Tensor, "b n c a"]:
-        """Integrate from noise in ``num_steps`` Euler steps: normalised actions
-        ``[b, chunk, a]``, or ``[b, num_samples, chunk, a]`` when ``num_samples`` is given
-        (one prefix shared by the samples)."""
-        n = 1 if num_samples is None else num_samples
-        check_num_samples(n)
-        steps = StepRunner(self, runner, n, self.layout == "cached", self._suffix_len(runner))
-        b = steps.batch_size
-        x = torch.randn(b, self.chunk_size, self.action_dim, device=steps.device)
-        dt = -1.0 / self.num_steps
-        for k in range(self.num_steps):
-            t = torch.full((b,), 1.0 + k * dt, device=steps.device)
+    def velocity_at(self, steps: StepRunner):
+        """The velocity closure ``(x [B, c, a], t [B]) -> v [B, c, a]`` over one step's
+        suffix pass (or full pass) of ``steps``."""
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
             tokens = HeadTokens(action_embeds=self.embed_actions(x, t).to(steps.dtype))
             hidden, seq = steps(tokens)
-            x = x + dt * self.velocity(hidden, seq)
-        if num_samples is None:
-            return x
-        return x.view(runner.batch_size, n, self.chunk_size, self.action_dim)
+            return self.velocity(hidden, seq)
 
-    def _suffix_len(self, runner: PredictionRunner) -> int:
-        return self.chunk_size + 1  # the tokens and, in the OpenVLA family, </s>
+        return velocity
+
+    def predict(
+        self, runner: ModelRunner, sampling: Sampling
+    ) -> Float[Tensor, "b c a"] | Float[Tensor, "b n c a"]:
+        """Integrate from noise with [euler][vlakit.heads.euler]: normalised actions
+        ``[b, chunk, a]``, or ``[b, num_samples, chunk, a]`` when ``sampling.num_samples``
+        is given (one prefix shared by the samples)."""
+        sampling.check_prediction(type(self).__name__)
+        n = 1 if sampling.num_samples is None else sampling.num_samples
+        steps = StepRunner(self, runner, n, self.layout == "cached", self.chunk_size)
+        b, c, a = runner.batch_size, self.chunk_size, self.action_dim
+        shape = (b, c, a) if sampling.num_samples is None else (b, n, c, a)
+        noise = draw_noise(shape, steps.device, sampling).reshape(b * n, c, a)
+        x = euler(self.velocity_at(steps), noise, self.num_steps, sampling.step_wrapper)
+        return x.view(shape)
 
     def extra_repr(self) -> str:
         return (

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from vlakit.core import TokenSequence
 from vlakit.core.recording import recorded
-from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn, PredictionRunner
+from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
 from vlakit.heads.mlp_resnet import MLPResNet
+from vlakit.heads.sampling import Sampling
 from vlakit.heads.slots import check_reads, read_slots
 
 __all__ = ["L1RegressionHead"]
@@ -69,16 +70,7 @@ class L1RegressionHead(nn.Module):
         return self.chunk_size * self.action_dim
 
     def has_targets(self, inputs: Any) -> bool:
-        return getattr(inputs, "actions", None) is not None
-
-    def check_actions(self, actions: Tensor) -> None:
-        """Raise a ``ValueError`` naming the dimension if ``actions`` is not ``[b, chunk, a]``."""
-        expected = (self.chunk_size, self.action_dim)
-        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
-            raise ValueError(
-                f"actions must be [batch, chunk={self.chunk_size}, action_dim={self.action_dim}]"
-                f", got shape {tuple(actions.shape)}"
-            )
+        return has_action_targets(inputs)
 
     def slot_embeds(
         self, batch: int, device: torch.device, dtype: torch.dtype
@@ -86,18 +78,6 @@ class L1RegressionHead(nn.Module):
         """Zero slot embeddings ``[b, chunk * a, d]``."""
         shape = (batch, self.num_action_tokens, self.hidden_size)
         return torch.zeros(shape, device=device, dtype=dtype)
-
-    def place(
-        self,
-        actions: Float[Tensor, "b c a"] | None,
-        embed_tokens: EmbedFn,
-        like: Float[Tensor, "b p d"],
-    ) -> HeadTokens:
-        """Zero slots; training keeps the target actions for the loss."""
-        if actions is not None:
-            self.check_actions(actions)
-        slots = self.slot_embeds(like.shape[0], like.device, like.dtype)
-        return HeadTokens(action_embeds=slots, state={"actions": actions})
 
     def actions_from(
         self, hidden: Float[Tensor, "b n d"], seq: TokenSequence, read: str | None = None
@@ -109,19 +89,18 @@ class L1RegressionHead(nn.Module):
         grouped = rearrange(slots, "b (c a) d -> b c (a d)", c=self.chunk_size)
         return self.model(grouped.to(self.model.fc1.weight.dtype)).to(torch.float32)
 
-    def loss(
-        self,
-        hidden: Float[Tensor, "b n d"],
-        seq: TokenSequence,
-        tokens: HeadTokens,
-        lm_logits: LogitsFn,
-    ) -> Float[Tensor, ""]:
-        """Mean absolute error between predicted and target normalised actions."""
-        target = tokens.state["actions"].to(torch.float32)
+    def loss(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, ""]:
+        """Mean absolute error between predicted and target normalised actions (one pass
+        with zero slots)."""
+        sampling.check_deterministic(type(self).__name__)
+        target = runner.target_actions().to(torch.float32)
+        slots = self.slot_embeds(runner.batch_size, runner.device, runner.dtype)
+        hidden, seq = runner.run(HeadTokens(action_embeds=slots))
         return F.l1_loss(self.actions_from(hidden, seq), target)
 
-    def predict(self, runner: PredictionRunner) -> Float[Tensor, "b c a"]:
+    def predict(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, "b c a"]:
         """One pass with zero slots; normalised actions ``[b, chunk, a]`` (float32)."""
+        sampling.check_deterministic(type(self).__name__)
         slots = self.slot_embeds(runner.batch_size, runner.device, runner.dtype)
         hidden, seq = runner.run(HeadTokens(action_embeds=slots))
         return self.actions_from(hidden, seq, self.predict_read)

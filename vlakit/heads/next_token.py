@@ -5,10 +5,11 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from vlakit.core import TokenRole, TokenSequence
+from vlakit.core import TokenRole
 from vlakit.core.recording import recorded
-from vlakit.heads.base import EmbedFn, HeadTokens, LogitsFn
+from vlakit.heads.base import HeadTokens, ModelRunner
 from vlakit.heads.lm_loss import next_token_loss
+from vlakit.heads.sampling import Sampling
 
 __all__ = ["NextTokenHead"]
 
@@ -34,22 +35,13 @@ class NextTokenHead(nn.Module):
         """A batch with a prefix/suffix split (``token_type_ids``) has suffix targets."""
         return getattr(inputs, "token_type_ids", None) is not None
 
-    def place(
-        self, actions: Tensor | None, embed_tokens: EmbedFn, like: Tensor | None = None
-    ) -> HeadTokens:
-        return HeadTokens()
-
-    def loss(
-        self,
-        hidden: Float[Tensor, "b n d"],
-        seq: TokenSequence,
-        tokens: HeadTokens,
-        lm_logits: LogitsFn,
-    ) -> Float[Tensor, ""]:
+    def loss(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, ""]:
         """Mean next-token cross-entropy over the suffix targets (0 if there are none: a
         prompt-only batch)."""
+        sampling.check_deterministic(type(self).__name__)
+        hidden, seq = runner.run(HeadTokens())
         targets = seq.is_suffix & seq.role_mask(*self.roles)
-        return next_token_loss(hidden, seq.token_ids, targets, lm_logits)
+        return next_token_loss(hidden, seq.token_ids, targets, runner.lm_logits)
 
     def extra_repr(self) -> str:
         return f"roles={[r.name for r in self.roles]}"

@@ -97,6 +97,17 @@ class PlaceholderInterleaver(nn.Module):
         appends them after each row's last real token (positions from 0)."""
         return _concat(self._suffix_pieces(action_embeds, action_ids, action_roles))
 
+    def suffix_length(self, num_slots: int) -> int:
+        """Tokens of the suffix for ``num_slots`` head tokens: the slots alone."""
+        return num_slots
+
+    def sequence_length(
+        self, num_image_tokens: int, prompt_length: int, num_extras: int = 0, num_slots: int = 0
+    ) -> int:
+        """Tokens of a whole sequence: the prompt (padded length, its ``num_image_tokens``
+        placeholders replaced one for one by image tokens), the extras and the slots."""
+        return prompt_length + num_extras + self.suffix_length(num_slots)
+
     def _check_count(self, placeholder: Tensor, num_image_tokens: int) -> None:
         if not should_validate(placeholder):
             return

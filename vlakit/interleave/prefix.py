@@ -110,6 +110,18 @@ class PrefixInterleaver(nn.Module):
         prefix cache continues them after its own last token."""
         return _concat(self._suffix_pieces(embed_tokens, action_embeds, action_ids, action_roles))
 
+    def suffix_length(self, num_slots: int) -> int:
+        """Tokens of the suffix for ``num_slots`` head tokens: the slots, then ``</s>``
+        (when the interleaver has an ``eos_id``)."""
+        return num_slots + (self.eos_id is not None)
+
+    def sequence_length(
+        self, num_image_tokens: int, prompt_length: int, num_extras: int = 0, num_slots: int = 0
+    ) -> int:
+        """Tokens of a whole sequence: ``<s>``, the image tokens, the extras (proprio, a
+        timestep), the prompt (padded length) and the suffix."""
+        return 1 + num_image_tokens + num_extras + prompt_length + self.suffix_length(num_slots)
+
     def _check_specials(self, input_ids: Tensor, prompt: Tensor) -> None:
         """Refuse prompts that already hold ``<s>`` first or ``</s>`` (a tokenizer called
         with its default ``add_special_tokens=True``): the interleaver adds both itself.

@@ -55,7 +55,6 @@ def openvla_7b(
     device: torch.device | str | None = None,
     *,
     linear: LinearFactory = nn.Linear,
-    rms_norm_eps: float | None = None,
 ) -> VLA:
     """OpenVLA-7B: 7,541,237,184 parameters, the same state-dict shapes as the release.
 
@@ -69,8 +68,6 @@ def openvla_7b(
         norm_eps: the Llama's RMSNorm epsilon; default 1e-6, what the released OpenVLA
             runs with (its saved config falls back to transformers' default, although
             Llama-2 was trained with 1e-5; the two move logits by ~2e-4).
-        rms_norm_eps: alias of ``norm_eps`` (the transformers config name), kept for
-            existing callers; give one or the other.
         encoder_output_layer: block both towers return (second-to-last).
         action_dim: action dimensions per step.
         action_vocab_end: one past the last action-token id (the tokenizer's base vocab).
@@ -83,7 +80,7 @@ def openvla_7b(
     """
     with building(dtype, device):
         encoder, projector, decoder = _openvla_7b_parts(
-            img_size, vocab_size, norm_eps, rms_norm_eps, encoder_output_layer, linear
+            img_size, vocab_size, norm_eps, encoder_output_layer, linear
         )
         return openvla(
             encoder=encoder,
@@ -98,7 +95,6 @@ def _openvla_7b_parts(
     img_size: int,
     vocab_size: int,
     norm_eps: float | None,
-    rms_norm_eps: float | None,
     encoder_output_layer: int,
     linear: LinearFactory,
 ) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -108,10 +104,5 @@ def _openvla_7b_parts(
         siglip_so400m(img_size, map_head=True, gelu_approximate="none",
                       output_layer=encoder_output_layer, linear=linear),
     ])
-    decoder = llama2_7b(
-        vocab_size,
-        norm_eps if norm_eps is not None or rms_norm_eps is not None else 1e-6,
-        rms_norm_eps=rms_norm_eps,
-        linear=linear,
-    )
+    decoder = llama2_7b(vocab_size, 1e-6 if norm_eps is None else norm_eps, linear=linear)
     return encoder, MLPProjector([2176, 8704, 4096, 4096]), decoder

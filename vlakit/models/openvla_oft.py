@@ -15,6 +15,7 @@ from vlakit.core import (
 )
 from vlakit.heads import DiffusionActionHead, FlowMatchingHead, L1RegressionHead
 from vlakit.interleave import PrefixInterleaver
+from vlakit.language import OFTLanguageVector
 from vlakit.model import VLA
 from vlakit.models.openvla import _openvla_7b_parts
 from vlakit.projectors import ProprioProjector
@@ -133,7 +134,7 @@ def openvla_oft(
         action_normalizer=action_normalizer,
         proprio_normalizer=proprio_normalizer,
         num_views=num_views,
-        film_language="oft",
+        language_vector=OFTLanguageVector(bos_id, eos_id) if encoder.has_film else None,
         pruner=pruner,
     )
 
@@ -200,7 +201,7 @@ def openvla_oft_7b(
     """
     with building(dtype, device):
         encoder, projector, decoder = _openvla_7b_parts(
-            img_size, vocab_size, norm_eps, None, -2, linear
+            img_size, vocab_size, norm_eps, -2, linear
         )
         if film:
             encoder.add_film(decoder.dim, linear=linear)

@@ -1,0 +1,97 @@
+"""The model's batch and output types: what a processor builds and what ``VLA.forward``
+returns."""
+
+import dataclasses
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from vlakit.core import TokenSequence
+
+__all__ = ["VLAInputs", "VLAOutput", "check_batch"]
+
+
+@dataclasses.dataclass
+class VLAInputs:
+    """One model batch, as a processor builds it.
+
+    Attributes:
+        input_ids: ``[b, t]`` prompt ids (right-padded). OpenVLA family: without ``<s>``
+            (the interleaver adds it). PaliGemma family: with the image placeholders.
+        text_valid: ``[b, t]`` ``True`` for real prompt tokens.
+        pixels: ``[b, v, c, h, w]`` (or ``[b, c, h, w]``) preprocessed images.
+        token_type_ids: ``[b, t]`` 0 prefix / 1 suffix (PaliGemma), optional.
+        actions: ``[b, chunk, a]`` raw (unnormalised) target actions, for training.
+        proprio: ``[b, p]`` raw proprioceptive state, optional.
+    """
+
+    input_ids: Int[Tensor, "b t"]
+    text_valid: Bool[Tensor, "b t"]
+    pixels: Float[Tensor, "b v c h w"] | Float[Tensor, "b c h w"] | None = None
+    token_type_ids: Int[Tensor, "b t"] | None = None
+    actions: Float[Tensor, "b chunk a"] | None = None
+    proprio: Float[Tensor, "b p"] | None = None
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "VLAInputs":
+        """Move every tensor to ``device``; ``dtype`` casts the pixels only. Target actions
+        and proprio stay as they are (rounding them to bf16 before normalisation would move
+        action tokens); the model casts what it feeds its modules to their dtype itself."""
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                value = value.to(device=device, dtype=dtype if f.name == "pixels" else None)
+            moved[f.name] = value
+        return VLAInputs(**moved)
+
+
+def check_batch(inputs: VLAInputs) -> None:
+    """Shape-only check (no host sync) that the fields of ``inputs`` share one batch size."""
+    ids = inputs.input_ids
+    if ids.dim() != 2:
+        raise ValueError(
+            f"inputs.input_ids must be [batch, tokens], got shape {tuple(ids.shape)}"
+        )
+    if inputs.text_valid.dtype != torch.bool:
+        raise ValueError(
+            f"inputs.text_valid must be a boolean mask (True = real prompt token), got dtype "
+            f"{inputs.text_valid.dtype}; from a transformers tokenizer pass "
+            f"attention_mask.bool()"
+        )
+    for name in ("text_valid", "token_type_ids"):
+        value = getattr(inputs, name)
+        if value is not None and tuple(value.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"inputs.{name} has shape {tuple(value.shape)}, but inputs.input_ids has "
+                f"shape {tuple(ids.shape)}; they must match"
+            )
+    for name in ("pixels", "actions", "proprio"):
+        value = getattr(inputs, name)
+        if value is not None and (value.dim() == 0 or value.shape[0] != ids.shape[0]):
+            raise ValueError(
+                f"inputs.{name} has shape {tuple(value.shape)}, but inputs.input_ids has "
+                f"{ids.shape[0]} rows; every field of VLAInputs needs the same batch size "
+                f"(first dimension)"
+            )
+
+
+@dataclasses.dataclass
+class VLAOutput:
+    """What [`VLA.forward`][vlakit.VLA.forward] returns.
+
+    Attributes:
+        loss: scalar training loss when the inputs carry the head's targets (actions for an
+            action head, a suffix for [NextTokenHead][vlakit.heads.NextTokenHead]), else
+            ``None``.
+        hidden: ``[b, n, d]`` final hidden states.
+        sequence: the [`TokenSequence`][vlakit.core.TokenSequence] the decoder ran on.
+        logits: ``[b, n, V]`` when asked for (``return_logits=True``), else ``None``.
+    """
+
+    loss: Tensor | None
+    hidden: Tensor
+    sequence: TokenSequence
+    logits: Tensor | None = None
