@@ -16,7 +16,7 @@ from _tiny import VOCAB_SIZE
 from vlakit import VLA, VLAInputs
 from vlakit.convert import decoder_from_transformers
 from vlakit.core import BidirectionalMask, ParallelDecodingMask, TokenRole
-from vlakit.decoders import GrowingKVCache, HFDecoder
+from vlakit.decoders import HFDecoder
 from vlakit.heads import (
     DiffusionActionHead,
     FlowMatchingHead,
@@ -186,27 +186,6 @@ def test_cached_prefix_equals_the_full_sequence_for_the_same_tokens():
     want = full_seq.positions[full_seq.role_mask(TokenRole.ACTION)].view(3, CHUNK)
     assert torch.equal(part_seq.positions[part_seq.role_mask(TokenRole.ACTION)].view(3, CHUNK),
                        want)
-
-
-def test_suffix_view_writes_in_place_and_matches_concatenation():
-    """The reserved-slot view never copies the prefix per step: the same buffer every step,
-    and the same keys as the concatenating read-only view."""
-    cache = GrowingKVCache(1)
-    k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
-    cache.update(0, k, v)
-    cache.advance(5)
-    view = cache.suffix_view(3, repeats=2)
-    buffer = view.keys[0]
-    assert buffer.shape == (4, 2, 8, 4)
-    plain = cache.expand_batch(2)
-    for _ in range(3):
-        sk, sv = torch.randn(4, 2, 3, 4), torch.randn(4, 2, 3, 4)
-        with torch.no_grad():
-            got_k, got_v = view.update(0, sk, sv)
-        want_k, want_v = plain.update(0, sk, sv)
-        assert got_k.data_ptr() == buffer.data_ptr()
-        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-    assert view.keys[0] is buffer and torch.equal(cache.keys[0], k)  # the prefix untouched
 
 
 def test_num_samples_share_one_prefix():

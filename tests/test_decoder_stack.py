@@ -489,8 +489,8 @@ def test_one_cache_class_per_mode():
 
 def test_suffix_view_writes_in_place_and_matches_concatenation():
     """The reserved-slot view never copies the prefix per step: the same buffer every step,
-    and the same keys as the concatenating read-only view (moved here with the cache
-    classes; the assertions are test_continuous_heads.py's)."""
+    and the same keys as the concatenating read-only view (moved here from
+    test_continuous_heads.py with the cache classes, every assertion kept)."""
     cache = GrowingKVCache(1)
     k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
     cache.update(0, k, v)
@@ -506,7 +506,7 @@ def test_suffix_view_writes_in_place_and_matches_concatenation():
         want_k, want_v = plain.update(0, sk, sv)
         assert got_k.data_ptr() == buffer.data_ptr()
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-    assert torch.equal(cache.keys[0], k)  # the prefix cache is untouched
+    assert view.keys[0] is buffer and torch.equal(cache.keys[0], k)  # the prefix untouched
     with pytest.raises(ValueError, match="cache batch size is 4 but the new tokens have batch 2"):
         view.update(0, k[:, :, :3], v[:, :, :3])
 
