@@ -30,6 +30,7 @@ from vlakit.heads.sampling import (
     euler,
     prediction_generator,
     scheduler_denoise,
+    training_noise,
 )
 from vlakit.heads.slots import SLOT_READS, read_slots
 from vlakit.heads.time_embedding import sincos_time_embedding, sinusoidal_embedding
@@ -47,6 +48,7 @@ __all__ = [
     "euler",
     "scheduler_denoise",
     "draw_noise",
+    "training_noise",
     "prediction_generator",
     "DiscreteActionHead",
     "ActionCodec",

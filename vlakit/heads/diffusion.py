@@ -2,6 +2,7 @@
 scheduler, two layouts (OFT's full re-run, or a cached prefix)."""
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -15,7 +16,13 @@ from vlakit.core.recording import recorded
 from vlakit.heads._steps import StepRunner
 from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
 from vlakit.heads.mlp_resnet import MLPResNet
-from vlakit.heads.sampling import Sampling, draw_noise, prediction_generator, scheduler_denoise
+from vlakit.heads.sampling import (
+    Sampling,
+    draw_noise,
+    prediction_generator,
+    scheduler_denoise,
+    training_noise,
+)
 from vlakit.heads.slots import check_reads, read_slots
 from vlakit.heads.time_embedding import sinusoidal_embedding
 
@@ -193,12 +200,7 @@ class DiffusionActionHead(nn.Module):
         actions = actions.to(torch.float32)
         b, device = actions.shape[0], actions.device
         generator = sampling.generator
-        if sampling.noise is not None:
-            noise = draw_noise(tuple(actions.shape), device, sampling)
-        elif generator is not None:
-            noise = torch.randn(actions.shape, generator=generator, device=device)
-        else:
-            noise = torch.randn_like(actions)
+        noise = training_noise(actions, sampling)
         timesteps = sampling.time
         if timesteps is None:
             timesteps = torch.randint(0, self.num_train_timesteps, (b,), device=device,
@@ -238,13 +240,12 @@ class DiffusionActionHead(nn.Module):
         ``sampling.num_samples``."""
         sampling.check_prediction(type(self).__name__)
         n = 1 if sampling.num_samples is None else sampling.num_samples
-        num_slots = 1 + self.num_action_tokens if self.layout == "cached" else None
-        steps = StepRunner(self, runner, n, self.layout == "cached", num_slots or 0)
+        # the cached layout's suffix: the timestep token, then the slots
+        steps = StepRunner(self, runner, n, self.layout == "cached", 1 + self.num_action_tokens)
         b, c, a = runner.batch_size, self.chunk_size, self.action_dim
         shape = (b, c, a) if sampling.num_samples is None else (b, n, c, a)
         generator = prediction_generator(sampling, steps.device)
-        noise = draw_noise(shape, steps.device, Sampling(noise=sampling.noise,
-                                                         generator=generator))
+        noise = draw_noise(shape, steps.device, dataclasses.replace(sampling, generator=generator))
         x = scheduler_denoise(self.noise_at(steps), noise.reshape(b * n, c, a), self.scheduler,
                               self.num_inference_steps, sampling.step_wrapper, generator)
         return x.view(shape)

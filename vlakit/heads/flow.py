@@ -11,7 +11,7 @@ from vlakit.core import TokenSequence
 from vlakit.core.recording import recorded
 from vlakit.heads._steps import StepRunner
 from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
-from vlakit.heads.sampling import Sampling, draw_noise, euler
+from vlakit.heads.sampling import Sampling, draw_noise, euler, training_noise
 from vlakit.heads.slots import read_slots
 from vlakit.heads.time_embedding import sincos_time_embedding
 
@@ -142,12 +142,7 @@ class FlowMatchingHead(nn.Module):
             raise ValueError(f"Sampling.time must be [batch={b}] flow times, got shape "
                              f"{tuple(t.shape)}")
         t = t.to(device=device, dtype=torch.float32)
-        if sampling.noise is not None:
-            noise = draw_noise(tuple(actions.shape), device, sampling)
-        elif sampling.generator is not None:
-            noise = torch.randn(actions.shape, generator=sampling.generator, device=device)
-        else:
-            noise = torch.randn_like(actions)
+        noise = training_noise(actions, sampling)
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
         return HeadTokens(action_embeds=self.embed_actions(x_t, t).to(dtype)), noise - actions
 

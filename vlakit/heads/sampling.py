@@ -42,6 +42,7 @@ __all__ = [
     "euler",
     "scheduler_denoise",
     "draw_noise",
+    "training_noise",
     "prediction_generator",
 ]
 
@@ -210,6 +211,17 @@ def draw_noise(
         return sampling.noise.to(device=device, dtype=torch.float32)
     generator = prediction_generator(sampling, device)
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def training_noise(actions: Float[Tensor, "b c a"], sampling: Sampling) -> Float[Tensor, "b c a"]:
+    """The noise a training draw mixes into ``actions``: ``sampling.noise`` (checked against
+    their shape), else standard normal noise from ``sampling.generator``, else from torch's
+    global random state (as the reference training loops draw it)."""
+    if sampling.noise is not None:
+        return draw_noise(tuple(actions.shape), actions.device, sampling)
+    if sampling.generator is not None:
+        return torch.randn(actions.shape, generator=sampling.generator, device=actions.device)
+    return torch.randn_like(actions)
 
 
 def _wrapped(wrapper: StepWrapper | None, step: DenoiseStep) -> Tensor:
