@@ -9,8 +9,8 @@ file names, formats, config fields and key names, to a temporary folder, and loa
    towers, bf16 safetensors shards with Prismatic's key names, ``dataset_statistics.json``):
    ``load_openvla``, with the unused tower parts skipped and reported;
 3. the same directory made an OpenVLA-OFT run folder (``action_head--*_checkpoint.pt``,
-   ``proprio_projector--*_checkpoint.pt``): ``load_openvla_oft`` predicts an action chunk,
-   ``load_lightvla`` the same with LightVLA's pruner;
+   ``proprio_projector--*_checkpoint.pt``): ``load_openvla_oft`` predicts an action chunk
+   from two camera views, ``load_lightvla`` the same with LightVLA's pruner;
 4. a peft LoRA adapter folder (``adapter_config.json``, ``adapter_model.safetensors``),
    merged into the OpenVLA weights as they load;
 5. the OFT model saved with ``save_pretrained`` (weights + the constructor tree as JSON)
@@ -116,14 +116,16 @@ def openvla(root: Path) -> None:
                root / "action_head--latest_checkpoint.pt")
     torch.save({f"module.{k}": v for k, v in ProprioProjector(5, 64).state_dict().items()},
                root / "proprio_projector--latest_checkpoint.pt")
-    oft = load_openvla_oft(root).eval()
+    # OFT's run folders do not record the camera views (num_images_in_input): say it, and
+    # the model refuses a batch with another count (PaliGemma and OpenVLA know theirs: 1)
+    oft = load_openvla_oft(root, num_views=2).eval()
     batch = VLAInputs(input_ids=torch.tensor([[10, 11, 12]]),
                       text_valid=torch.ones(1, 3, dtype=torch.bool),
                       pixels=torch.randn(1, 2, 6, 28, 28), proprio=torch.rand(1, 5))
     chunk = oft.predict_action(batch)
     print(f"OpenVLA-OFT ({type(oft.head).__name__}, chunk {oft.head.chunk_size} from the "
           f"dataset name, proprio {oft.proprio_projector.in_dim}): actions {tuple(chunk.shape)}")
-    light = load_lightvla(root).eval()
+    light = load_lightvla(root, num_views=2).eval()
     light.predict_action(batch)
     kept = light.pruner.last_kept
     print(f"LightVLA: kept {int(kept.sum())} of {kept.numel()} image tokens")

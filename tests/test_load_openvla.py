@@ -168,6 +168,17 @@ def test_load_openvla_takes_the_finetuned_statistics_and_the_vocabulary(written)
     assert actions.shape == (1, 1, 3)
 
 
+def test_load_openvla_builds_for_one_view(written):
+    directory, _, _ = written
+    model = load_openvla(directory).eval()
+    assert model.num_views == 1
+    ids = torch.tensor([[10, 11]])
+    two = VLAInputs(input_ids=ids, text_valid=ids > 0, pixels=torch.randn(1, 2, 6, 28, 28))
+    with pytest.raises(ValueError, match=r"built for 1 camera view\(s\) per example but "
+                                         r"inputs\.pixels has 2"):
+        model(two, return_logits=True)
+
+
 def test_load_openvla_bad_directories_and_activation_overrides(written, tmp_path):
     directory, parts, _ = written
     config = json.loads((directory / "config.json").read_text())
@@ -323,6 +334,30 @@ def test_load_openvla_oft_finds_a_diffusion_head_and_lightvla_prunes(tmp_path):
         file.unlink()
     with pytest.raises(CheckpointError, match="not an OpenVLA-OFT run directory"):
         load_openvla_oft(tmp_path)
+
+
+def test_oft_and_lightvla_loaders_build_for_the_runs_view_count(tmp_path):
+    """OFT's run folders do not record num_images_in_input (a training flag): the loaders
+    take it from num_views=, else from config.json when it holds one, and then refuse a
+    batch with another count."""
+    from vlakit.models import load_lightvla, load_openvla_oft
+
+    _write_oft(tmp_path, _parts())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_images_in_input": 2}))
+    inputs = dict(input_ids=torch.tensor([[10, 11, 12]]),
+                  text_valid=torch.ones(1, 3, dtype=torch.bool), proprio=torch.rand(1, 5))
+    for load in (load_openvla_oft, load_lightvla):
+        model = load(tmp_path).eval()
+        assert model.num_views == 2
+        assert model.predict_action(VLAInputs(**inputs, pixels=torch.randn(1, 2, 6, 28, 28)
+                                              )).shape == (1, 8, 3)
+        with pytest.raises(ValueError, match=r"built for 2 camera view\(s\) per example but "
+                                             r"inputs\.pixels has 1"):
+            model.predict_action(VLAInputs(**inputs, pixels=torch.randn(1, 1, 6, 28, 28)))
+        assert load(tmp_path, num_views=1).num_views == 1  # the argument wins
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_openvla_oft(tmp_path, num_views=3).num_views == 3
 
 
 def _adapter(directory, targets, config=None):

@@ -107,6 +107,18 @@ def test_a_bf16_checkpoint_into_fp32_is_converted_and_said(hf_paligemma, tmp_pat
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
+def test_load_paligemma_builds_for_one_view(hf_paligemma, tmp_path):
+    hf_paligemma.save_pretrained(tmp_path)
+    model = load_paligemma(tmp_path).eval()
+    assert model.num_views == 1
+    ids, tt, valid = _rows([[10, 11, 12]], [[30, EOS]])
+    two = VLAInputs(input_ids=ids, text_valid=valid, token_type_ids=tt,
+                    pixels=torch.randn(1, 2, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"built for 1 camera view\(s\) per example but "
+                                         r"inputs\.pixels has 2"):
+        model(two, return_logits=True)
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 def test_truncated_or_corrupt_safetensors_names_the_file(hf_paligemma, tmp_path):

@@ -13,19 +13,28 @@
 - [`load_paligemma`][vlakit.models.load_paligemma], [`load_openvla`][vlakit.models.load_openvla],
   [`load_openvla_oft`][vlakit.models.load_openvla_oft],
   [`load_lightvla`][vlakit.models.load_lightvla]: a published checkpoint directory in one call
+
+One file per family (timm's habit): ``paligemma.py``, ``openvla.py``, ``openvla_oft.py`` and
+``lightvla.py`` each hold the family's builders, the reader of its published directory and
+its weight map; the formats themselves are read in [vlakit.convert][vlakit.convert].
 """
 
-from vlakit.models.lightvla import lightvla, lightvla_7b
-from vlakit.models.loading import (
-    load_lightvla,
-    load_openvla,
+from vlakit.models._common import read_config
+from vlakit.models.lightvla import lightvla, lightvla_7b, load_lightvla
+from vlakit.models.openvla import load_openvla, openvla, openvla_7b
+from vlakit.models.openvla_oft import (
     load_openvla_oft,
-    load_paligemma,
-    read_config,
+    oft_head,
+    oft_mask,
+    openvla_oft,
+    openvla_oft_7b,
 )
-from vlakit.models.openvla import openvla, openvla_7b
-from vlakit.models.openvla_oft import oft_head, oft_mask, openvla_oft, openvla_oft_7b
-from vlakit.models.paligemma import paligemma, paligemma_3b, paligemma_from_transformers
+from vlakit.models.paligemma import (
+    load_paligemma,
+    paligemma,
+    paligemma_3b,
+    paligemma_from_transformers,
+)
 
 __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla", "openvla_7b",
            "openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask",

@@ -1,14 +1,22 @@
-"""LightVLA: OpenVLA-OFT with a parameter-free token pruner in front of the Llama."""
+"""LightVLA: OpenVLA-OFT with a parameter-free token pruner in front of the Llama.
 
+The family file: the builders ([lightvla_7b][vlakit.models.lightvla_7b], the component
+builder [lightvla][vlakit.models.lightvla.lightvla]) and the loader of a LightVLA run
+folder, [load_lightvla][vlakit.models.load_lightvla] (an OFT run folder: the pruner has no
+weights).
+"""
+
+import os
 from typing import Any
 
 from torch import nn
 
+from vlakit.core import LoadReport
 from vlakit.model import VLA
-from vlakit.models.openvla_oft import openvla_oft, openvla_oft_7b
+from vlakit.models.openvla_oft import load_openvla_oft, openvla_oft, openvla_oft_7b
 from vlakit.pruners import LightVLAPruner
 
-__all__ = ["lightvla", "lightvla_7b"]
+__all__ = ["lightvla", "lightvla_7b", "load_lightvla"]
 
 
 def lightvla(*, pruner: nn.Module | None = None, **parts: Any) -> VLA:
@@ -60,3 +68,16 @@ def lightvla_7b(
         predict_read=None if head == "flow" else predict_read,
         **kwargs,
     )
+
+
+def load_lightvla(
+    path: str | os.PathLike, unnorm_key: str | None = None, **kwargs
+) -> VLA | tuple[VLA, LoadReport]:
+    """A LightVLA run directory: [load_openvla_oft][vlakit.models.load_openvla_oft] with a
+    [LightVLAPruner][vlakit.pruners.LightVLAPruner] (it has no weights) and the released
+    prediction read (``predict_read="next"``, see [lightvla_7b][vlakit.models.lightvla_7b]);
+    ``kwargs`` as ``load_openvla_oft``'s (``num_views`` included: the pruner finds the image
+    tokens by role, so any count works, but a given one is checked)."""
+    kwargs.setdefault("pruner", LightVLAPruner())
+    kwargs.setdefault("predict_read", "next")
+    return load_openvla_oft(path, unnorm_key, **kwargs)

@@ -1,14 +1,30 @@
 """OpenVLA-OFT: OpenVLA's towers and Llama, a whole action chunk decoded in one pass by a
-continuous head, optional proprio token, wrist views and FiLM."""
+continuous head, optional proprio token, wrist views and FiLM.
+
+The family file: the builders ([openvla_oft_7b][vlakit.models.openvla_oft_7b], the
+component builder [openvla_oft][vlakit.models.openvla_oft.openvla_oft],
+[oft_head][vlakit.models.oft_head], [oft_mask][vlakit.models.oft_mask]) and the loader of an
+OFT run folder, [load_openvla_oft][vlakit.models.load_openvla_oft]: OpenVLA's directory
+reader and weight map (``vlakit/models/openvla.py``) plus OFT's component files, the head
+read from their shapes and the platform constants.
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vlakit.actions import ActionNormalizer
+from vlakit.convert.openvla import read_oft_components
 from vlakit.core import (
     BidirectionalMask,
     CausalMask,
+    CheckpointError,
+    CheckpointView,
     LinearFactory,
+    LoadReport,
     MaskPolicy,
     ParallelDecodingMask,
     building,
@@ -17,10 +33,15 @@ from vlakit.heads import DiffusionActionHead, FlowMatchingHead, L1RegressionHead
 from vlakit.interleave import PrefixInterleaver
 from vlakit.language import OFTLanguageVector
 from vlakit.model import VLA
-from vlakit.models.openvla import _openvla_7b_parts
+from vlakit.models.openvla import (
+    _load_prismatic,
+    _openvla_7b_parts,
+    _prismatic_blocks,
+    _read_prismatic,
+)
 from vlakit.projectors import ProprioProjector
 
-__all__ = ["openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask"]
+__all__ = ["openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask", "load_openvla_oft"]
 
 ATTENTIONS = ("bidirectional", "causal", "parallel")
 HEADS = ("l1", "diffusion", "flow")
@@ -223,3 +244,160 @@ def openvla_oft_7b(
             num_views=num_views,
             pruner=pruner,
         )
+
+
+# -- the published run folder ----------------------------------------------------------------
+
+def load_openvla_oft(
+    path: str | os.PathLike,
+    unnorm_key: str | None = None,
+    *,
+    chunk_size: int | None = None,
+    num_views: int | None = None,
+    attention: str = "bidirectional",
+    step: str | None = None,
+    pruner: nn.Module | None = None,
+    predict_read: str | None = None,
+    num_inference_steps: int | None = None,
+    adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    return_report: bool = False,
+) -> VLA | tuple[VLA, LoadReport]:
+    """An OpenVLA-OFT (or LightVLA) run directory as an
+    [openvla_oft][vlakit.models.openvla_oft.openvla_oft] assembly with its weights.
+
+    The directory is an OpenVLA directory (see [load_openvla][vlakit.models.load_openvla];
+    FiLM weights inside the vision towers are found and loaded) plus OFT's component files
+    ([read_oft_components][vlakit.convert.read_oft_components]): the action head (L1:
+    ``model.*``; diffusion: ``noise_predictor.*``), the proprio projector and, for
+    diffusion, the noisy-action projector. What the model is follows from them: the head
+    kind, its action dimension, MLP width and depth from the head's shapes, the proprio
+    width from the proprio projector's (no file: no proprio token), FiLM from the tower
+    keys.
+
+    Two things OFT keeps outside its files. The chunk size is a platform constant: taken,
+    as OFT does, from the dataset name (``libero*``: 8, ``aloha*``: 25, ``bridge*``: 5), or
+    given as ``chunk_size``; the same platform picks the action normalisation (ALOHA:
+    min/max; else q01/q99), and proprio is normalised in OFT's evaluation form. The number
+    of camera views (OFT's ``num_images_in_input``) is a training flag its run folders do
+    not record: it is ``num_views``, else ``config.json``'s ``num_images_in_input`` when the
+    config holds one; the model then refuses a batch with another count. Without either,
+    views are whatever each batch brings.
+
+    Args:
+        path: the run directory.
+        unnorm_key: the dataset whose statistics (un)normalise actions and proprio.
+        chunk_size: actions per chunk, when the dataset name does not say.
+        num_views: camera views per example (LIBERO runs: 2, ALOHA: 3), checked on every
+            batch.
+        attention: ``"bidirectional"`` (OFT), ``"causal"`` or ``"parallel"``.
+        step: which ``--{step}_checkpoint.pt`` files to read, when there are several.
+        pruner: a token pruner (LightVLA: [load_lightvla][vlakit.models.load_lightvla]).
+        predict_read: the head's read at prediction (see
+            [SLOT_READS][vlakit.heads.SLOT_READS]).
+        num_inference_steps: diffusion steps at prediction (default 50).
+        adapter: a peft LoRA adapter folder merged into the base weights (OFT fine-tunes
+            the backbone with LoRA r=32; its run folders usually hold the merged weights).
+        merge_adapter: ``False`` keeps the adapter as LoRA layers (see ``load_openvla``).
+        dtype: parameter dtype (default float32).
+        device: where the weights go (default CPU).
+        return_report: also return the [LoadReport][vlakit.core.LoadReport].
+    """
+    source = _read_prismatic(Path(path), unnorm_key, adapter, merge_adapter)
+    parts = read_oft_components(source.path, step)
+    if "vision_backbone" in parts:  # FiLM runs keep their vision backbone apart
+        source.files = _overlay_vision(source.files, parts.pop("vision_backbone"))
+    platform = next((p for p in _PLATFORMS if source.dataset.lower().startswith(p[0])), None)
+    mode = platform[2] if platform else "bounds_q99"
+    normalizer, proprio_normalizer = source.normalizer(mode), None
+    chunk = chunk_size or _platform_chunk(platform, source.dataset)
+    proprio = parts.get("proprio_projector")
+    if proprio is not None and source.norm_stats and "proprio" in source.norm_stats[
+            source.dataset]:
+        proprio_normalizer = source.normalizer(mode, key="proprio", form="oft_eval")
+    head_state, extra = _oft_weights(parts)
+    with building(None, "meta"):
+        encoder, projector, decoder = _prismatic_blocks(source)
+        model = openvla_oft(
+            encoder=encoder, projector=projector, decoder=decoder,
+            head=_oft_head(head_state, decoder.dim, chunk, attention, predict_read,
+                           num_inference_steps, source.path),
+            proprio_projector=None if proprio is None else ProprioProjector(
+                proprio["fc1.weight"].shape[1], proprio["fc1.weight"].shape[0]),
+            attention=attention, action_normalizer=normalizer,
+            proprio_normalizer=proprio_normalizer, num_views=_views(num_views, source.raw),
+            bos_id=source.llm_config.bos_token_id, eos_id=source.llm_config.eos_token_id,
+            pruner=pruner,
+        )
+    report = _load_prismatic(model, source, extra, dtype=dtype, device=device)
+    return (model, report) if return_report else model
+
+
+_PLATFORMS = (("libero", 8, "bounds_q99"), ("aloha", 25, "bounds"), ("bridge", 5, "bounds_q99"))
+"""OFT's platform constants by dataset-name prefix: (prefix, chunk size, normalisation)."""
+
+
+def _platform_chunk(platform: tuple | None, dataset: str) -> int:
+    if platform is None:
+        raise ValueError(
+            f"the chunk size of dataset {dataset!r} is not known (OFT keeps it as a "
+            f"platform constant: libero 8, aloha 25, bridge 5): pass chunk_size="
+        )
+    return platform[1]
+
+
+def _views(num_views: int | None, raw: dict) -> int | None:
+    """The camera views the run reads: given, else the config's ``num_images_in_input``
+    (OFT's training flag, which its released configs do not record), else ``None``."""
+    if num_views is not None:
+        return num_views
+    stored = raw.get("num_images_in_input")
+    return None if stored is None else int(stored)
+
+
+def _overlay_vision(files: Mapping, vision: dict[str, Tensor]) -> CheckpointView:
+    """The base checkpoint with its ``vision_backbone.*`` keys replaced by OFT's FiLM file."""
+    names = {k: k for k in files if not k.startswith("vision_backbone.")}
+    return CheckpointView(files, names=names, tensors=vision)
+
+
+def _oft_weights(parts: dict[str, dict[str, Tensor]]) -> tuple[dict, dict[str, Tensor]]:
+    """The head's state (its noisy-action projector inside, for diffusion) and every OFT
+    component tensor under its vlakit key."""
+    head_state = parts["action_head"]
+    if "noisy_action_projector" in parts:
+        head_state.update({f"noisy_action_projector.{k}": v
+                           for k, v in parts["noisy_action_projector"].items()})
+    extra = {f"head.{k}": v for k, v in head_state.items()}
+    extra.update({f"proprio_projector.{k}": v
+                  for k, v in parts.get("proprio_projector", {}).items()})
+    return head_state, extra
+
+
+def _oft_head(head_state: dict, hidden: int, chunk_size: int, attention: str,
+              predict_read: str | None, num_inference_steps: int | None, path: Path) -> nn.Module:
+    """The head the stored shapes describe: its kind (L1: ``model.*``; diffusion:
+    ``noise_predictor.*``), action dimension, MLP width and depth."""
+    if any(k.startswith("noise_predictor.") for k in head_state):
+        kind, prefix = "diffusion", "noise_predictor.mlp_resnet."
+    elif any(k.startswith("model.") for k in head_state):
+        kind, prefix = "l1", "model."
+    else:
+        raise CheckpointError(
+            f"the action head in {path} has neither L1 regression keys (model.*) nor "
+            f"diffusion keys (noise_predictor.*): e.g. {sorted(head_state)[:3]}"
+        )
+    out = head_state[f"{prefix}fc2.weight"].shape[0]
+    mlp_dim, width = head_state[f"{prefix}fc1.weight"].shape
+    if width != out * hidden:
+        raise CheckpointError(
+            f"the action head reads {width} features, but {out} actions x the LLM's width "
+            f"{hidden} is {out * hidden}: the head belongs to another model"
+        )
+    blocks = len({k.split(".")[len(prefix.split("."))]
+                  for k in head_state if k.startswith(f"{prefix}mlp_resnet_blocks.")})
+    extra = {} if kind == "l1" else {"num_inference_steps": num_inference_steps}
+    return oft_head(kind, hidden, chunk_size, out, attention, mlp_dim=mlp_dim,
+                    num_blocks=blocks, predict_read=predict_read, **extra)

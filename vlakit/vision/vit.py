@@ -5,7 +5,7 @@ prefix tokens or not), optional CLS and register tokens, optional LayerScale, ex
 GELU, optional final norm and optional MAP (attention-pool) head. Parameter names equal
 timm's ``VisionTransformer`` (``patch_embed.proj``, ``blocks.{i}.attn.qkv``, ``ls1.gamma``,
 ``attn_pool.*``), so timm checkpoints load after the identity rename in
-[`vlakit.convert.vision`][vlakit.convert] (which also reads timm / transformers
+[`vlakit.convert`][vlakit.convert] (which also reads timm / transformers
 architectures; this module knows nothing of conversion).
 
 Leaf blocks receive their linear layers: every projection is built by a ``linear`` factory
