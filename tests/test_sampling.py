@@ -57,6 +57,62 @@ def test_the_same_generator_gives_bit_identical_actions(build):
     assert many.shape == (3, 3, CHUNK, ADIM)
 
 
+def _rows(inputs, i):
+    """Row ``i`` of a batch, alone."""
+    import dataclasses
+
+    return type(inputs)(**{f.name: None if getattr(inputs, f.name) is None
+                           else getattr(inputs, f.name)[i:i + 1]
+                           for f in dataclasses.fields(inputs)})
+
+
+def _per_row(seeds):
+    return tuple(torch.Generator().manual_seed(s) for s in seeds)
+
+
+@pytest.mark.parametrize("num_samples", [None, 2])
+@pytest.mark.parametrize("build", [_flow, _diffusion])
+def test_one_generator_per_row_makes_batching_invisible(build, num_samples):
+    model = build()
+    inputs = _inputs(actions=False)
+    seeds = (11, 12, 13)
+    batched = model.predict_action(inputs, Sampling(num_samples, generator=_per_row(seeds)))
+    for i, seed in enumerate(seeds):
+        alone = model.predict_action(_rows(inputs, i),
+                                     Sampling(num_samples, generator=_per_row([seed])))
+        torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    # a single shared generator does not have this property: the rows' noise depends on
+    # the batch (this is why per-row generators exist)
+    shared = model.predict_action(inputs, Sampling(num_samples, generator=_per_row([12])[0]))
+    alone = model.predict_action(_rows(inputs, 1), Sampling(num_samples, generator=_per_row([12])))
+    assert not torch.allclose(shared[1:2], alone, atol=1e-3)
+    with pytest.raises(ValueError, match="holds 2 generators but the batch has 3 examples"):
+        model.predict_action(inputs, Sampling(generator=_per_row([1, 2])))
+
+
+@pytest.mark.parametrize("build", [_flow, _diffusion])
+def test_one_generator_per_row_in_training(build):
+    model = build().train()
+    inputs = _inputs()
+    loss = model(inputs, sampling=Sampling(generator=_per_row([1, 2, 3]))).loss
+    assert torch.equal(loss, model(inputs, sampling=Sampling(generator=_per_row([1, 2, 3]))).loss)
+    assert not torch.equal(loss, model(inputs, sampling=Sampling(generator=_per_row([1, 2, 4]))).loss)
+
+
+def test_a_stochastic_schedulers_step_noise_follows_the_rows_generators():
+    from diffusers import DDPMScheduler
+
+    def predict(x, k):
+        return torch.zeros_like(x)
+
+    def run(seeds, rows):
+        scheduler = DDPMScheduler(num_train_timesteps=10)
+        return scheduler_denoise(predict, torch.ones(rows, 1, 3), scheduler, 5,
+                                 generator=list(_per_row(seeds)))
+
+    torch.testing.assert_close(run([4, 5], 2)[1:], run([5], 1))
+
+
 @pytest.mark.parametrize("build", [_flow, _diffusion])
 def test_prediction_never_touches_the_global_random_state(build):
     model = build()

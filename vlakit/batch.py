@@ -24,6 +24,9 @@ class VLAInputs:
         token_type_ids: ``[b, t]`` 0 prefix / 1 suffix (PaliGemma), optional.
         actions: ``[b, chunk, a]`` raw (unnormalised) target actions, for training.
         proprio: ``[b, p]`` raw proprioceptive state, optional.
+        action_is_pad: ``[b, chunk]`` ``True`` where a target step is padding (the chunk
+            ran past its episode's end; LeRobot's ``action_is_pad``): every action head's
+            loss leaves those steps out. ``None``: every step is real.
     """
 
     input_ids: Int[Tensor, "b t"]
@@ -32,6 +35,7 @@ class VLAInputs:
     token_type_ids: Int[Tensor, "b t"] | None = None
     actions: Float[Tensor, "b chunk a"] | None = None
     proprio: Float[Tensor, "b p"] | None = None
+    action_is_pad: Bool[Tensor, "b chunk"] | None = None
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -67,6 +71,21 @@ def check_batch(inputs: VLAInputs) -> None:
             raise ValueError(
                 f"inputs.{name} has shape {tuple(value.shape)}, but inputs.input_ids has "
                 f"shape {tuple(ids.shape)}; they must match"
+            )
+    pad = inputs.action_is_pad
+    if pad is not None:
+        if pad.dtype != torch.bool:
+            raise ValueError(
+                f"inputs.action_is_pad must be a boolean mask (True = padded step), got dtype "
+                f"{pad.dtype}"
+            )
+        if inputs.actions is None:
+            raise ValueError("inputs.action_is_pad was given without inputs.actions: the pad "
+                             "mask marks steps of the target actions")
+        if pad.dim() != 2 or tuple(pad.shape) != tuple(inputs.actions.shape[:2]):
+            raise ValueError(
+                f"inputs.action_is_pad has shape {tuple(pad.shape)}, expected [batch, chunk] = "
+                f"{tuple(inputs.actions.shape[:2])} (the first two dimensions of inputs.actions)"
             )
     for name in ("pixels", "actions", "proprio"):
         value = getattr(inputs, name)

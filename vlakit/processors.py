@@ -196,8 +196,9 @@ class _Processor:
                     f"(shorten the prompt or raise max_length)"
                 )
 
-    def _actions_and_proprio(self, actions: Any, proprio: Any, batch: int):
-        a = p = None
+    def _actions_and_proprio(self, actions: Any, proprio: Any, batch: int,
+                             action_is_pad: Any = None):
+        a = p = pad = None
         if actions is not None:
             a = _as_float_tensor(actions, "actions", 3)
             if a.shape[0] != batch:
@@ -212,7 +213,17 @@ class _Processor:
                     f"expected proprio for each of the {batch} prompts, but got proprio for "
                     f"{p.shape[0]} examples"
                 )
-        return a, p
+        if action_is_pad is not None:
+            if a is None:
+                raise ValueError("action_is_pad was given without actions: it marks the padded "
+                                 "steps of the target actions")
+            pad = torch.as_tensor(action_is_pad)
+            if pad.dtype != torch.bool or tuple(pad.shape) != tuple(a.shape[:2]):
+                raise ValueError(
+                    f"action_is_pad must be a boolean [batch, chunk] = {tuple(a.shape[:2])} "
+                    f"mask (True = padded step), got {pad.dtype} of shape {tuple(pad.shape)}"
+                )
+        return a, p, pad
 
 
 class OpenVLAProcessor(_Processor):
@@ -295,6 +306,7 @@ class OpenVLAProcessor(_Processor):
         actions: Any = None,
         proprio: Any = None,
         pixels: Tensor | None = None,
+        action_is_pad: Any = None,
     ) -> VLAInputs:
         """Build [`VLAInputs`][vlakit.VLAInputs].
 
@@ -306,19 +318,22 @@ class OpenVLAProcessor(_Processor):
             proprio: raw ``[b, p]`` state, optional.
             pixels: images already preprocessed, ``[b, v, c, h, w]`` (e.g. views of
                 different sizes preprocessed one by one), instead of ``images``.
+            action_is_pad: ``[b, chunk]`` bool, ``True`` where a target step is padding
+                past an episode's end (the losses leave those steps out), optional.
         """
         rows = [self.prompt_ids(text) for text in _as_list(instructions)]
         self._check_length(
             rows, [("<s>", 1), ("action slots", self.num_action_tokens), ("</s>", 1)]
         )
         ids, valid = _pad_right(rows, self.pad_id)
-        a, p = self._actions_and_proprio(actions, proprio, len(rows))
+        a, p, pad = self._actions_and_proprio(actions, proprio, len(rows), action_is_pad)
         return VLAInputs(
             input_ids=ids,
             text_valid=valid,
             pixels=self._pixels(images, len(rows), pixels),
             actions=a,
             proprio=p,
+            action_is_pad=pad,
         )
 
     def config(self) -> dict[str, Any]:
@@ -419,6 +434,7 @@ class PaliGemmaProcessor(_Processor):
         actions: Any = None,
         proprio: Any = None,
         pixels: Tensor | None = None,
+        action_is_pad: Any = None,
     ) -> VLAInputs:
         """Build [`VLAInputs`][vlakit.VLAInputs] (arguments as
         [`OpenVLAProcessor`][vlakit.processors.OpenVLAProcessor],
@@ -445,7 +461,7 @@ class PaliGemmaProcessor(_Processor):
         )
         ids, valid = _pad_right(rows, self.pad_id)
         token_type_ids, _ = _pad_right(types, 0)
-        a, p = self._actions_and_proprio(actions, proprio, len(prompts))
+        a, p, pad = self._actions_and_proprio(actions, proprio, len(prompts), action_is_pad)
         return VLAInputs(
             input_ids=ids,
             text_valid=valid,
@@ -453,6 +469,7 @@ class PaliGemmaProcessor(_Processor):
             token_type_ids=token_type_ids,
             actions=a,
             proprio=p,
+            action_is_pad=pad,
         )
 
     def config(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ answers its own layout: ``suffix_length``).
 import dataclasses
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from vlakit.batch import check_batch
@@ -100,6 +100,11 @@ class VLARunner:
         if self.model.action_normalizer is not None:
             actions = self.model.action_normalizer.normalize(actions)
         return actions
+
+    def target_is_pad(self) -> Bool[Tensor, "b c"] | None:
+        """``inputs.action_is_pad``: ``True`` for padded target steps (shape checked with
+        the batch), or ``None``."""
+        return self.inputs.action_is_pad
 
     # -- images and extras -----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from vlakit.heads.base import (
     HeadTokens,
     ModelRunner,
     PrefixRunner,
+    action_loss_mean,
     has_action_targets,
 )
 from vlakit.heads.diffusion import DiffusionActionHead, NoisyActionProjector
@@ -29,6 +30,7 @@ from vlakit.heads.sampling import (
     draw_noise,
     euler,
     prediction_generator,
+    rowwise,
     scheduler_denoise,
     training_noise,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "ModelRunner",
     "PrefixRunner",
     "has_action_targets",
+    "action_loss_mean",
     "Sampling",
     "DenoiseStep",
     "StepWrapper",
@@ -49,6 +52,7 @@ __all__ = [
     "scheduler_denoise",
     "draw_noise",
     "training_noise",
+    "rowwise",
     "prediction_generator",
     "DiscreteActionHead",
     "ActionCodec",

@@ -35,13 +35,14 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vlakit.core import TokenRole, TokenSequence
 from vlakit.heads.sampling import Sampling
 
 __all__ = [
+    "action_loss_mean",
     "HeadTokens",
     "Head",
     "ActionHead",
@@ -54,6 +55,19 @@ EmbedFn = Callable[[Tensor], Tensor]
 """``ids [b, t] -> embeddings [b, t, d]`` (the decoder's token embedding)."""
 LogitsFn = Callable[[Tensor], Tensor]
 """``hidden [..., d] -> logits [..., V]`` (the decoder's LM head)."""
+
+
+def action_loss_mean(
+    errors: Float[Tensor, "b c a"], is_pad: Bool[Tensor, "b c"] | None
+) -> Float[Tensor, ""]:
+    """The mean of per-element losses ``errors`` over the real (not padded) target steps:
+    ``sum(errors over real steps) / (real steps * a)``; 0 when every step is padding.
+    ``is_pad=None``: the plain mean."""
+    if is_pad is None:
+        return errors.mean()
+    real = (~is_pad).to(errors.dtype)[..., None]  # [b, c, 1]
+    count = real.sum() * errors.shape[-1]
+    return (errors * real).sum() / count.clamp_min(1)
 
 
 def has_action_targets(inputs: Any) -> bool:
@@ -145,6 +159,12 @@ class ModelRunner(Protocol):
     def target_actions(self) -> Float[Tensor, "b c a"]:
         """The batch's target actions, normalised, checked against the head's chunk size
         and action width (a ``ValueError`` names the dimension)."""
+        ...
+
+    def target_is_pad(self) -> Bool[Tensor, "b c"] | None:
+        """``True`` for target steps that are padding past an episode's end (the batch's
+        ``action_is_pad``); ``None`` when every step is real. Every action loss leaves the
+        padded steps out ([action_loss_mean][vlakit.heads.action_loss_mean])."""
         ...
 
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:

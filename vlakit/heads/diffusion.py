@@ -14,12 +14,13 @@ from torch import Tensor, nn
 from vlakit.core import TokenRole, TokenSequence
 from vlakit.core.recording import recorded
 from vlakit.heads._steps import StepRunner
-from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
+from vlakit.heads.base import HeadTokens, ModelRunner, action_loss_mean, has_action_targets
 from vlakit.heads.mlp_resnet import MLPResNet
 from vlakit.heads.sampling import (
     Sampling,
     draw_noise,
     prediction_generator,
+    rowwise,
     scheduler_denoise,
     training_noise,
 )
@@ -203,13 +204,21 @@ class DiffusionActionHead(nn.Module):
         noise = training_noise(actions, sampling)
         timesteps = sampling.time
         if timesteps is None:
-            timesteps = torch.randint(0, self.num_train_timesteps, (b,), device=device,
-                                      generator=generator)
+            timesteps = rowwise(
+                lambda s, g: torch.randint(0, self.num_train_timesteps, s, device=device,
+                                           generator=g), (b,), generator)
         elif tuple(timesteps.shape) != (b,) or timesteps.is_floating_point():
             raise ValueError(
                 f"Sampling.time must be [batch={b}] integer diffusion timesteps in "
                 f"0..{self.num_train_timesteps - 1}, got {timesteps.dtype} of shape "
                 f"{tuple(timesteps.shape)}"
+            )
+        elif not torch.compiler.is_compiling() and bool(
+            ((timesteps < 0) | (timesteps >= self.num_train_timesteps)).any()
+        ):
+            raise ValueError(
+                f"Sampling.time holds diffusion timesteps {timesteps.tolist()}, outside "
+                f"0..{self.num_train_timesteps - 1} (the scheduler's num_train_timesteps)"
             )
         timesteps = timesteps.to(device)
         noisy = self.scheduler.add_noise(actions, noise, timesteps)
@@ -220,7 +229,8 @@ class DiffusionActionHead(nn.Module):
         sequence with the noised action slots)."""
         tokens, noise = self.training_tokens(runner.target_actions(), sampling, runner.dtype)
         hidden, seq = runner.run(tokens)
-        return F.mse_loss(self.predict_noise(hidden, seq), noise)
+        errors = (self.predict_noise(hidden, seq) - noise).square()  # [b, c, a]
+        return action_loss_mean(errors, runner.target_is_pad())
 
     def noise_at(self, steps: StepRunner):
         """The noise-prediction closure ``(x [B, c, a], timesteps [B]) -> eps_hat`` over one
@@ -246,6 +256,8 @@ class DiffusionActionHead(nn.Module):
         shape = (b, c, a) if sampling.num_samples is None else (b, n, c, a)
         generator = prediction_generator(sampling, steps.device)
         noise = draw_noise(shape, steps.device, dataclasses.replace(sampling, generator=generator))
+        if isinstance(generator, tuple):  # one per example: each of its n samples draws from it
+            generator = [g for g in generator for _ in range(n)]
         x = scheduler_denoise(self.noise_at(steps), noise.reshape(b * n, c, a), self.scheduler,
                               self.num_inference_steps, sampling.step_wrapper, generator)
         return x.view(shape)

@@ -83,10 +83,18 @@ class DiscreteActionHead(nn.Module):
         hidden, seq = runner.run(HeadTokens(action_embeds=runner.embed_tokens(ids),
                                             action_ids=ids))
         roles = (TokenRole.ACTION, TokenRole.EOS) if self.predict_eos else (TokenRole.ACTION,)
+        targets = seq.role_mask(*roles) & seq.is_suffix  # not an </s> id inside the prompt
+        is_pad = runner.target_is_pad()
+        if is_pad is not None:  # padded steps' tokens are not targets ([b, c] -> [b, n])
+            slots = seq.role_mask(TokenRole.ACTION) & seq.is_suffix  # [b, n], c·a per row
+            index = (slots.long().cumsum(1) - 1).clamp(0, ids.shape[1] - 1)  # slot k of row
+            padded = torch.gather(is_pad.repeat_interleave(self.tokenizer.action_dim, 1), 1,
+                                  index)
+            targets = targets & ~(slots & padded)
         return next_token_loss(
             hidden,
             seq.token_ids,
-            seq.role_mask(*roles) & seq.is_suffix,  # not an </s> id inside the prompt
+            targets,
             runner.lm_logits,
             max_targets=self.num_action_tokens + int(self.predict_eos),
         )

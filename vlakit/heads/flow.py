@@ -10,8 +10,15 @@ from torch import Tensor, nn
 from vlakit.core import TokenSequence
 from vlakit.core.recording import recorded
 from vlakit.heads._steps import StepRunner
-from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
-from vlakit.heads.sampling import Sampling, draw_noise, euler, training_noise
+from vlakit.heads.base import HeadTokens, ModelRunner, action_loss_mean, has_action_targets
+from vlakit.heads.sampling import (
+    Generators,
+    Sampling,
+    draw_noise,
+    euler,
+    rowwise,
+    training_noise,
+)
 from vlakit.heads.slots import read_slots
 from vlakit.heads.time_embedding import sincos_time_embedding
 
@@ -93,18 +100,19 @@ class FlowMatchingHead(nn.Module):
         return has_action_targets(inputs)
 
     def sample_time(
-        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+        self, batch: int, device: torch.device, generator: Generators | None = None
     ) -> Float[Tensor, " b"]:
         """Training times ``Beta(1.5, 1) * 0.999 + 0.001`` (float32). Without a generator
-        torch's ``Beta`` sampler draws them (as pi0's references do); with one, the same
-        distribution as ``u ** (1 / 1.5)``, ``u ~ U(0, 1)`` from the generator."""
+        torch's ``Beta`` sampler draws them (as pi0's references do); with one (or one per
+        row), the same distribution as ``u ** (1 / 1.5)``, ``u ~ U(0, 1)`` from it."""
         if generator is None:
             beta = torch.distributions.Beta(
                 torch.tensor(1.5, device=device), torch.tensor(1.0, device=device)
             )
             draw = beta.sample((batch,)).to(torch.float32)
         else:
-            u = torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
+            u = rowwise(lambda s, g: torch.rand(s, generator=g, device=device,
+                                                dtype=torch.float32), (batch,), generator)
             draw = u.pow(1.0 / 1.5)
         return draw * 0.999 + 0.001
 
@@ -151,7 +159,8 @@ class FlowMatchingHead(nn.Module):
         over the whole sequence with the noisy action tokens)."""
         tokens, target = self.training_tokens(runner.target_actions(), sampling, runner.dtype)
         hidden, seq = runner.run(tokens)
-        return F.mse_loss(self.velocity(hidden, seq), target)
+        errors = (self.velocity(hidden, seq) - target).square()  # [b, c, a]
+        return action_loss_mean(errors, runner.target_is_pad())
 
     def velocity_at(self, steps: StepRunner):
         """The velocity closure ``(x [B, c, a], t [B]) -> v [B, c, a]`` over one step's

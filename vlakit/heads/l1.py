@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from vlakit.core import TokenSequence
 from vlakit.core.recording import recorded
-from vlakit.heads.base import HeadTokens, ModelRunner, has_action_targets
+from vlakit.heads.base import HeadTokens, ModelRunner, action_loss_mean, has_action_targets
 from vlakit.heads.mlp_resnet import MLPResNet
 from vlakit.heads.sampling import Sampling
 from vlakit.heads.slots import check_reads, read_slots
@@ -96,7 +96,8 @@ class L1RegressionHead(nn.Module):
         target = runner.target_actions().to(torch.float32)
         slots = self.slot_embeds(runner.batch_size, runner.device, runner.dtype)
         hidden, seq = runner.run(HeadTokens(action_embeds=slots))
-        return F.l1_loss(self.actions_from(hidden, seq), target)
+        errors = (self.actions_from(hidden, seq) - target).abs()  # [b, c, a]
+        return action_loss_mean(errors, runner.target_is_pad())
 
     def predict(self, runner: ModelRunner, sampling: Sampling) -> Float[Tensor, "b c a"]:
         """One pass with zero slots; normalised actions ``[b, chunk, a]`` (float32)."""

@@ -44,6 +44,7 @@ __all__ = [
     "draw_noise",
     "training_noise",
     "prediction_generator",
+    "rowwise",
 ]
 
 PredictFn = Callable[[Tensor, Tensor], Tensor]
@@ -99,7 +100,10 @@ class Sampling:
     Attributes:
         num_samples: chunks drawn per example from one shared prefix; ``predict_action``
             then returns ``[b, num_samples, chunk, a]``. ``None``: one, ``[b, chunk, a]``.
-        generator: the ``torch.Generator`` every draw uses (on the model's device). The same
+        generator: the ``torch.Generator`` every draw uses (on the model's device), or a
+            sequence of them, one per example: each row then draws from its own generator
+            only, so a row predicted alone with ``generator=g`` equals the same row inside a
+            batch given ``[..., g, ...]`` (batching is invisible to the result). The same
             generator state gives bit-identical actions.
         noise: the initial noise, normalised action space: ``[b, chunk, a]`` (or
             ``[b, num_samples, chunk, a]``) at prediction; in training the noise the head
@@ -117,7 +121,7 @@ class Sampling:
     """
 
     num_samples: int | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | tuple[torch.Generator, ...] | None = None
     noise: Tensor | None = None
     time: Tensor | None = None
     step_wrapper: StepWrapper | None = None
@@ -126,10 +130,18 @@ class Sampling:
         n = self.num_samples
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"Sampling.num_samples must be an integer >= 1 or None, got {n!r}")
-        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+        generator = self.generator
+        if isinstance(generator, (list, tuple)):
+            if not generator or not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError(
+                    "Sampling.generator as a sequence must hold one torch.Generator per "
+                    "example (and at least one)"
+                )
+            object.__setattr__(self, "generator", tuple(generator))
+        elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
-                f"Sampling.generator must be a torch.Generator, got "
-                f"{type(self.generator).__name__}; e.g. torch.Generator(device).manual_seed(0)"
+                f"Sampling.generator must be a torch.Generator (or one per example), got "
+                f"{type(generator).__name__}; e.g. torch.Generator(device).manual_seed(0)"
             )
         for name in ("noise", "time"):
             value = getattr(self, name)
@@ -176,8 +188,38 @@ class Sampling:
                 )
 
 
-def prediction_generator(sampling: Sampling, device: torch.device) -> torch.Generator:
-    """The generator prediction draws from: ``sampling.generator`` (checked to be on
+Generators = torch.Generator | tuple[torch.Generator, ...]
+"""One generator for the whole batch, or one per example (row)."""
+
+
+def rowwise(
+    draw: Callable[[tuple[int, ...], torch.Generator | None], Tensor],
+    shape: tuple[int, ...],
+    generator: Generators | None,
+) -> Tensor:
+    """``draw(shape, generator)``, or, with one generator per row (a tuple of
+    ``shape[0]``), each row ``draw(shape[1:], generator[i])`` stacked: row ``i`` then
+    depends on its own generator only."""
+    if not isinstance(generator, tuple):
+        return draw(shape, generator)
+    if len(generator) != shape[0]:
+        raise ValueError(
+            f"Sampling.generator holds {len(generator)} generators but the batch has "
+            f"{shape[0]} examples; give one generator per example, or a single one"
+        )
+    return torch.stack([draw(shape[1:], g) for g in generator])
+
+
+def _check_device(generator: torch.Generator, device: torch.device) -> None:
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(
+            f"Sampling.generator is on {generator.device} but the model runs on {device}; "
+            f"make it there: torch.Generator({str(device)!r}).manual_seed(seed)"
+        )
+
+
+def prediction_generator(sampling: Sampling, device: torch.device) -> Generators:
+    """The generator(s) prediction draws from: ``sampling.generator`` (checked to be on
     ``device``'s type), else a fresh one seeded from the operating system's entropy (never
     torch's global random state)."""
     generator = sampling.generator
@@ -185,11 +227,8 @@ def prediction_generator(sampling: Sampling, device: torch.device) -> torch.Gene
         generator = torch.Generator(device=device)
         generator.seed()
         return generator
-    if generator.device.type != torch.device(device).type:
-        raise ValueError(
-            f"Sampling.generator is on {generator.device} but the model runs on {device}; "
-            f"make it there: torch.Generator({str(device)!r}).manual_seed(seed)"
-        )
+    for g in generator if isinstance(generator, tuple) else (generator,):
+        _check_device(g, device)
     return generator
 
 
@@ -200,7 +239,8 @@ def draw_noise(
     what: str = "Sampling.noise",
 ) -> Float[Tensor, "..."]:
     """``sampling.noise`` checked against ``shape`` (float32 on ``device``), or standard
-    normal noise of ``shape`` from [prediction_generator][vlakit.heads.prediction_generator]."""
+    normal noise of ``shape`` from [prediction_generator][vlakit.heads.prediction_generator]
+    (one generator per row: each row from its own)."""
     if sampling.noise is not None:
         if tuple(sampling.noise.shape) != tuple(shape):
             raise ValueError(
@@ -210,17 +250,20 @@ def draw_noise(
             )
         return sampling.noise.to(device=device, dtype=torch.float32)
     generator = prediction_generator(sampling, device)
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return rowwise(lambda s, g: torch.randn(s, generator=g, device=device, dtype=torch.float32),
+                   tuple(shape), generator)
 
 
 def training_noise(actions: Float[Tensor, "b c a"], sampling: Sampling) -> Float[Tensor, "b c a"]:
     """The noise a training draw mixes into ``actions``: ``sampling.noise`` (checked against
-    their shape), else standard normal noise from ``sampling.generator``, else from torch's
-    global random state (as the reference training loops draw it)."""
+    their shape), else standard normal noise from ``sampling.generator`` (one per row, or
+    one for all), else from torch's global random state (as the reference training loops
+    draw it)."""
     if sampling.noise is not None:
         return draw_noise(tuple(actions.shape), actions.device, sampling)
     if sampling.generator is not None:
-        return torch.randn(actions.shape, generator=sampling.generator, device=actions.device)
+        return rowwise(lambda s, g: torch.randn(s, generator=g, device=actions.device),
+                       tuple(actions.shape), sampling.generator)
     return torch.randn_like(actions)
 
 
@@ -282,7 +325,7 @@ def scheduler_denoise(
     scheduler: Any,
     num_inference_steps: int,
     step_wrapper: StepWrapper | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> Float[Tensor, "B c a"]:
     """Denoise with a diffusers scheduler: for each of its ``num_inference_steps``
     timesteps ``k``, ``x = scheduler.step(eps_hat(x, k), k, x).prev_sample``.
@@ -297,7 +340,8 @@ def scheduler_denoise(
         scheduler: a diffusers scheduler (``set_timesteps`` is called on it).
         num_inference_steps: the fixed number of steps.
         step_wrapper: wraps each step (see [StepWrapper][vlakit.heads.StepWrapper]).
-        generator: passed to ``scheduler.step`` when it takes one.
+        generator: passed to ``scheduler.step`` when it takes one (diffusers takes one
+            generator, or a list with one per row of ``x``).
     """
     scheduler.set_timesteps(num_inference_steps)
     options = {"generator": generator} if _step_takes_generator(scheduler) else {}
