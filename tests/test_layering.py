@@ -10,9 +10,11 @@ function-local imports. Layers, bottom to top::
                                            core and blocks
     distributed (FSDP2 helpers)            core, blocks, model
     convert                                core, blocks, model (not models)
-    models                                 everything below, convert included
     processors                             core and model
     bundle (the deployable policy)         core, blocks, model, processors
+    models                                 everything above, convert, processors and
+                                           bundle included (a family's loader can
+                                           return its policy bundle)
     summary (parameter tables)             core
     viz (pictures of pruned patches)       core
     data (datasets, collate)               core
@@ -97,7 +99,7 @@ ALLOWED: dict[str, set[str]] = {
     **{family: {"core", family} for family in BLOCK_FAMILIES},
     "model": {"core", "model"} | _BLOCKS,
     "convert": {"core", "model", "convert"} | _BLOCKS,
-    "models": {"core", "model", "convert", "models"} | _BLOCKS,
+    "models": {"core", "model", "convert", "processors", "bundle", "models"} | _BLOCKS,
     "processors": {"core", "model", "processors"},
     "bundle": {"core", "model", "processors", "bundle"} | _BLOCKS,
     "summary": {"core", "summary"},  # parameter tables: a utility beside the core

@@ -285,13 +285,13 @@ def test_load_openvla_oft_reads_head_proprio_and_film_from_the_directory(tmp_pat
 
     parts = _parts()
     film, action_head, proprio = _write_oft(tmp_path, parts)
-    model = load_openvla_oft(tmp_path)
+    model = load_openvla_oft(tmp_path, num_views=2)
     assert model.encoder.has_film and model.proprio_projector.in_dim == 5
     qkv = model.encoder.encoders[0].blocks[0].attn.qkv.weight  # base + 0.5 B A, not the base
     torch.testing.assert_close(qkv, film["vision_backbone.featurizer.blocks.0.block.attn.qkv"
                                          ".weight"], rtol=0, atol=0)
     assert type(model.head).__name__ == "L1RegressionHead" and model.head.chunk_size == 8
-    assert model.head.action_dim == 3 and model.num_views is None
+    assert model.head.action_dim == 3 and model.num_views == 2
     # the same model assembled by hand from the written weights
     dino, siglip, llama, _ = parts
     towers = [vit_from_timm(dino, output_layer=-2).truncate(),
@@ -320,11 +320,11 @@ def test_load_openvla_oft_finds_a_diffusion_head_and_lightvla_prunes(tmp_path):
     from vlakit.pruners import LightVLAPruner
 
     _, action_head, _ = _write_oft(tmp_path, _parts(), head="diffusion")
-    model = load_openvla_oft(tmp_path, num_inference_steps=2)
+    model = load_openvla_oft(tmp_path, num_inference_steps=2, num_views=2)
     assert type(model.head).__name__ == "DiffusionActionHead"
     for key, value in action_head.state_dict().items():
         assert torch.equal(model.head.state_dict()[key], value), key
-    light = load_lightvla(tmp_path, num_inference_steps=2)
+    light = load_lightvla(tmp_path, num_inference_steps=2, num_views=2)
     assert isinstance(light.pruner, LightVLAPruner) and light.head.predict_read == "next"
     head_file = tmp_path / "action_head--100_checkpoint.pt"
     head_file.rename(tmp_path / "action_head--200_checkpoint.pt")
@@ -358,6 +358,9 @@ def test_oft_and_lightvla_loaders_build_for_the_runs_view_count(tmp_path):
         assert load(tmp_path, num_views=1).num_views == 1  # the argument wins
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert load_openvla_oft(tmp_path, num_views=3).num_views == 3
+    with pytest.raises(ValueError, match=r"does not record how many camera views .* pass "
+                                         r"num_views="):
+        load_openvla_oft(tmp_path)  # neither given nor recorded: never any count
 
 
 def _adapter(directory, targets, config=None):
@@ -505,3 +508,64 @@ def test_peft_patterns_rslora_and_unsupported_adapters(tmp_path):
               folder / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="LoRA biases"):
         LoraAdapter(folder)
+
+
+def test_a_run_folder_loads_as_a_policy_bundle_that_does_what_ofts_eval_does(tmp_path):
+    """openvla_oft_policy: the run folder's tokenizer, OFT's processor options (the
+    instruction lower-cased, "▁" appended) and openpi's LIBERO keys; raw observations in."""
+    import numpy as np
+    from _tiny import tiny_tokenizer
+
+    from vlakit.bundle import PolicyBundle
+    from vlakit.heads import Sampling
+    from vlakit.models import lightvla_policy, load_openvla_oft, openvla_oft_policy
+    from vlakit.processors import OpenVLAProcessor
+
+    _write_oft(tmp_path, _parts())
+    with pytest.raises(CheckpointError, match="holds no tokenizer .* pass tokenizer="):
+        openvla_oft_policy(tmp_path, num_views=2)
+    tokenizer = tiny_tokenizer(tmp_path)  # written into the run folder, as OFT's are
+    policy = openvla_oft_policy(tmp_path, num_views=2)
+    assert policy.keys.images == ("observation/image", "observation/wrist_image")
+    assert policy.keys.state == "observation/state" and policy.processor.lowercase
+    assert policy.processor.append_token_id == tokenizer.convert_tokens_to_ids("▁")
+    assert not policy.model.training
+    g = np.random.default_rng(0)
+    observation = {"observation/image": g.integers(0, 256, (28, 28, 3), dtype=np.uint8),
+                   "observation/wrist_image": g.integers(0, 256, (28, 28, 3), dtype=np.uint8),
+                   "observation/state": g.random(5).astype(np.float32),
+                   "prompt": "Pick Up The Cup"}
+    chunk = policy(observation)
+    assert chunk.shape == (8, 3) and chunk.dtype == np.float32
+    # by hand: the same model, the instruction lower-cased as OFT's eval does
+    model = load_openvla_oft(tmp_path, num_views=2).eval()
+    processor = OpenVLAProcessor.from_model(tokenizer, model)
+    pixels = torch.cat([model.encoder.preprocess(observation[k]) for k in policy.keys.images])
+    batch = processor(None, ["pick up the cup"], proprio=observation["observation/state"][None],
+                      pixels=pixels[None])
+    np.testing.assert_allclose(chunk, model.predict_action(batch)[0].numpy(), atol=1e-6)
+    # it saves as one directory and loads back the same
+    again = PolicyBundle.load(policy.save(tmp_path / "bundle"))
+    assert again.processor.lowercase
+    np.testing.assert_allclose(again(observation, Sampling()), chunk, atol=1e-6)
+    light = lightvla_policy(tmp_path, num_views=2)
+    assert light.processor.lowercase and type(light.model.pruner).__name__ == "LightVLAPruner"
+    assert light(observation).shape == (8, 3)
+
+
+def test_an_openvla_directory_loads_as_a_one_camera_policy(tmp_path):
+    import numpy as np
+    from _tiny import tiny_tokenizer
+
+    from vlakit.models import openvla_policy
+
+    _write(tmp_path, *_parts())
+    tiny_tokenizer(tmp_path)
+    policy = openvla_policy(tmp_path)
+    assert policy.keys.images == ("observation/image",) and policy.keys.state is None
+    assert policy.processor.lowercase and policy.model.num_views == 1
+    image = np.random.default_rng(1).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    chunk = policy({"observation/image": image, "prompt": "Open Drawer"})
+    assert chunk.shape == (1, policy.model.head.action_dim)
+    np.testing.assert_array_equal(chunk, policy({"observation/image": image,
+                                                 "prompt": "open drawer"}))

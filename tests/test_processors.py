@@ -154,9 +154,31 @@ def test_word_tokenizer_is_local_and_round_trips(tmp_path):
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again("open the red drawer")["input_ids"] == [1, 9, 6, 7, 10, 2]
-    # no "▁" piece: the OpenVLA processor appends nothing
+    # the empty "▁" piece comes last (OpenVLA's processor appends it)
     processor = OpenVLAProcessor(tok, tiny_encoder("vit").preprocess)
-    assert processor.append_token_id is None
+    assert processor.append_token_id == len(tok) - 1 == tok.convert_tokens_to_ids("▁")
+    assert processor.prompt_ids("open the drawer")[-1] == processor.append_token_id
+
+
+def test_a_tokenizer_without_the_appended_piece_is_refused(tokenizer):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {"<unk>": 0, "open": 1}, unk_token="<unk>")), unk_token="<unk>")
+    with pytest.raises(ValueError, match=r"append_token_id='▁', but the tokenizer .* has no "
+                                         r"such token.*append_token_id=None to append nothing"):
+        OpenVLAProcessor(bare, tiny_encoder("vit").preprocess)
+    assert OpenVLAProcessor(bare, tiny_encoder("vit").preprocess,
+                            append_token_id=None).append_token_id is None
+
+
+def test_lowercase_is_an_option(tokenizer):
+    plain = OpenVLAProcessor(tokenizer, tiny_encoder("vit").preprocess)
+    lower = OpenVLAProcessor(tokenizer, tiny_encoder("vit").preprocess, lowercase=True)
+    assert lower.prompt_ids("Pick Up The Cup") == plain.prompt_ids("pick up the cup")
+    assert plain.prompt_ids("Pick Up The Cup") != plain.prompt_ids("pick up the cup")
+    assert lower.config()["lowercase"] is True
 
 
 def test_length_message_says_what_was_expected_and_found(tokenizer):

@@ -186,7 +186,7 @@ def test_lightvla_noise_schedule_and_setter():
     with pytest.raises(ValueError, match="max_steps"):
         lightvla_noise_scale(0, 0)
     model = _model("l1")
-    model.pruner = LightVLAPruner()
+    model.add_pruner(LightVLAPruner())
     assert set_noise_scale(model, 0.3) == 1 and model.pruner.noise_scale == 0.3
 
 
@@ -207,13 +207,12 @@ def test_a_training_step_with_lightvla_backpropagates_into_projector_and_encoder
 
 def _lightvla_model(head="l1", attention="bidirectional"):
     model = _model(head, attention)
-    model.pruner = LightVLAPruner()
+    model.add_pruner(LightVLAPruner())
     return model.eval()
 
 
 def _rows(inputs, row):
-    fields = {k: (None if v is None else v[row:row + 1]) for k, v in vars(inputs).items()}
-    return type(inputs)(**fields)
+    return inputs.rows(slice(row, row + 1))
 
 
 def test_batched_inference_equals_each_sample_alone():
@@ -293,7 +292,7 @@ def test_cached_prediction_with_a_pruner_equals_the_full_rerun():
 def test_views_need_nothing_but_the_images():
     model = _model("l1")
     model.num_views = None
-    model.pruner = LightVLAPruner()
+    model.add_pruner(LightVLAPruner())
     model.eval()
     inputs = _inputs(actions=False)
     two = model.predict_action(inputs)

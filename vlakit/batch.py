@@ -27,6 +27,11 @@ class VLAInputs:
         action_is_pad: ``[b, chunk]`` ``True`` where a target step is padding (the chunk
             ran past its episode's end; LeRobot's ``action_is_pad``): every action head's
             loss leaves those steps out. ``None``: every step is real.
+        actions_normalized: ``True`` when ``actions`` are already in the model's normalised
+            space (``[-1, 1]``, e.g. a dataset that stores normalised actions): the model
+            then does not normalise them again (values outside ``[-1, 1]`` raise). Default
+            ``False``: raw actions in the robot's units, normalised by the model's
+            ``action_normalizer``.
     """
 
     input_ids: Int[Tensor, "b t"]
@@ -36,6 +41,7 @@ class VLAInputs:
     actions: Float[Tensor, "b chunk a"] | None = None
     proprio: Float[Tensor, "b p"] | None = None
     action_is_pad: Bool[Tensor, "b chunk"] | None = None
+    actions_normalized: bool = False
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -46,10 +52,20 @@ class VLAInputs:
         moved = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if isinstance(value, Tensor):
                 value = value.to(device=device, dtype=dtype if f.name == "pixels" else None)
             moved[f.name] = value
         return VLAInputs(**moved)
+
+
+    def rows(self, index: slice | Tensor | list[int]) -> "VLAInputs":
+        """The examples ``index`` selects (a slice, a list of row numbers or a boolean /
+        integer tensor), every per-example field cut alike."""
+        picked = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = value[index] if isinstance(value, Tensor) else value
+        return VLAInputs(**picked)
 
 
 def check_batch(inputs: VLAInputs) -> None:

@@ -75,6 +75,19 @@ class ObservationKeys:
         """Every key an observation must carry."""
         return self.images + ((self.state,) if self.state else ()) + (self.prompt,)
 
+    @classmethod
+    def for_model(cls, model: Any) -> "ObservationKeys":
+        """openpi's LIBERO example keys, as many as ``model`` reads:
+        ``observation/image``, then ``observation/wrist_image``, then
+        ``observation/image_{k}`` for more views; ``observation/state`` when the model has
+        a proprio projector; ``prompt``. A model that declares no view count gets one
+        camera key."""
+        views = model.num_views or 1
+        names = ["observation/image", "observation/wrist_image"]
+        names += [f"observation/image_{k}" for k in range(2, views)]
+        state = "observation/state" if model.proprio_projector is not None else None
+        return cls(images=tuple(names[:views]), state=state, prompt="prompt")
+
 
 def _statistics(normalizer: Any) -> dict[str, list] | None:
     if normalizer is None:

@@ -9,6 +9,7 @@ model through a [VLARunner][vlakit.runner.VLARunner]. Saving and loading live in
 [vlakit.persistence][vlakit.persistence]; the batch types in [vlakit.batch][vlakit.batch].
 """
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from vlakit.batch import VLAInputs, VLAOutput
 from vlakit.core import LoadReport, MaskPolicy, guard_meta_loading
-from vlakit.core.recording import recorded
+from vlakit.core.recording import recorded, replace_module
 from vlakit.heads import ActionHead, HeadTokens, NextTokenHead, Sampling
 from vlakit.language import PromptMean
 from vlakit.runner import VLARunner
@@ -167,6 +168,32 @@ class VLA(nn.Module):
             if layer == 0:
                 raise ValueError(f"{name} reads the attention of layer {layer - 1}: use layer >= 1")
 
+    def add_pruner(self, pruner: nn.Module) -> "VLA":
+        """Put a token pruner into this model, keeping everything else (weights,
+        normalisers, view count, head); returns the model. The change is recorded
+        ([replace_module][vlakit.core.replace_module]), so the model still saves and loads
+        back with the pruner. The pruner is checked against the decoder as at construction
+        (a wrong ``layer`` raises and leaves the model as it was). Assigning
+        ``model.pruner = ...`` instead is refused when the model is saved.
+
+        Args:
+            pruner: a pruner from [vlakit.pruners][vlakit.pruners] (e.g. LightVLA's), on
+                the model's device and dtype.
+        """
+        if not isinstance(self.pruner, nn.Identity):
+            raise ValueError(
+                f"the model already has a pruner ({type(self.pruner).__name__}); build a new "
+                f"model to use another one"
+            )
+        before = self.pruner
+        self.pruner = pruner
+        try:
+            self.check_pruner()
+        finally:
+            self.pruner = before
+        replace_module(self, "pruner", pruner)
+        return self
+
     def _check_vocabulary(self) -> None:
         vocab = self.decoder.vocab_size
         if vocab is None:  # a bare layer stack has no vocabulary
@@ -273,13 +300,15 @@ class VLA(nn.Module):
 
     @torch.no_grad()
     def predict_action(
-        self, inputs: VLAInputs, sampling: Sampling | None = None
+        self, inputs: VLAInputs, sampling: Sampling | None = None, *, unnormalize: bool = True
     ) -> Float[Tensor, "b chunk a"] | Float[Tensor, "b n chunk a"]:
         """Unnormalised actions ``[b, chunk, a]`` for every example of the batch.
 
         Head-agnostic: the head predicts normalised actions through a runner (generation,
         one pass with slots, or suffix passes against a cached prefix); the model
-        unnormalises them.
+        unnormalises them. Prediction always runs the model's eval-mode behaviour (dropout
+        off, a pruner's inference selection, not its training-time token mix): a model left
+        in training mode is switched to eval for the call and put back as it was after.
 
         Args:
             inputs: the batch (a processor's output).
@@ -290,6 +319,10 @@ class VLA(nn.Module):
                 initial noise, and a wrapper around every denoising step (real-time
                 chunking). Default: one chunk from fresh randomness (never torch's global
                 random state). Deterministic heads refuse any option.
+            unnormalize: ``False`` returns the head's normalised actions as they are (in
+                the normaliser's ``[-1, 1]`` space, before any clipping or unnormalising):
+                for losses against normalised targets and for a robot stack that
+                unnormalises itself. Default ``True``: the robot's units.
         """
         if not isinstance(self.head, ActionHead):
             raise TypeError(
@@ -302,8 +335,9 @@ class VLA(nn.Module):
                 f"e.g. Sampling(num_samples=4, generator=torch.Generator().manual_seed(0))"
             )
         sampling = Sampling() if sampling is None else sampling
-        actions = self.head.predict(self.runner(inputs), sampling)
-        if self.action_normalizer is not None:
+        with _eval_mode(self):
+            actions = self.head.predict(self.runner(inputs), sampling)
+        if unnormalize and self.action_normalizer is not None:
             actions = self.action_normalizer.unnormalize(actions)
         return actions
 
@@ -376,3 +410,20 @@ class VLA(nn.Module):
 
         return push_model(self, repo_id, private=private, token=token,
                           commit_message=commit_message)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Every sub-module in eval mode inside the block; each one's own mode restored after
+    (a frozen block kept in eval during training stays in eval)."""
+    training = [m for m in model.modules() if m.training]
+    if not training:
+        yield
+        return
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True

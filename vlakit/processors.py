@@ -82,11 +82,21 @@ def _check_ids_in_vocab(ids: dict[str, int | None], vocab: int | None, hint: str
             )
 
 
-def _token_id(tokenizer: Any, token: int | str | None) -> int | None:
-    """An id as given, or the id of a token string in the tokenizer (``None`` if absent)."""
+def _token_id(tokenizer: Any, token: int | str | None,
+              what: str = "append_token_id") -> int | None:
+    """An id as given, or the id of a token string in the tokenizer (a ``ValueError`` naming
+    it if the tokenizer lacks it: nothing is silently left out)."""
     if token is None or isinstance(token, int):
         return token
-    return tokenizer.get_vocab().get(token)
+    found = tokenizer.get_vocab().get(token)
+    if found is None:
+        raise ValueError(
+            f"{what}={token!r}, but the tokenizer ({type(tokenizer).__name__}) has no such "
+            f"token; OpenVLA appends the empty '▁' piece (29871 in Llama-2's tokenizer) "
+            f"after 'Out:', and a model trained with it gives wrong actions without it. Pass "
+            f"the id to append, or {what}=None to append nothing"
+        )
+    return found
 
 
 def word_tokenizer(
@@ -97,7 +107,9 @@ def word_tokenizer(
 
     Nothing is downloaded: the vocabulary is ``specials`` (ids ``0..len(specials) - 1``;
     by default ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3) followed by every distinct
-    word and punctuation mark of ``texts``, in the order first seen. Text is split on
+    word and punctuation mark of ``texts``, in the order first seen, and last the empty
+    ``"▁"`` piece Llama's tokenizer has (which
+    [OpenVLAProcessor][vlakit.processors.OpenVLAProcessor] appends). Text is split on
     whitespace and punctuation; words it was not built from become ``<unk>``. It is a
     ``PreTrainedTokenizerFast`` and can be saved with ``save_pretrained`` and loaded back
     with ``AutoTokenizer.from_pretrained``. With a real model, load the model's tokenizer
@@ -128,6 +140,7 @@ def word_tokenizer(
         text = re.sub(r"\{\w*\}", " ", text)  # a template's {fields} are not words
         for word, _ in pre.pre_tokenize_str(text):
             vocab.setdefault(word, len(vocab))
+    vocab.setdefault("▁", len(vocab))  # never produced from text: only appended by id
     pad, bos, eos, unk = specials
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre
@@ -232,8 +245,8 @@ class OpenVLAProcessor(_Processor):
     Each instruction is formatted with ``prompt_template``, tokenized without special
     tokens (the interleaver adds ``<s>``; the ``</s>`` follows the action slots in
     training), and ``append_token_id`` is appended when the prompt does not already end
-    with it: by default the id of the empty ``"▁"`` piece when the tokenizer has one
-    (OpenVLA's Llama-2 tokenizer: 29871), else nothing. Prompts are right-padded.
+    with it: by default the id of the empty ``"▁"`` piece (OpenVLA's Llama-2 tokenizer:
+    29871; a tokenizer without it is refused). Prompts are right-padded.
 
     With a model at hand, build it with
     [`from_model`][vlakit.processors.OpenVLAProcessor.from_model], which takes the
@@ -245,8 +258,11 @@ class OpenVLAProcessor(_Processor):
         preprocess: the encoder's ``preprocess`` (e.g. ``model.encoder.preprocess``).
         prompt_template: with an ``{instruction}`` field.
         append_token_id: appended to every prompt unless already last: an id, a token
-            string looked up in the tokenizer (default ``"▁"``; nothing is appended if the
-            tokenizer lacks it), or ``None`` for never.
+            string looked up in the tokenizer (default ``"▁"``; a tokenizer that lacks it
+            raises a ``ValueError``), or ``None`` for never.
+        lowercase: lower-case each instruction before formatting it, as OpenVLA's and
+            OpenVLA-OFT's training data transform and evaluation scripts do (the loaders'
+            bundles set it); default ``False``: the instruction as given.
         num_action_tokens: tokens the action slots take (for the ``max_length`` check).
         max_length: longest allowed sequence of prompt + action slots + ``</s>``.
         pad_id: padding id (default: the tokenizer's pad token, else 0).
@@ -261,11 +277,13 @@ class OpenVLAProcessor(_Processor):
         num_action_tokens: int = 0,
         max_length: int | None = None,
         pad_id: int | None = None,
+        lowercase: bool = False,
     ) -> None:
         super().__init__(tokenizer, preprocess, pad_id, max_length)
         self.prompt_template = prompt_template
         self.append_token_id = _token_id(tokenizer, append_token_id)
         self.num_action_tokens = num_action_tokens
+        self.lowercase = lowercase
 
     @classmethod
     def from_model(cls, tokenizer: Any, model: Any, **kwargs: Any) -> "OpenVLAProcessor":
@@ -294,6 +312,8 @@ class OpenVLAProcessor(_Processor):
         return processor
 
     def prompt_ids(self, instruction: str) -> list[int]:
+        if self.lowercase:
+            instruction = instruction.lower()
         ids = self._tokenize(self.prompt_template.format(instruction=instruction))
         if self.append_token_id is not None and (not ids or ids[-1] != self.append_token_id):
             ids.append(self.append_token_id)
@@ -341,7 +361,8 @@ class OpenVLAProcessor(_Processor):
         [from_model][vlakit.processors.OpenVLAProcessor.from_model] (JSON-ready; the
         tokenizer and the model's preprocessing are saved apart, by a policy bundle)."""
         return {"prompt_template": self.prompt_template, "append_token_id": self.append_token_id,
-                "max_length": self.max_length, "pad_id": self.pad_id}
+                "max_length": self.max_length, "pad_id": self.pad_id,
+                "lowercase": self.lowercase}
 
 
 class PaliGemmaProcessor(_Processor):

@@ -81,8 +81,9 @@ class VLARunner:
         return self.image_tokens.dtype
 
     def target_actions(self) -> Float[Tensor, "b c a"]:
-        """The batch's target actions, normalised by the model's action normaliser and
-        checked against the head's ``[chunk_size, action_dim]``."""
+        """The batch's target actions, normalised by the model's action normaliser (unless
+        the batch says they already are: ``actions_normalized``) and checked against the
+        head's ``[chunk_size, action_dim]``."""
         actions = self.inputs.actions
         head = self.model.head
         if actions is None:
@@ -97,6 +98,14 @@ class VLARunner:
                 f"{head.action_dim}] for {type(head).__name__}, got shape "
                 f"{tuple(actions.shape)}"
             )
+        if self.inputs.actions_normalized:
+            if not torch.compiler.is_compiling() and bool((actions.abs() > 1).any()):
+                raise ValueError(
+                    f"inputs.actions_normalized is True but inputs.actions reach "
+                    f"{float(actions.abs().max()):.3g}, outside the normalised [-1, 1]: pass "
+                    f"raw actions with actions_normalized=False (the model normalises them)"
+                )
+            return actions
         if self.model.action_normalizer is not None:
             actions = self.model.action_normalizer.normalize(actions)
         return actions
@@ -137,6 +146,16 @@ class VLARunner:
         carries proprio."""
         model, proprio = self.model, self.inputs.proprio
         if proprio is None:
+            if model.proprio_projector is not None:
+                width = getattr(model.proprio_projector, "in_dim", None)
+                raise ValueError(
+                    f"the model has a proprio projector ({type(model.proprio_projector).__name__}"
+                    + (f", {width} inputs" if width is not None else "")
+                    + ") but inputs.proprio is None: pass the robot state [batch, "
+                    + (f"{width}" if width is not None else "p")
+                    + "] (the processor's proprio=); a model trained with proprio gives "
+                    "wrong actions without it"
+                )
             return []
         if model.proprio_projector is None:
             raise ValueError(
@@ -175,9 +194,27 @@ class VLARunner:
             token_type_ids=inputs.token_type_ids,
             action_roles=tokens.action_roles,
         )
+        self.check_length(seq.length, "the sequence")
         if model.pruner_layer == 0:
             seq = model.pruner(seq)
         return seq
+
+    def check_length(self, length: int, what: str) -> None:
+        """Raise if ``length`` tokens would need positions past the decoder's
+        ``max_seq_len`` (a static check on shapes: no device read). Without it, an own
+        decoder refuses the position later and transformers' rotary models silently
+        extrapolate."""
+        limit = self.model.decoder.max_seq_len
+        if limit is not None and length > limit:
+            prompt = self.inputs.input_ids.shape[1]
+            raise ValueError(
+                f"{what} is {length} tokens (prompt up to {prompt} tokens, "
+                f"{self.image_tokens.shape[1]} image tokens and the head's slots), but "
+                f"{type(self.model.decoder).__name__} takes positions below max_seq_len="
+                f"{limit}; shorten the prompt (a processor's max_length refuses long prompts "
+                f"up front; nothing is truncated) or build the decoder with a larger "
+                f"max_seq_len"
+            )
 
     def run_decoder(self, seq: TokenSequence) -> tuple[Float[Tensor, "b m d"], TokenSequence]:
         """Run the decoder over ``seq`` (one pass, no cache): final hidden states and the
@@ -236,6 +273,8 @@ class VLARunner:
         """Greedy generation of exactly ``max_new_tokens`` tokens after the prompt."""
         self.model.check_cacheable("greedy generation")
         seq = self.sequence()
+        self.check_length(seq.length + max_new_tokens,
+                          f"the prompt with {max_new_tokens} generated tokens")
         return greedy_generate(
             self.model.decoder,
             seq.embeds,
@@ -269,7 +308,8 @@ class VLARunner:
         fields = {}
         for f in dataclasses.fields(self.inputs):
             value = getattr(self.inputs, f.name)
-            fields[f.name] = None if value is None else value.repeat_interleave(repeats, 0)
+            is_rows = isinstance(value, Tensor)
+            fields[f.name] = value.repeat_interleave(repeats, 0) if is_rows else value
         images = self.image_tokens.repeat_interleave(repeats, 0)
         return VLARunner(self.model, type(self.inputs)(**fields), images)
 
@@ -300,6 +340,8 @@ class VLARunner:
                 f"and Gemma), or run the head's full re-run layout"
             )
         seq = self.sequence(tokens)
+        if suffix_len is not None:
+            self.check_length(seq.length + suffix_len, "the prefix with its suffix")
         cache = decoder.new_cache()
         hidden = decoder(seq.embeds, self.model.mask_policy.spec(seq), seq.positions, cache)
         if suffix_len is not None and not torch.is_grad_enabled():

@@ -51,7 +51,10 @@ def recorded(cls: type) -> type:
     that were passed (defaults are not stored, so a description stays what the user
     wrote) and a snapshot of its child modules, so that a child replaced later (say
     ``model.pruner = ...``) is caught when the model is described, instead of being lost.
-    A subclass must be decorated too (its arguments differ).
+    A subclass must be decorated too (its arguments differ). A class may name arguments
+    that say where weights come from rather than what is built (``_recorded_skip = (
+    "pretrained",)``): they are left out, so a rebuild never downloads what the saved state
+    dict holds anyway.
     """
     init = cls.__init__
     signature = inspect.signature(init)
@@ -62,6 +65,8 @@ def recorded(cls: type) -> type:
         bound = signature.bind(self, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.pop(next(iter(signature.parameters)))  # self
+        for name in cls.__dict__.get("_recorded_skip", ()):
+            arguments.pop(name, None)
         for name, parameter in signature.parameters.items():
             if parameter.kind is parameter.VAR_KEYWORD and name in arguments:
                 arguments.update(arguments.pop(name))
@@ -271,7 +276,9 @@ def describe(obj: Any, *, _memo: dict | None = None, _where: str = "model") -> A
     raise DescriptionError(
         f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which vlakit cannot "
         f"describe as constructor arguments (wrapped timm, open_clip and transformers "
-        f"models keep their own formats); save its state dict instead"
+        f"models keep their own formats); save its state dict instead, or, for a "
+        f"TimmEncoder, build it from the timm model name (TimmEncoder('vit_base_patch16_224', "
+        f"img_size=...)), which saves"
     )
 
 

@@ -120,6 +120,18 @@ class HFDecoder(nn.Module):
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
+    @property
+    def max_seq_len(self) -> int | None:
+        """The config's ``max_position_embeddings`` (``n_positions`` for GPT-2-style
+        configs); transformers' rotary models do not refuse positions past it, so the model
+        does."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
+
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
         """Token ids to input embeddings; ids outside the vocabulary raise a ``ValueError``
         naming the largest id and the vocabulary size."""

@@ -28,6 +28,8 @@ class DecoderStack(Protocol):
     Attributes:
         dim: model width ``d`` of the embeddings it takes and the hidden states it returns.
         num_layers: number of layers (the cache's layer count).
+        max_seq_len: positions must be below this (``None``: no known limit); the model
+            refuses a sequence longer than it up front, naming both lengths.
         condition_dim: width ``c`` of the per-call ``condition`` its norms read, or
             ``None`` when it reads none (and refuses one).
         supports_layer_ranges: ``start_layer`` / ``end_layer`` run part of the layers (a
@@ -46,6 +48,7 @@ class DecoderStack(Protocol):
 
     dim: int
     num_layers: int
+    max_seq_len: int | None
     condition_dim: int | None
     supports_layer_ranges: bool
     supports_read_only_cache: bool

@@ -13,6 +13,11 @@
 - [`load_paligemma`][vlakit.models.load_paligemma], [`load_openvla`][vlakit.models.load_openvla],
   [`load_openvla_oft`][vlakit.models.load_openvla_oft],
   [`load_lightvla`][vlakit.models.load_lightvla]: a published checkpoint directory in one call
+- [`openvla_policy`][vlakit.models.openvla_policy],
+  [`openvla_oft_policy`][vlakit.models.openvla_oft_policy],
+  [`lightvla_policy`][vlakit.models.lightvla_policy]: the same directory as a
+  [PolicyBundle][vlakit.bundle.PolicyBundle] (model, its tokenizer, the processor options
+  the reference uses, observation keys): raw observations in, action chunks out
 
 One file per family (timm's habit): ``paligemma.py``, ``openvla.py``, ``openvla_oft.py`` and
 ``lightvla.py`` each hold the family's builders, the reader of its published directory and
@@ -20,14 +25,15 @@ its weight map; the formats themselves are read in [vlakit.convert][vlakit.conve
 """
 
 from vlakit.models._common import read_config
-from vlakit.models.lightvla import lightvla, lightvla_7b, load_lightvla
-from vlakit.models.openvla import load_openvla, openvla, openvla_7b
+from vlakit.models.lightvla import lightvla, lightvla_7b, lightvla_policy, load_lightvla
+from vlakit.models.openvla import load_openvla, openvla, openvla_7b, openvla_policy
 from vlakit.models.openvla_oft import (
     load_openvla_oft,
     oft_head,
     oft_mask,
     openvla_oft,
     openvla_oft_7b,
+    openvla_oft_policy,
 )
 from vlakit.models.paligemma import (
     load_paligemma,
@@ -39,4 +45,5 @@ from vlakit.models.paligemma import (
 __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla", "openvla_7b",
            "openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask",
            "lightvla", "lightvla_7b", "load_paligemma", "load_openvla",
-           "load_openvla_oft", "load_lightvla", "read_config"]
+           "load_openvla_oft", "load_lightvla", "openvla_policy", "openvla_oft_policy",
+           "lightvla_policy", "read_config"]

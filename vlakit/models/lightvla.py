@@ -11,12 +11,15 @@ from typing import Any
 
 from torch import nn
 
+from vlakit.bundle import ObservationKeys, PolicyBundle
 from vlakit.core import LoadReport
 from vlakit.model import VLA
+from vlakit.models._common import policy_bundle
 from vlakit.models.openvla_oft import load_openvla_oft, openvla_oft, openvla_oft_7b
+from vlakit.processors import OpenVLAProcessor
 from vlakit.pruners import LightVLAPruner
 
-__all__ = ["lightvla", "lightvla_7b", "load_lightvla"]
+__all__ = ["lightvla", "lightvla_7b", "load_lightvla", "lightvla_policy"]
 
 
 def lightvla(*, pruner: nn.Module | None = None, **parts: Any) -> VLA:
@@ -81,3 +84,29 @@ def load_lightvla(
     kwargs.setdefault("pruner", LightVLAPruner())
     kwargs.setdefault("predict_read", "next")
     return load_openvla_oft(path, unnorm_key, **kwargs)
+
+
+def lightvla_policy(
+    path: str | os.PathLike,
+    unnorm_key: str | None = None,
+    *,
+    keys: ObservationKeys | None = None,
+    tokenizer: Any = None,
+    **load_options: Any,
+) -> PolicyBundle:
+    """A LightVLA run directory as a [PolicyBundle][vlakit.bundle.PolicyBundle]:
+    [load_lightvla][vlakit.models.load_lightvla]'s model with OFT's processor options (see
+    [openvla_oft_policy][vlakit.models.openvla_oft_policy]).
+
+    Args:
+        path: the directory (it must hold the tokenizer's files, as OpenVLA's
+            releases do, unless ``tokenizer`` is given).
+        unnorm_key: as the loader's.
+        keys: the observation keys the policy reads (default
+            [ObservationKeys.for_model][vlakit.bundle.ObservationKeys.for_model]: openpi's
+            LIBERO keys, as many cameras as the model reads).
+        tokenizer: the tokenizer, instead of the one in ``path``.
+        **load_options: the loader's other keyword arguments (not ``return_report``).
+    """
+    model = load_lightvla(path, unnorm_key, **load_options)
+    return policy_bundle(model, path, OpenVLAProcessor, keys, tokenizer, lowercase=True)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from vlakit.actions import ActionNormalizer, ActionTokenizer
 from vlakit.actions.normalizer import load_norm_stats
+from vlakit.bundle import ObservationKeys, PolicyBundle
 from vlakit.convert.openvla import openvla_tower_state_dict
 from vlakit.convert.peft import LoraAdapter, MergedCheckpoint
 from vlakit.convert.rename import rename_keys
@@ -40,7 +41,8 @@ from vlakit.decoders import HFDecoder, llama2_7b, transformer_decoder
 from vlakit.heads import DiscreteActionHead
 from vlakit.interleave import PrefixInterleaver
 from vlakit.model import VLA
-from vlakit.models._common import read_config
+from vlakit.models._common import policy_bundle, read_config
+from vlakit.processors import OpenVLAProcessor
 from vlakit.projectors import LinearProjector, MLPProjector
 from vlakit.vision import (
     FusedEncoder,
@@ -50,7 +52,7 @@ from vlakit.vision import (
     vit,
 )
 
-__all__ = ["openvla", "openvla_7b", "load_openvla"]
+__all__ = ["openvla", "openvla_7b", "load_openvla", "openvla_policy"]
 
 
 def openvla(
@@ -218,6 +220,34 @@ def load_openvla(
         )
     report = _load_prismatic(model, source, dtype=dtype, device=device)
     return (model, report) if return_report else model
+
+
+def openvla_policy(
+    path: str | os.PathLike,
+    unnorm_key: str | None = None,
+    *,
+    keys: ObservationKeys | None = None,
+    tokenizer: Any = None,
+    **load_options: Any,
+) -> PolicyBundle:
+    """An OpenVLA directory as a [PolicyBundle][vlakit.bundle.PolicyBundle]: the model from
+    [load_openvla][vlakit.models.load_openvla], the directory's tokenizer and an
+    [OpenVLAProcessor][vlakit.processors.OpenVLAProcessor] that does what OpenVLA's
+    training data transform and evaluation scripts do (the instruction lower-cased, the
+    ``"▁"`` piece appended after ``Out:``). One camera, no state.
+
+    Args:
+        path: the directory (it must hold the tokenizer's files, as OpenVLA's
+            releases do, unless ``tokenizer`` is given).
+        unnorm_key: as the loader's.
+        keys: the observation keys the policy reads (default
+            [ObservationKeys.for_model][vlakit.bundle.ObservationKeys.for_model]: openpi's
+            LIBERO keys, as many cameras as the model reads).
+        tokenizer: the tokenizer, instead of the one in ``path``.
+        **load_options: the loader's other keyword arguments (not ``return_report``).
+    """
+    model = load_openvla(path, unnorm_key, **load_options)
+    return policy_bundle(model, path, OpenVLAProcessor, keys, tokenizer, lowercase=True)
 
 
 _OPENVLA_PREFIXES = ("vision_backbone.", "projector.", "language_model.")

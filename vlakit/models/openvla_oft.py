@@ -12,11 +12,13 @@ read from their shapes and the platform constants.
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vlakit.actions import ActionNormalizer
+from vlakit.bundle import ObservationKeys, PolicyBundle
 from vlakit.convert.openvla import read_oft_components
 from vlakit.core import (
     BidirectionalMask,
@@ -33,15 +35,18 @@ from vlakit.heads import DiffusionActionHead, FlowMatchingHead, L1RegressionHead
 from vlakit.interleave import PrefixInterleaver
 from vlakit.language import OFTLanguageVector
 from vlakit.model import VLA
+from vlakit.models._common import policy_bundle
 from vlakit.models.openvla import (
     _load_prismatic,
     _openvla_7b_parts,
     _prismatic_blocks,
     _read_prismatic,
 )
+from vlakit.processors import OpenVLAProcessor
 from vlakit.projectors import ProprioProjector
 
-__all__ = ["openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask", "load_openvla_oft"]
+__all__ = ["openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask", "load_openvla_oft",
+           "openvla_oft_policy"]
 
 ATTENTIONS = ("bidirectional", "causal", "parallel")
 HEADS = ("l1", "diffusion", "flow")
@@ -283,8 +288,8 @@ def load_openvla_oft(
     min/max; else q01/q99), and proprio is normalised in OFT's evaluation form. The number
     of camera views (OFT's ``num_images_in_input``) is a training flag its run folders do
     not record: it is ``num_views``, else ``config.json``'s ``num_images_in_input`` when the
-    config holds one; the model then refuses a batch with another count. Without either,
-    views are whatever each batch brings.
+    config holds one, else a ``ValueError`` asks for it; the model then refuses a batch
+    with another count.
 
     Args:
         path: the run directory.
@@ -335,6 +340,35 @@ def load_openvla_oft(
     return (model, report) if return_report else model
 
 
+def openvla_oft_policy(
+    path: str | os.PathLike,
+    unnorm_key: str | None = None,
+    *,
+    keys: ObservationKeys | None = None,
+    tokenizer: Any = None,
+    **load_options: Any,
+) -> PolicyBundle:
+    """An OpenVLA-OFT run directory as a [PolicyBundle][vlakit.bundle.PolicyBundle]: the
+    model from [load_openvla_oft][vlakit.models.load_openvla_oft] (``num_views`` as there),
+    the directory's tokenizer and an [OpenVLAProcessor][vlakit.processors.OpenVLAProcessor]
+    that does what OFT's evaluation does (the instruction lower-cased, ``"▁"`` appended);
+    the observation keys name as many cameras as the model reads and the state when it has
+    a proprio projector.
+
+    Args:
+        path: the directory (it must hold the tokenizer's files, as OpenVLA's
+            releases do, unless ``tokenizer`` is given).
+        unnorm_key: as the loader's.
+        keys: the observation keys the policy reads (default
+            [ObservationKeys.for_model][vlakit.bundle.ObservationKeys.for_model]: openpi's
+            LIBERO keys, as many cameras as the model reads).
+        tokenizer: the tokenizer, instead of the one in ``path``.
+        **load_options: the loader's other keyword arguments (not ``return_report``).
+    """
+    model = load_openvla_oft(path, unnorm_key, **load_options)
+    return policy_bundle(model, path, OpenVLAProcessor, keys, tokenizer, lowercase=True)
+
+
 _PLATFORMS = (("libero", 8, "bounds_q99"), ("aloha", 25, "bounds"), ("bridge", 5, "bounds_q99"))
 """OFT's platform constants by dataset-name prefix: (prefix, chunk size, normalisation)."""
 
@@ -350,11 +384,18 @@ def _platform_chunk(platform: tuple | None, dataset: str) -> int:
 
 def _views(num_views: int | None, raw: dict) -> int | None:
     """The camera views the run reads: given, else the config's ``num_images_in_input``
-    (OFT's training flag, which its released configs do not record), else ``None``."""
+    (OFT's training flag, which its released configs do not record), else an error: a
+    model that took any count would run a wrong one without a word."""
     if num_views is not None:
         return num_views
     stored = raw.get("num_images_in_input")
-    return None if stored is None else int(stored)
+    if stored is None:
+        raise ValueError(
+            "the run folder does not record how many camera views the model was trained on "
+            "(OFT's --num_images_in_input; config.json has no num_images_in_input): pass "
+            "num_views= (OFT's LIBERO runs: 2, third-person and wrist; ALOHA: 3; Bridge: 1)"
+        )
+    return int(stored)
 
 
 def _overlay_vision(files: Mapping, vision: dict[str, Tensor]) -> CheckpointView:

@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vlakit.core.linear import LinearFactory
+from vlakit.core.recording import record_call, recorded
 from vlakit.vision.base import (
     VisionEncoder,
     as_hw,
@@ -36,8 +37,14 @@ from vlakit.vision.preprocess import PreprocessConfig
 __all__ = ["TimmEncoder", "OpenClipEncoder", "HFVisionEncoder"]
 
 
+@recorded
 class TimmEncoder(VisionEncoder):
     """A timm ViT as a vlakit encoder.
+
+    Built from a timm model name, it saves with ``save_pretrained`` and in a policy bundle
+    (the name and keyword arguments are recorded, ``pretrained`` is not: the saved weights
+    are loaded instead); built around a timm model instance, it cannot be described as
+    constructor arguments and saving raises, saying so.
 
     Without FiLM the forward is timm's own: ``forward_features`` (final norm included)
     for the last block, ``forward_intermediates(..., stop_early=True)`` (no norm) for an
@@ -51,6 +58,8 @@ class TimmEncoder(VisionEncoder):
             size = the patch embedding's image size).
         **create_kwargs: passed to ``timm.create_model`` with a name (e.g. ``img_size=224``).
     """
+
+    _recorded_skip = ("pretrained",)
 
     def __init__(
         self,
@@ -97,6 +106,7 @@ class TimmEncoder(VisionEncoder):
         for i, block in enumerate(self.model.blocks):
             film = FiLM(cond_dim, self.dim, zero_init, linear=linear)
             self.model.blocks[i] = FiLMTimmBlock(block, film)
+        record_call(self, "add_film", cond_dim=cond_dim, zero_init=zero_init, linear=linear)
         return self
 
     def reset_parameters(self) -> None:
