@@ -9,7 +9,7 @@ from torch import nn
 
 from vlakit import convert as C
 from vlakit import vision as V
-from vlakit.vision import CheckpointError
+from vlakit.core import CheckpointError, load_checked
 
 
 def n_params(module: nn.Module) -> int:
@@ -237,7 +237,7 @@ def test_output_layer_stops_early_and_truncate_drops_unused_parts():
     assert_close(vit(x), expected)
     assert vit.dropped_prefixes == ["blocks.3.", "norm.", "attn_pool."]
     # a full checkpoint still loads: the dropped parts are skipped
-    V.load_checked(vit, full_state)
+    load_checked(vit, full_state)
     with pytest.raises(
         ValueError, match=r"output_layer -1 is block 3, which truncate\(\) removed; blocks 0 to 2"
     ):
@@ -256,15 +256,15 @@ def test_load_checked_names_the_offending_key():
     vit = tiny_vit()
     sd = vit.state_dict()
     with pytest.raises(CheckpointError, match="'blocks.9.norm1.weight'"):
-        V.load_checked(vit, {**sd, "blocks.9.norm1.weight": torch.zeros(48)})
+        load_checked(vit, {**sd, "blocks.9.norm1.weight": torch.zeros(48)})
     missing = dict(sd)
     del missing["blocks.1.mlp.fc2.bias"]
     with pytest.raises(CheckpointError, match="'blocks.1.mlp.fc2.bias'"):
-        V.load_checked(vit, missing)
+        load_checked(vit, missing)
     with pytest.raises(
         CheckpointError, match=r"'pos_embed' has shape \(1, 9, 48\), expected \(1, 4, 48\)"
     ):
-        V.load_checked(vit, {**sd, "pos_embed": torch.zeros(1, 9, 48)})
+        load_checked(vit, {**sd, "pos_embed": torch.zeros(1, 9, 48)})
     with pytest.raises(CheckpointError, match="'blocks.0.attn.qkv.scale'"):
         C.timm_to_vit({**sd, "blocks.0.attn.qkv.scale": torch.zeros(1)})
 

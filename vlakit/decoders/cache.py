@@ -290,7 +290,7 @@ class PrefixKVView(KVCache):
         return torch.cat((old_k, k), dim=-2), torch.cat((old_v, v), dim=-2)
 
 
-class SuffixKVView(KVCache):
+class SuffixKVView(PrefixKVView):
     """A read-only prefix copied once into buffers of ``prefix + suffix_slots`` positions;
     each run writes its keys and values into the reserved slots after the prefix, in place,
     and attends to ``prefix + suffix`` through a view of the buffer. The prefix part is
@@ -309,8 +309,6 @@ class SuffixKVView(KVCache):
         suffix_slots: positions reserved after the prefix.
     """
 
-    is_read_only = True
-
     def __init__(
         self,
         keys: list[Tensor | None],
@@ -318,18 +316,8 @@ class SuffixKVView(KVCache):
         length: int,
         suffix_slots: int,
     ) -> None:
-        if len(keys) != len(values):
-            raise ValueError(f"{len(keys)} layers of keys but {len(values)} of values")
-        super().__init__(len(keys))
-        self.keys, self.values = list(keys), list(values)
-        self.length = length
+        super().__init__(keys, values, length)
         self.suffix_slots = suffix_slots
-
-    def __len__(self) -> int:
-        return self.length
-
-    def filled(self) -> int:
-        return self.length
 
     def update(
         self, layer: int, k: Float[Tensor, "b h q hd"], v: Float[Tensor, "b h q hd"]

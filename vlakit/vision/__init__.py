@@ -7,14 +7,14 @@ applies it), and maps preprocessed pixels ``[b, c, h, w]`` or ``[b, v, c, h, w]`
 ``[b, v·p, d]``, optionally FiLM-conditioned on a vector ``[b, k]`` (``has_film`` says
 whether an encoder takes one).
 
-Of vlakit, this package imports only ``vlakit.core`` (the linear-layer factory type, and
-``CheckpointError`` / ``load_checked``, re-exported here). The wrappers and the ViT's
+Of vlakit, this package imports only ``vlakit.core`` (the linear-layer factory type);
+the strict loader ``load_checked`` and ``CheckpointError`` are core's names, imported from
+[vlakit.core][vlakit.core] (not re-exported here). The wrappers and the ViT's
 position-embedding resampling use timm / transformers / open_clip. Weight conversion (timm,
 transformers, open_clip, OpenVLA) lives in [`vlakit.convert`][vlakit.convert], which
 imports this package, never the reverse.
 """
 
-from vlakit.core.checkpoint import CheckpointError, load_checked
 from vlakit.vision.base import VisionEncoder, stack_views
 from vlakit.vision.builders import dinov2_large_reg4, openvla_fused_encoder, siglip_so400m, vit
 from vlakit.vision.film import FiLM, FiLMTimmBlock, add_film
@@ -55,6 +55,4 @@ __all__ = [
     "FiLM",
     "FiLMTimmBlock",
     "add_film",
-    "CheckpointError",
-    "load_checked",
 ]
