@@ -4,19 +4,24 @@
     torchrun --nproc_per_node=2 examples/train.py --strategy ddp  # DDP (gloo on CPU)
     torchrun --nproc_per_node=8 examples/train.py --strategy fsdp --bf16 --ac   # FSDP2
 
-The model and task are ``train_tiny.py``'s (a tiny OpenVLA-OFT-style model with an L1 head
-on a synthetic, learnable task), or ``--data FOLDER``: a LeRobot v3 dataset (every camera a
-view, the state as proprio, its statistics for normalisation) read with
-``vlakit.data.LeRobotDataset`` and batched through the processor; swap in your own builder.
-What the recipe does:
+The model and task are ``train_tiny.py``'s (a tiny OpenVLA-OFT-style model on a synthetic,
+learnable task; ``--head``: OFT's L1 regression head, or its flow-matching or diffusion
+head), or ``--data FOLDER``: a LeRobot v3 dataset (every camera a view, the state as
+proprio, its statistics for normalisation, the pad mask of chunks that run past an
+episode's end) read with ``vlakit.data.LeRobotDataset`` and batched through the processor;
+swap in your own builder. What the recipe does:
 DDP or FSDP2 (``vlakit.distributed.parallelize``: activation checkpointing per block,
 per-block compile, FSDP2 per block then the root), bf16 autocast, gradient accumulation, a
 warm-up + cosine learning-rate schedule, a distributed checkpoint (``torch.distributed
-.checkpoint``) written under a temporary name and renamed, exact resume (``--resume``: the
-data of each step is drawn from a generator seeded by the step), tqdm on rank 0, the loss
-curve as CSV and PNG, and LightVLA's noise schedule when the model has a LightVLA pruner
+.checkpoint``) written under a temporary name and renamed, exact resume (``--resume``, with
+the same number of processes: the data of each step is drawn from a generator seeded by the
+step; the training noise and times of flow and diffusion heads from one generator per
+process, passed to the model as ``Sampling(generator=...)``; that generator's state and
+torch's global random state (LightVLA's training noise) are saved per process in the
+checkpoint and restored), tqdm on rank 0, the loss curve as CSV and PNG (labelled with the
+head's loss), and LightVLA's noise schedule when the model has a LightVLA pruner
 (``--lightvla``). Bad set-ups fail before any step: a world size that does not divide the
-batch, a resume from a checkpoint of another composition.
+batch, a resume from a checkpoint of another composition or another number of processes.
 """
 
 import argparse
@@ -36,12 +41,21 @@ from train_tiny import INSTRUCTIONS, action_statistics, build_model, make_batch 
 
 from vlakit import VLA  # noqa: E402
 from vlakit.actions import ActionNormalizer  # noqa: E402
-from vlakit.core import BidirectionalMask  # noqa: E402
+from vlakit.bundle import ObservationKeys, PolicyBundle  # noqa: E402
+from vlakit.core import BidirectionalMask, building, describe, rebuild  # noqa: E402
 from vlakit.data import collate_with  # noqa: E402
 from vlakit.decoders import llama  # noqa: E402
 from vlakit.distributed import checkpoint_blocks, compile_blocks, parallelize  # noqa: E402
-from vlakit.heads import L1RegressionHead  # noqa: E402
+from vlakit.heads import (  # noqa: E402
+    DiffusionActionHead,
+    DiscreteActionHead,
+    FlowMatchingHead,
+    L1RegressionHead,
+    NextTokenHead,
+    Sampling,
+)
 from vlakit.interleave import PrefixInterleaver  # noqa: E402
+from vlakit.models import oft_head  # noqa: E402
 from vlakit.processors import OPENVLA_PROMPT, OpenVLAProcessor, word_tokenizer  # noqa: E402
 from vlakit.projectors import LinearProjector, ProprioProjector  # noqa: E402
 from vlakit.pruners import LightVLAPruner, lightvla_noise_scale, set_noise_scale  # noqa: E402
@@ -60,6 +74,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
     p.add_argument("--compile", action="store_true", help="torch.compile per block")
     p.add_argument("--lightvla", action="store_true", help="a LightVLA pruner, noise annealed")
+    p.add_argument("--head", choices=("l1", "flow", "diffusion"), default="l1",
+                   help="OFT's action head: L1 regression, flow matching or diffusion")
     p.add_argument("--data", default=None, help="a LeRobot v3 folder (default: the synthetic "
                    "task)")
     p.add_argument("--chunk", type=int, default=4, help="actions per chunk (with --data)")
@@ -71,10 +87,11 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def build_dataset_model(vocab_size: int, dataset) -> VLA:
+def build_dataset_model(vocab_size: int, dataset, head: str = "l1") -> VLA:
     """A tiny OFT-style model for a LeRobot dataset: its cameras as views (resized to 32 px
     by the processor), its state as the proprio token, its action width and chunk, its
-    statistics for (un)normalisation."""
+    statistics for (un)normalisation; ``head`` one of OFT's (``"l1"``, ``"flow"``,
+    ``"diffusion"``)."""
     stats = dataset.statistics()
     d = 64
     return VLA(
@@ -83,12 +100,46 @@ def build_dataset_model(vocab_size: int, dataset) -> VLA:
         interleaver=PrefixInterleaver(bos_id=1, eos_id=2),
         decoder=llama(vocab_size=vocab_size, dim=d, num_layers=2, num_heads=4, mlp_dim=128),
         mask_policy=BidirectionalMask(),
-        head=L1RegressionHead(d, action_dim=dataset.action_dim, chunk_size=dataset.chunk_size),
+        head=oft_head(head, d, chunk_size=dataset.chunk_size, action_dim=dataset.action_dim),
         proprio_projector=ProprioProjector(dataset.state_dim, d),
         action_normalizer=ActionNormalizer.from_stats(stats),
         proprio_normalizer=ActionNormalizer.from_stats(stats, key="proprio"),
         num_views=len(dataset.cameras),
     )
+
+
+def noise_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """This process's generator of training draws (the noise and times of flow and diffusion
+    heads): seeded from the run's seed and the rank, a stream apart from the data's
+    (``seed * 100003 + step``), on the model's device (the heads draw there)."""
+    return torch.Generator(device=device).manual_seed((1 << 40) + (seed << 16) + rank)
+
+
+def random_state(noise: torch.Generator, device: torch.device) -> dict:
+    """Everything this process draws from: the noise generator and torch's global state
+    (CPU, and the device's on CUDA)."""
+    state = {"noise": noise.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_random_state(noise: torch.Generator, device: torch.device, state: dict) -> None:
+    noise.set_state(state["noise"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def loss_label(head) -> str:
+    """The y-axis of the loss plot: what ``head``'s training loss is."""
+    labels = [(L1RegressionHead, "L1, normalised actions"),
+              (FlowMatchingHead, "flow-matching velocity MSE, normalised actions"),
+              (DiffusionActionHead, "diffusion noise-prediction MSE"),
+              (DiscreteActionHead, "action-token cross-entropy"),
+              (NextTokenHead, "next-token cross-entropy")]
+    what = next((text for kind, text in labels if isinstance(head, kind)), type(head).__name__)
+    return f"training loss ({what})"
 
 
 def lr_lambda(warmup: int, total: int):
@@ -123,16 +174,20 @@ def main() -> None:
 
         dataset = LeRobotDataset(args.data, chunk_size=args.chunk)  # checks the folder first
         tokenizer = word_tokenizer([OPENVLA_PROMPT, *dataset.tasks.values()])
-        model = build_dataset_model(len(tokenizer), dataset)
+        model = build_dataset_model(len(tokenizer), dataset, args.head)
         dataset.check_model(model)
     else:
         stats = action_statistics(make_batch(2048, torch.Generator().manual_seed(1))["actions"])
         tokenizer = word_tokenizer([OPENVLA_PROMPT, *INSTRUCTIONS])
-        model = build_model(len(tokenizer), stats)
+        model = build_model(len(tokenizer), stats, args.head)
     if args.lightvla:
-        model = VLA(**{**model.__dict__["_recorded_init"][1], "pruner": LightVLAPruner()})
+        model.add_pruner(LightVLAPruner())  # recorded: the saved policy keeps it
     processor = OpenVLAProcessor.from_model(tokenizer, model)
+    description = describe(model)  # the composition, before it is moved and sharded
     collate = collate_with(processor)
+    label = loss_label(model.head)
+    # the heads' training draws: from this generator, never from torch's global state
+    noise = noise_generator(args.seed, rank, device)
     model = model.to(device).train()
     if args.strategy == "fsdp":
         model = parallelize(model, activation_checkpointing=args.ac, compile=args.compile)
@@ -157,6 +212,19 @@ def main() -> None:
         from torch.distributed.checkpoint import DefaultLoadPlanner
         from torch.distributed.checkpoint.api import CheckpointException
 
+        with open(os.path.join(checkpoint, "progress.json")) as f:
+            progress = json.load(f)
+        written_by = progress.get("world")
+        random_file = os.path.join(checkpoint, f"random-{rank}.pt")
+        if written_by is not None and written_by != world:
+            raise SystemExit(f"cannot resume from {checkpoint} exactly: it was written by "
+                             f"{written_by} processes and this run has {world}; each "
+                             f"process's random state (the heads' training noise) is saved "
+                             f"with it: resume with --nproc_per_node={written_by}")
+        if written_by is None or not os.path.isfile(random_file):
+            raise SystemExit(f"cannot resume from {checkpoint} exactly: it holds no random "
+                             f"state for process {rank} (an older recipe wrote it); start "
+                             f"a new run (another --out)")
         model_state, optim_state = get_state_dict(model, optimizer)
         try:  # the weights strictly; the optimiser has no state for parameters that never
             # had a gradient (an unused LM head), so its load may be partial
@@ -169,10 +237,10 @@ def main() -> None:
                              f"{error})") from None
         set_state_dict(model, optimizer, model_state_dict=model_state,
                        optim_state_dict=optim_state)
-        with open(os.path.join(checkpoint, "progress.json")) as f:
-            progress = json.load(f)
         start, losses = progress["step"], progress["losses"]
         schedule.load_state_dict(progress["schedule"])
+        # the next step draws what the uninterrupted run's next step draws
+        set_random_state(noise, device, torch.load(random_file, weights_only=True))
 
     def write_checkpoint(step: int) -> None:
         temporary = checkpoint + ".tmp"
@@ -182,9 +250,14 @@ def main() -> None:
             dist.barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         save({"model": model_state, "optim": optim_state}, checkpoint_id=temporary)
+        os.makedirs(temporary, exist_ok=True)
+        # each process's random state, for the next step's draws
+        torch.save(random_state(noise, device), os.path.join(temporary, f"random-{rank}.pt"))
+        if distributed:
+            dist.barrier()  # every process's file is written before the rename
         if rank == 0:
             with open(os.path.join(temporary, "progress.json"), "w") as f:
-                json.dump({"step": step, "losses": losses,
+                json.dump({"step": step, "losses": losses, "world": world,
                            "schedule": schedule.state_dict()}, f)
             if os.path.isdir(checkpoint):
                 shutil.rmtree(checkpoint)
@@ -217,7 +290,7 @@ def main() -> None:
             sync = (wrapped.no_sync() if args.strategy == "ddp" and not last
                     else _nothing())
             with sync, autocast:
-                loss = wrapped(batch).loss / args.accum
+                loss = wrapped(batch, sampling=Sampling(generator=noise)).loss / args.accum
             loss.backward()
             total += loss.detach()
         optimizer.step()
@@ -238,9 +311,9 @@ def main() -> None:
             writer = csv.writer(f)
             writer.writerow(["step", "loss"])
             writer.writerows(enumerate(losses, start=1))
-        _plot(losses, os.path.join(args.out, "loss.png"))
-        print(f"steps {len(losses)}, world {world}, strategy {args.strategy}: first loss "
-              f"{losses[0]:.5f}, last loss {losses[-1]:.5f}")
+        _plot(losses, os.path.join(args.out, "loss.png"), label)
+        print(f"steps {len(losses)}, world {world}, strategy {args.strategy}, {label}: "
+              f"first loss {losses[0]:.5f}, last loss {losses[-1]:.5f}")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     # every rank takes part in gathering the full weights (FSDP2 shards them)
@@ -248,6 +321,13 @@ def main() -> None:
                                                                cpu_offload=True))
     if rank == 0:
         torch.save(full, os.path.join(args.out, "final_weights.pt"))
+        # the deployable artefact: model, tokenizer, processor, statistics, observation keys
+        with building(None, "meta"):
+            trained = rebuild(description)
+        trained.load_state_dict(full)  # fills the meta parameters
+        policy = PolicyBundle(trained.eval(), OpenVLAProcessor.from_model(tokenizer, trained),
+                              ObservationKeys.for_model(trained))
+        policy.save(os.path.join(args.out, "policy"))
     if distributed:
         dist.destroy_process_group()
 
@@ -260,14 +340,14 @@ class _nothing:
         return False
 
 
-def _plot(losses: list[float], path: str) -> None:
+def _plot(losses: list[float], path: str, label: str) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
     ax.plot(range(1, len(losses) + 1), losses)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (L1, normalised actions)")
+    ax.set_ylabel(label)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()

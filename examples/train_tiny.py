@@ -39,6 +39,7 @@ from vlakit.core import BidirectionalMask
 from vlakit.decoders import llama
 from vlakit.heads import L1RegressionHead
 from vlakit.interleave import PrefixInterleaver
+from vlakit.models import oft_head
 from vlakit.processors import OPENVLA_PROMPT, OpenVLAProcessor, word_tokenizer
 from vlakit.projectors import LinearProjector, ProprioProjector
 from vlakit.vision import vit
@@ -103,8 +104,10 @@ def make_batch(size: int, generator: torch.Generator) -> dict:
 # -- the model -----------------------------------------------------------------------------
 
 
-def build_model(vocab_size: int, stats: dict) -> VLA:
-    """OpenVLA-OFT's layout at toy size (about 0.2M parameters)."""
+def build_model(vocab_size: int, stats: dict, head: str = "l1") -> VLA:
+    """OpenVLA-OFT's layout at toy size (about 0.2M parameters). ``head``: OFT's ``"l1"``
+    regression head (this script's), or its iterative ``"flow"`` or ``"diffusion"`` head
+    (``vlakit.models.oft_head``; the training recipe, ``train.py --head``, offers them)."""
     d = 64  # the decoder's width
     return VLA(
         # a 16x16 image -> 4x4 patches of 4x4 pixels -> 16 tokens of width 64: [b, 16, 64]
@@ -121,7 +124,8 @@ def build_model(vocab_size: int, stats: dict) -> VLA:
         # CHUNK * ACTION_DIM = 12 zero slots; the hidden states that feed them [b, 12, d]
         # (each read one position earlier, as OFT does) are regrouped to
         # [b, CHUNK, ACTION_DIM * d] and an MLP regresses [b, CHUNK, ACTION_DIM]
-        head=L1RegressionHead(d, action_dim=ACTION_DIM, chunk_size=CHUNK),
+        head=(L1RegressionHead(d, action_dim=ACTION_DIM, chunk_size=CHUNK) if head == "l1"
+              else oft_head(head, d, chunk_size=CHUNK, action_dim=ACTION_DIM)),
         # proprio [b, 2] -> one token [b, 1, d] (the hand is already in [-1, 1], so there
         # is no proprio_normalizer)
         proprio_projector=ProprioProjector(PROPRIO_DIM, d),

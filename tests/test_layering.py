@@ -17,7 +17,8 @@ function-local imports. Layers, bottom to top::
                                            return its policy bundle)
     summary (parameter tables)             core
     viz (pictures of pruned patches)       core
-    data (datasets, collate)               core
+    data (datasets, collate)               core, heads (the ActionHead protocol that
+                                           check_model reads)
     vlakit (the package root)              anything; nothing imports it
 """
 
@@ -104,7 +105,7 @@ ALLOWED: dict[str, set[str]] = {
     "bundle": {"core", "model", "processors", "bundle"} | _BLOCKS,
     "summary": {"core", "summary"},  # parameter tables: a utility beside the core
     "viz": {"core", "viz"},  # pictures (matplotlib): a utility beside the core
-    "data": {"core", "data"},  # datasets (pyarrow, PyAV); collates take a processor
+    "data": {"core", "heads", "data"},  # datasets (pyarrow, PyAV); collates take a processor
     "distributed": {"core", "model", "distributed"} | _BLOCKS,  # FSDP2 / checkpointing
 }
 

@@ -9,16 +9,19 @@ Every parameter is used inside some module's ``forward``, or inside a method reg
 with FSDP2 as a forward: the decoder's ``embed_tokens`` and ``logits`` (the interleaver
 embeds the prompt before the decoder runs; heads read logits after it), and the model's
 ``predict_action`` and ``generate`` (which run the decoder without ``VLA.forward``).
+Sharding by hand (``fully_shard`` per layer, then the root) misses those registrations;
+[check_gathered][vlakit.core.check_gathered] names the method and points at
+``fully_shard_vla``.
 """
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from vlakit.decoders import TransformerDecoder
-from vlakit.model import VLA
-from vlakit.vision import ViTBlock
+if TYPE_CHECKING:
+    from vlakit.model import VLA
 
 __all__ = [
     "fully_shard_vla",
@@ -36,23 +39,33 @@ _HEAD_ENTRY_POINTS = ("loss", "predict")
 _MODEL_ENTRY_POINTS = ("predict_action", "generate", "runner")
 
 
-def shard_units(model: VLA) -> list[nn.Module]:
-    """The per-block units, in order: every transformer block of the encoder, then every
-    layer of the decoder.
+def shard_units(model: "VLA") -> list[nn.Module]:
+    """The per-block units, in order: every transformer block of the encoder, every layer of
+    the decoder, then every layer of any other layer stack in the model (an action expert
+    inside a head, say).
 
-    vlakit's own blocks are found by type ([ViTBlock][vlakit.vision.ViTBlock], the
-    [TransformerDecoder][vlakit.decoders.TransformerDecoder]'s layers); inside wrapped
-    models (timm, open_clip, transformers) the blocks are the children of their block lists
-    (``blocks``, ``layers``, ``resblocks``: a ``ModuleList`` or ``Sequential`` of one
-    block type).
+    vlakit's own blocks are found by type: [ViTBlock][vlakit.vision.ViTBlock], and the
+    layers of every [LayerStack][vlakit.decoders.LayerStack] (a
+    [TransformerDecoder][vlakit.decoders.TransformerDecoder] is one, and so is a bare stack
+    such as pi0's expert); inside wrapped models (timm, open_clip, transformers) the blocks
+    are the children of their block lists (``blocks``, ``layers``, ``resblocks``: a
+    ``ModuleList`` or ``Sequential`` of one block type).
     """
+    from vlakit.decoders import LayerStack
+    from vlakit.vision import ViTBlock
+
     units: list[nn.Module] = [m for m in model.encoder.modules() if isinstance(m, ViTBlock)]
     if not units:
         units += _block_lists(model.encoder)
-    if isinstance(model.decoder, TransformerDecoder):
+    if isinstance(model.decoder, LayerStack):
         units += list(model.decoder.layers)
     else:
         units += _block_lists(model.decoder)
+    taken = {id(m) for part in (model.encoder, model.decoder) for m in part.modules()}
+    for module in model.modules():  # experts and other stacks, in module order
+        if isinstance(module, LayerStack) and id(module) not in taken:
+            units += list(module.layers)
+            taken.update(id(m) for m in module.modules())
     return units
 
 
@@ -80,7 +93,7 @@ def _block_lists(module: nn.Module) -> list[nn.Module]:
     return found
 
 
-def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
+def fully_shard_vla(model: "VLA", **fsdp_kwargs: Any) -> "VLA":
     """Apply FSDP2's ``fully_shard`` to ``model`` in place and return it.
 
     Shards each of [shard_units][vlakit.distributed.shard_units], then the encoder, the
@@ -93,6 +106,13 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
     own), and the model's ``predict_action``, ``generate`` and ``runner`` (a runner made
     before any forward initialises the root first), so every public path works on a sharded
     model.
+
+    Each part sharded as a whole (not the per-block units, whose outputs are residual sums)
+    returns tensors of its own rather than views: FSDP2 hooks its backward all-gather on a
+    unit's outputs, and an in-place op on a view would drop that hook (FSDP2 warns "returned
+    a view tensor" for each such output). A vision encoder's patch tokens are a slice of
+    its tokens and a linear projector's output is a reshaped matmul, both views; with
+    gradients enabled those outputs are copied (``clone``, the image tokens once per step).
 
     Args:
         model: the VLA (on its device, or on ``meta`` before materialising).
@@ -116,11 +136,13 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
         part = getattr(model, name, None)
         if part is not None and next(part.parameters(), None) is not None:
             fully_shard(part, **(outer_kwargs if name == "head" else fsdp_kwargs))
+            _return_own_tensors(part)
             if name == "head":
                 for method in _HEAD_ENTRY_POINTS:
                     if method in dir(type(part)):  # NextTokenHead predicts nothing
                         register_fsdp_forward_method(part, method)
     fully_shard(model.decoder, **fsdp_kwargs)
+    _return_own_tensors(model.decoder)
     for name in _DECODER_ENTRY_POINTS:
         register_fsdp_forward_method(model.decoder, name)
     fully_shard(model, **outer_kwargs)
@@ -129,9 +151,25 @@ def fully_shard_vla(model: VLA, **fsdp_kwargs: Any) -> VLA:
     return model
 
 
+def _return_own_tensors(module: nn.Module) -> None:
+    """A forward hook that runs before FSDP2's own (``prepend``): every output tensor that
+    is a view and needs a gradient is replaced by a copy, on which FSDP2 then registers its
+    pre-backward hook."""
+    from torch.utils._pytree import tree_map_only
+
+    def copy_views(module: nn.Module, args: Any, output: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return output
+        return tree_map_only(
+            Tensor, lambda t: t.clone() if t.requires_grad and t._base is not None else t,
+            output)
+
+    module.register_forward_hook(copy_views, prepend=True)
+
+
 # -- the training recipe's steps, in torchtitan's order ---------------------------------------
 
-def checkpoint_blocks(model: VLA) -> list[nn.Module]:
+def checkpoint_blocks(model: "VLA") -> list[nn.Module]:
     """Activation checkpointing on every unit ([shard_units][vlakit.distributed.shard_units]:
     each vision block and decoder layer): their activations are recomputed in backward
     instead of kept. Each unit's ``forward`` runs inside ``torch.utils.checkpoint``
@@ -159,7 +197,7 @@ def _checkpointed(forward):
     return run
 
 
-def compile_blocks(model: VLA, **compile_kwargs: Any) -> list[nn.Module]:
+def compile_blocks(model: "VLA", **compile_kwargs: Any) -> list[nn.Module]:
     """``torch.compile`` every unit in place (``fullgraph=True`` by default): each vision
     block and decoder layer compiles once and is reused by all of its kind. Returns the
     units."""
@@ -171,13 +209,13 @@ def compile_blocks(model: VLA, **compile_kwargs: Any) -> list[nn.Module]:
 
 
 def parallelize(
-    model: VLA,
+    model: "VLA",
     *,
     activation_checkpointing: bool = False,
     compile: bool | dict = False,
     fsdp: bool = True,
     **fsdp_kwargs: Any,
-) -> VLA:
+) -> "VLA":
     """Apply the training recipe's steps to a model in torchtitan's order: activation
     checkpointing per block, per-block ``torch.compile``, then FSDP2 per block and the root
     ([fully_shard_vla][vlakit.distributed.fully_shard_vla], ``fsdp_kwargs`` such as
@@ -216,7 +254,7 @@ def _set_trainable(model: nn.Module, names: tuple[str, ...], trainable: bool) ->
     return changed
 
 
-def oft_lora(model: VLA, rank: int = 32, alpha: float | int | None = None,
+def oft_lora(model: "VLA", rank: int = 32, alpha: float | int | None = None,
              dropout: float = 0.0) -> list[str]:
     """OpenVLA-OFT's fine-tuning recipe in one call: LoRA (``rank``, ``alpha = min(rank,
     16)`` as OFT sets it) on every linear layer of the vision encoder, the projector and the

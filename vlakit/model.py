@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from vlakit.batch import VLAInputs, VLAOutput
-from vlakit.core import LoadReport, MaskPolicy, guard_meta_loading
+from vlakit.core import LoadReport, MaskPolicy, check_gathered, guard_meta_loading
 from vlakit.core.recording import recorded, replace_module
 from vlakit.heads import ActionHead, HeadTokens, NextTokenHead, Sampling
 from vlakit.language import PromptMean
@@ -245,6 +245,7 @@ class VLA(nn.Module):
     def runner(self, inputs: VLAInputs) -> VLARunner:
         """The [VLARunner][vlakit.runner.VLARunner] for one batch: the path from pixels and
         prompt ids to hidden states that the head trains and predicts through."""
+        check_gathered(self, "runner")
         return VLARunner(self, inputs)
 
     def forward(
@@ -296,6 +297,7 @@ class VLA(nn.Module):
     @torch.no_grad()
     def generate(self, inputs: VLAInputs, max_new_tokens: int) -> Int[Tensor, "b m"]:
         """Greedy text generation after the prompt (VLM use), with the KV cache."""
+        check_gathered(self, "generate")
         return self.runner(inputs).generate(max_new_tokens)
 
     @torch.no_grad()
@@ -324,6 +326,7 @@ class VLA(nn.Module):
                 for losses against normalised targets and for a robot stack that
                 unnormalises itself. Default ``True``: the robot's units.
         """
+        check_gathered(self, "predict_action")
         if not isinstance(self.head, ActionHead):
             raise TypeError(
                 f"this model's head ({type(self.head).__name__}) predicts no actions; use "

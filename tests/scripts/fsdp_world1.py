@@ -8,6 +8,7 @@ import copy
 import os
 import socket
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -269,6 +270,9 @@ def check_lora_and_meta_materialisation() -> None:
 
 
 def main() -> None:
+    # FSDP2 warns when a unit returns a view (an in-place op on it would drop the backward
+    # all-gather hook); fully_shard_vla leaves none: any such warning fails the run
+    warnings.filterwarnings("error", message=r".*returned a view tensor")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -284,6 +288,7 @@ def main() -> None:
         check_lora_and_meta_materialisation()
     finally:
         dist.destroy_process_group()
+    print("no view-tensor warnings")
     print("FSDP2 OK")
 
 

@@ -45,9 +45,11 @@ from vlakit.core.recording import (
 )
 from vlakit.core.roles import TokenRole
 from vlakit.core.sequence import IGNORE_ID, TokenSequence
+from vlakit.core.sharding import check_gathered
 from vlakit.core.tap import AttentionTap
 
 __all__ = [
+    "check_gathered",
     "LinearFactory",
     "LoRALinear",
     "lora",

@@ -10,6 +10,10 @@ pyarrow and PyAV)::
     meta/stats.json                      per-feature statistics (optional)
     data/chunk-000/file-000.parquet      one row per frame (state, action, indices)
     videos/<camera>/chunk-000/file-000.mp4   every episode of a camera, concatenated
+
+A chunk that runs past its episode's end repeats the last action and marks those steps in
+the sample's ``action_is_pad`` (LeRobot's mask), which the losses leave out. The
+documentation's "LeRobot datasets" page lists every file and column the reader uses.
 """
 
 import json
@@ -41,8 +45,12 @@ class LeRobotDataset(Dataset):
     A sample is a dict: ``images`` ``[views, 3, h, w]`` uint8 (one per camera, in
     ``cameras`` order), ``instruction`` (the frame's task), ``proprio`` ``[p]`` (the state
     feature), ``actions`` ``[chunk, a]`` (this frame's action and the next ``chunk - 1`` of
-    the same episode; the last one repeats past the episode's end, as LeRobot pads), and
-    ``episode``, ``frame``.
+    the same episode; past the episode's end the episode's last action repeats, as LeRobot
+    pads), ``action_is_pad`` ``[chunk]`` bool (``True`` for those repeated steps: step
+    ``k`` of a chunk that starts at frame ``t`` of an ``n``-frame episode is padding when
+    ``t + k >= n``, LeRobot's ``action_is_pad``), and ``episode``, ``frame``.
+    [collate_with][vlakit.data.collate_with] hands the mask to the processor, and every
+    action head's loss leaves the padded steps out.
 
     Everything the folder promises is checked when the dataset is made, before any sample
     is read: every episode's data file and every camera's video file exist, each camera
@@ -83,6 +91,13 @@ class LeRobotDataset(Dataset):
         if unknown:
             raise DatasetError(f"camera {unknown[0]!r} is not an image or video feature of "
                                f"{info_file} (cameras: {visual})")
+        stills = [c for c in self.cameras if features[c].get("dtype") == "image"]
+        if stills:
+            raise DatasetError(
+                f"camera {stills[0]!r} is an image feature (frames stored in the data parquet "
+                f"files), which this reader does not decode: it reads video features (one mp4 "
+                f"per camera); leave it out with cameras="
+                f"{[c for c in self.cameras if c not in stills]}")
         for key in (state_key, action_key):
             if key not in features:
                 raise DatasetError(f"{info_file} has no feature {key!r} "
@@ -192,6 +207,8 @@ class LeRobotDataset(Dataset):
         start, end = episode["dataset_from_index"], episode["dataset_to_index"]
         frame = start + t
         steps = [min(frame + k, end - 1) for k in range(self.chunk_size)]
+        # LeRobot's action_is_pad: True where the chunk ran past the episode's last frame
+        is_pad = torch.tensor([frame + k >= end for k in range(self.chunk_size)])
         data, where = table
         task_index = data.column("task_index")[where[frame]].as_py()
         images = [self._frame(episode, camera, t) for camera in self.cameras]
@@ -200,6 +217,7 @@ class LeRobotDataset(Dataset):
             "instruction": self.tasks[task_index],
             "proprio": self._rows(table, self.state_key, [frame])[0],
             "actions": self._rows(table, self.action_key, steps),
+            "action_is_pad": is_pad,
             "episode": episode["episode_index"],
             "frame": t,
         }
@@ -222,17 +240,30 @@ class LeRobotDataset(Dataset):
                            f"{self._video_file(episode, camera)}")
 
     def check_model(self, model) -> None:
-        """Raise a ``ValueError`` if ``model``'s head or proprio projector does not take this
-        dataset's action or state width (naming both numbers)."""
-        head = getattr(model, "head", None)
-        action_dim = getattr(head, "action_dim", None)
-        if action_dim is None and getattr(head, "tokenizer", None) is not None:
-            action_dim = head.tokenizer.action_dim
-        if action_dim is not None and action_dim != self.action_dim:
-            raise ValueError(f"the dataset's actions have {self.action_dim} dimensions but the "
-                             f"model's head predicts {action_dim}")
-        proprio = getattr(model, "proprio_projector", None)
-        width = getattr(proprio, "in_dim", None)
+        """Raise a ``ValueError`` if ``model`` cannot train on this dataset's samples: its
+        action head predicts another action width or another chunk size (any
+        [ActionHead][vlakit.heads.ActionHead]: they all state ``action_dim`` and
+        ``chunk_size``), or its proprio projector takes another state width (naming both
+        numbers and what to change). A head that predicts no actions (``NextTokenHead``) is
+        not checked, nor a proprio projector that states no ``in_dim``."""
+        from vlakit.heads import ActionHead
+
+        head = model.head
+        if isinstance(head, ActionHead):
+            if head.action_dim != self.action_dim:
+                raise ValueError(
+                    f"the dataset's actions have {self.action_dim} dimensions but the "
+                    f"model's head predicts {head.action_dim}; build the head with "
+                    f"action_dim={self.action_dim}, or read another action feature "
+                    f"(action_key)")
+            if head.chunk_size != self.chunk_size:
+                raise ValueError(
+                    f"the dataset yields chunks of {self.chunk_size} actions (chunk_size="
+                    f"{self.chunk_size}) but the model's head predicts chunks of "
+                    f"{head.chunk_size}; make the dataset with chunk_size={head.chunk_size} "
+                    f"or build the head with chunk_size={self.chunk_size}")
+        # vlakit's projectors state in_dim; a projector of your own may not (then unchecked)
+        width = getattr(model.proprio_projector, "in_dim", None)
         if width is not None and width != self.state_dim:
             raise ValueError(f"the dataset's state has {self.state_dim} dimensions but the "
                              f"model's proprio projector takes {width}")
@@ -256,12 +287,25 @@ def collate_with(processor: Callable) -> Callable[[list[dict]], Any]:
     """A ``DataLoader`` collate that stacks samples and runs them through ``processor``
     (an [OpenVLAProcessor][vlakit.processors.OpenVLAProcessor], say): images
     ``[b, views, 3, h, w]``, instructions, actions ``[b, chunk, a]``, proprio ``[b, p]``
-    -> a padded model batch."""
+    and, when the samples carry it (``LeRobotDataset``'s do), the pad mask
+    ``action_is_pad`` ``[b, chunk]`` -> a padded model batch. Samples without
+    ``action_is_pad`` (an ``InMemoryDataset`` of your own) pass no mask: every step is a
+    target. A batch in which some samples carry the mask and others do not raises."""
 
     def collate(samples: list[dict]):
         images = torch.stack([s["images"] for s in samples])
+        masked = ["action_is_pad" in s for s in samples]
+        extra = {}
+        if any(masked):
+            if not all(masked):
+                raise ValueError(
+                    f"sample {masked.index(False)} of the batch has no 'action_is_pad' but "
+                    f"sample {masked.index(True)} has one: give every sample the mask "
+                    f"(bool [chunk], True where the step is padding) or none")
+            extra["action_is_pad"] = torch.stack(
+                [torch.as_tensor(s["action_is_pad"], dtype=torch.bool) for s in samples])
         return processor(images, [s["instruction"] for s in samples],
                          actions=torch.stack([s["actions"] for s in samples]),
-                         proprio=torch.stack([s["proprio"] for s in samples]))
+                         proprio=torch.stack([s["proprio"] for s in samples]), **extra)
 
     return collate

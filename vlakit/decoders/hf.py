@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from vlakit.core.checks import should_validate
 from vlakit.core.masks import MaskSpec, check_mask_shape
+from vlakit.core.sharding import check_gathered
 from vlakit.core.tap import AttentionTap
 from vlakit.decoders.embedding import check_token_ids
 
@@ -138,6 +139,7 @@ class HFDecoder(nn.Module):
         embedding = self.model.get_input_embeddings()
         if should_validate(ids) and ids.numel():
             check_token_ids(ids, embedding.num_embeddings)
+        check_gathered(self, "embed_tokens", uses=embedding)
         return embedding(ids)
 
     def new_cache(self, max_len: int | None = None) -> HFCache:
@@ -188,7 +190,9 @@ class HFDecoder(nn.Module):
         return out.last_hidden_state
 
     def logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
-        return self.model.get_output_embeddings()(hidden)
+        head = self.model.get_output_embeddings()
+        check_gathered(self, "logits", uses=head)
+        return head(hidden)
 
     def _refuse_unsupported(self, start_layer, end_layer, tap, condition, return_layers) -> None:
         use = "vlakit's TransformerDecoder (vlakit.convert.decoder_from_transformers)"

@@ -7,6 +7,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from vlakit.core.recording import recorded
+from vlakit.core.sharding import check_gathered
 from vlakit.decoders.embedding import TokenEmbedding
 from vlakit.decoders.layer import DecoderLayer
 from vlakit.decoders.lm_head import TiedLMHead
@@ -98,10 +99,12 @@ class TransformerDecoder(LayerStack):
         Ids outside ``[0, vocab_size)`` raise a ``ValueError`` naming the largest id and the
         vocabulary size (see [`validation`][vlakit.core.validation]).
         """
+        check_gathered(self, "embed_tokens", uses=self.embed)
         return self.embed(ids)
 
     def logits(self, hidden: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch v"]:
         """Project hidden states to vocabulary logits."""
+        check_gathered(self, "logits", uses=self.lm_head)
         return self.lm_head(hidden)
 
 
