@@ -81,3 +81,12 @@ def test_load_checkpoints_example_loads_every_format():
     assert "['model.safetensors', 'vlakit.json'], same weights: True" in out, out
     diff = float(re.search(r"max \|actions diff\| = ([0-9.e+-]+)", out).group(1))
     assert diff < 1e-5, out
+
+
+def test_pi0_example_prints_the_counts_beside_the_references_and_predicts():
+    out = _run("pi0.py")
+    assert re.search(r"total +3,128,992,528 +3,238,048,528 +4,028,019,472", out), out
+    assert re.search(r"total +3,243,328,272 +3,353,433,872 +4,143,404,816", out), out
+    assert "keeps the final norm's gate rows: 3,244,377,872" in out, out
+    assert re.search(r"tiny pi0: [\d,]+ parameters, actions \(3, 10, 7\)", out), out
+    assert re.search(r"tiny pi0\.5: [\d,]+ parameters, actions \(3, 10, 7\)", out), out

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from vlakit.batch import check_batch
 from vlakit.core import IGNORE_ID, MaskSpec, TokenRole, TokenSequence
-from vlakit.decoders import greedy_generate, last_valid_index
+from vlakit.decoders import check_expert, greedy_generate, last_valid_index
 from vlakit.heads import HeadTokens
 
 __all__ = ["VLARunner", "VLAPrefix"]
@@ -145,6 +145,8 @@ class VLARunner:
         """Tokens the model places after the images: one ``PROPRIO`` token when the batch
         carries proprio."""
         model, proprio = self.model, self.inputs.proprio
+        if model.proprio_projector is None and getattr(model.head, "reads_proprio", False):
+            return []  # the head reads the state itself (proprio(): pi0's expert state token)
         if proprio is None:
             if model.proprio_projector is not None:
                 width = getattr(model.proprio_projector, "in_dim", None)
@@ -169,6 +171,16 @@ class VLARunner:
         if dtype is not None:
             proprio = proprio.to(dtype)
         return [(model.proprio_projector(proprio)[:, None], TokenRole.PROPRIO)]
+
+    def proprio(self) -> Float[Tensor, "b p"] | None:
+        """``inputs.proprio`` normalised by the model's proprio normaliser (``None`` when the
+        batch has none), for a head that reads the robot state itself (``head.reads_proprio``:
+        pi0's state token runs in its action expert), so no ``PROPRIO`` token is placed in
+        the prefix."""
+        proprio = self.inputs.proprio
+        if proprio is not None and self.model.proprio_normalizer is not None:
+            proprio = self.model.proprio_normalizer.normalize(proprio)
+        return proprio
 
     # -- the sequence and the decoder pass ---------------------------------------------------
 
@@ -380,6 +392,7 @@ class VLAPrefix:
             self._last_hidden = self._last_hidden.repeat_interleave(repeats, 0)
         self._next_position = self._last.positions[:, 0] + 1  # [B]
         self._checked_blind = False
+        self._checked_expert: nn.Module | None = None
 
     @property
     def batch_size(self) -> int:
@@ -463,7 +476,11 @@ class VLAPrefix:
         if not self._checked_blind:
             self._check_prefix_blind(spec, n)
         mask = spec.rows(n)  # [B, m, n + m]: the suffix queries
-        decoder = self.decoder if decoder is None else decoder
+        if decoder is None:
+            decoder = self.decoder
+        elif decoder is not self._checked_expert:
+            check_expert(self.decoder, decoder)  # names both sides; once per prefix
+            self._checked_expert = decoder
         dtype = next(decoder.parameters()).dtype
         if condition is None:
             return decoder(embeds.to(dtype), mask, positions, self.cache)

@@ -17,6 +17,11 @@
   [`ConditionedNorm`][vlakit.decoders.ConditionedNorm] kinds that read ``condition``:
   [`AdaptiveRMSNorm`][vlakit.decoders.AdaptiveRMSNorm] (pi0.5),
   [`AdaLayerNormZero`][vlakit.decoders.AdaLayerNormZero] (DiT).
+- An action expert's joints: [`check_expert`][vlakit.decoders.check_expert] (an expert stack
+  reads a decoder's KV cache), [`KeyValueLayer`][vlakit.decoders.KeyValueLayer] (a last layer
+  whose keys and values alone are read: pi0's PaliGemma) and
+  [`FinalAdaptiveRMSNorm`][vlakit.decoders.FinalAdaptiveRMSNorm] (pi0.5's final expert norm,
+  no gate).
 - Builders: [`transformer_decoder`][vlakit.decoders.transformer_decoder],
   [`transformer_stack`][vlakit.decoders.transformer_stack] (every knob),
   [`llama`][vlakit.decoders.llama], [`gemma`][vlakit.decoders.gemma],
@@ -45,6 +50,13 @@ from vlakit.decoders.builders import (
 )
 from vlakit.decoders.cache import GrowingKVCache, KVCache, PrefixKVView, StaticKVCache, SuffixKVView
 from vlakit.decoders.embedding import TokenEmbedding, check_token_ids
+from vlakit.decoders.expert import (
+    FinalAdaptiveRMSNorm,
+    KeyValueLayer,
+    KeyValueProjection,
+    attention_geometry,
+    check_expert,
+)
 from vlakit.decoders.generation import greedy_generate, last_valid_index
 from vlakit.decoders.hf import HFCache, HFDecoder
 from vlakit.decoders.layer import DecoderLayer
@@ -76,6 +88,11 @@ __all__ = [
     "ConditionedNorm",
     "AdaptiveRMSNorm",
     "AdaLayerNormZero",
+    "FinalAdaptiveRMSNorm",
+    "KeyValueLayer",
+    "KeyValueProjection",
+    "check_expert",
+    "attention_geometry",
     "RotaryEmbedding",
     "apply_rotary",
     "TokenEmbedding",

@@ -23,6 +23,15 @@ from vlakit.heads.l1 import L1RegressionHead
 from vlakit.heads.lm_loss import next_token_loss
 from vlakit.heads.mlp_resnet import MLPResNet, MLPResNetBlock
 from vlakit.heads.next_token import NextTokenHead
+from vlakit.heads.pi0 import Pi0Head, Pi05Head
+from vlakit.heads.rtc import (
+    PREFIX_SCHEDULES,
+    GuidedRTC,
+    InpaintRTC,
+    guidance_weight,
+    inpaint_weights,
+    prefix_weights,
+)
 from vlakit.heads.sampling import (
     DenoiseStep,
     Sampling,
@@ -54,6 +63,12 @@ __all__ = [
     "training_noise",
     "rowwise",
     "prediction_generator",
+    "GuidedRTC",
+    "InpaintRTC",
+    "prefix_weights",
+    "inpaint_weights",
+    "guidance_weight",
+    "PREFIX_SCHEDULES",
     "DiscreteActionHead",
     "ActionCodec",
     "NextTokenHead",
@@ -61,6 +76,8 @@ __all__ = [
     "L1RegressionHead",
     "DiffusionActionHead",
     "FlowMatchingHead",
+    "Pi0Head",
+    "Pi05Head",
     "MLPResNet",
     "MLPResNetBlock",
     "NoisyActionProjector",

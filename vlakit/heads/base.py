@@ -167,6 +167,12 @@ class ModelRunner(Protocol):
         padded steps out ([action_loss_mean][vlakit.heads.action_loss_mean])."""
         ...
 
+    def proprio(self) -> Float[Tensor, "b p"] | None:
+        """The batch's robot state, normalised (``None`` without one), for a head that reads
+        it itself (``head.reads_proprio``: pi0's state token) instead of a ``PROPRIO`` token
+        in the prefix."""
+        ...
+
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
         """The decoder's token embedding."""
         ...

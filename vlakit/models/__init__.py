@@ -10,6 +10,11 @@
   [`oft_head`][vlakit.models.oft_head], [`oft_mask`][vlakit.models.oft_mask]
 - [`lightvla_7b`][vlakit.models.lightvla_7b], [`lightvla`][vlakit.models.lightvla.lightvla]
   (component builder): OpenVLA-OFT with LightVLA's token pruner
+- [`pi0_3b`][vlakit.models.pi0_3b], [`pi05_3b`][vlakit.models.pi05_3b],
+  [`pi0`][vlakit.models.pi0.pi0] and [`pi05`][vlakit.models.pi05] (component builders):
+  PaliGemma read by an action expert (pi0, pi0.5), with [`pi0_decoder`][vlakit.models.pi0_decoder],
+  [`pi0_expert`][vlakit.models.pi0_expert], [`pi0_mask`][vlakit.models.pi0_mask] and pi0.5's
+  state prompt ([`pi05_prompt`][vlakit.models.pi05_prompt])
 - [`load_paligemma`][vlakit.models.load_paligemma], [`load_openvla`][vlakit.models.load_openvla],
   [`load_openvla_oft`][vlakit.models.load_openvla_oft],
   [`load_lightvla`][vlakit.models.load_lightvla]: a published checkpoint directory in one call
@@ -41,9 +46,21 @@ from vlakit.models.paligemma import (
     paligemma_3b,
     paligemma_from_transformers,
 )
+from vlakit.models.pi0 import (
+    pi0,
+    pi0_3b,
+    pi0_decoder,
+    pi0_expert,
+    pi0_mask,
+    pi05,
+    pi05_3b,
+    pi05_prompt,
+    pi05_state_bins,
+)
 
 __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla", "openvla_7b",
            "openvla_oft", "openvla_oft_7b", "oft_head", "oft_mask",
            "lightvla", "lightvla_7b", "load_paligemma", "load_openvla",
            "load_openvla_oft", "load_lightvla", "openvla_policy", "openvla_oft_policy",
-           "lightvla_policy", "read_config"]
+           "lightvla_policy", "read_config", "pi0", "pi05", "pi0_3b", "pi05_3b",
+           "pi0_decoder", "pi0_expert", "pi0_mask", "pi05_prompt", "pi05_state_bins"]
