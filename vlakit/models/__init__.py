@@ -14,7 +14,8 @@
   [`pi0`][vlakit.models.pi0.pi0] and [`pi05`][vlakit.models.pi05] (component builders):
   PaliGemma read by an action expert (pi0, pi0.5), with [`pi0_decoder`][vlakit.models.pi0_decoder],
   [`pi0_expert`][vlakit.models.pi0_expert], [`pi0_mask`][vlakit.models.pi0_mask] and pi0.5's
-  state prompt ([`pi05_prompt`][vlakit.models.pi05_prompt])
+  state prompt ([`pi05_prompt`][vlakit.models.pi05_prompt]); LeRobot's image path
+  ([`pi0_preprocessing`][vlakit.models.pi0_preprocessing])
 - [`load_paligemma`][vlakit.models.load_paligemma], [`load_openvla`][vlakit.models.load_openvla],
   [`load_openvla_oft`][vlakit.models.load_openvla_oft],
   [`load_lightvla`][vlakit.models.load_lightvla]: a published checkpoint directory in one call
@@ -52,6 +53,7 @@ from vlakit.models.pi0 import (
     pi0_decoder,
     pi0_expert,
     pi0_mask,
+    pi0_preprocessing,
     pi05,
     pi05_3b,
     pi05_prompt,
@@ -63,4 +65,5 @@ __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla"
            "lightvla", "lightvla_7b", "load_paligemma", "load_openvla",
            "load_openvla_oft", "load_lightvla", "openvla_policy", "openvla_oft_policy",
            "lightvla_policy", "read_config", "pi0", "pi05", "pi0_3b", "pi05_3b",
-           "pi0_decoder", "pi0_expert", "pi0_mask", "pi05_prompt", "pi05_state_bins"]
+           "pi0_decoder", "pi0_expert", "pi0_mask", "pi05_prompt", "pi05_state_bins",
+           "pi0_preprocessing"]

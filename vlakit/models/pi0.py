@@ -50,9 +50,10 @@ from vlakit.heads import Pi0Head, Pi05Head
 from vlakit.interleave import PlaceholderInterleaver
 from vlakit.model import VLA
 from vlakit.projectors import LinearProjector
-from vlakit.vision import siglip_so400m
+from vlakit.vision import PreprocessConfig, siglip_so400m
 
 __all__ = [
+    "pi0_preprocessing",
     "pi0",
     "pi05",
     "pi0_3b",
@@ -332,8 +333,17 @@ def pi05(
                      action_normalizer=action_normalizer, proprio_normalizer=None)
 
 
+def pi0_preprocessing(img_size: int = 224) -> PreprocessConfig:
+    """pi0's and pi0.5's image path as LeRobot and openpi run it: float ``[0, 1]`` images
+    letterboxed to ``img_size`` (scaled by the longer side, bilinear with
+    ``align_corners=False`` and no antialias, clamped, zero-padded centred), then
+    ``x * 2 - 1`` (mean = std = 0.5, so padding is -1). What the named builders use."""
+    return PreprocessConfig(size=img_size, mean=(0.5,) * 3, std=(0.5,) * 3,
+                            interpolation="bilinear", antialias=False, resize="pad")
+
+
 def _paligemma_parts(img_size, vocab_size, last_layer_kv_only, linear):
-    encoder = siglip_so400m(img_size, linear=linear)
+    encoder = siglip_so400m(img_size, preprocessing=pi0_preprocessing(img_size), linear=linear)
     projector = LinearProjector(1152, 2048, bias=True)
     decoder = pi0_decoder(vocab_size=vocab_size, last_layer_kv_only=last_layer_kv_only,
                           linear=linear)

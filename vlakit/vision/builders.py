@@ -116,6 +116,7 @@ def siglip_so400m(
     gelu_approximate: GeluApproximate = "tanh",
     output_layer: int = -1,
     dynamic_img_size: bool = False,
+    preprocessing: PreprocessConfig | None = None,
     linear: LinearFactory = nn.Linear,
 ) -> ViT:
     """SigLIP So400m/14: 27 blocks, width 1152, 16 heads, MLP 4304, no CLS token.
@@ -131,6 +132,8 @@ def siglip_so400m(
             timm, whose default is exact GELU).
         output_layer: block to return (OpenVLA: ``-2``).
         dynamic_img_size: interpolate the position embedding for other sizes.
+        preprocessing: instead of mean = std = 0.5 bicubic stretch (pi0 uses LeRobot's
+            letterbox: [pi0_preprocessing][vlakit.models.pi0_preprocessing]).
         linear: factory for the projections.
     """
     return vit(
@@ -144,7 +147,8 @@ def siglip_so400m(
         map_head=map_head,
         output_layer=output_layer,
         dynamic_img_size=dynamic_img_size,
-        preprocessing=PreprocessConfig(size=img_size, mean=(0.5,) * 3, std=(0.5,) * 3),
+        preprocessing=preprocessing or PreprocessConfig(size=img_size, mean=(0.5,) * 3,
+                                                        std=(0.5,) * 3),
         linear=linear,
     )
 

@@ -70,6 +70,12 @@ class PreprocessConfig:
             ``"nearest"`` or ``"area"``.
         antialias: antialias when downsampling tensors with bilinear/bicubic (closer to
             PIL; PIL inputs are always antialiased by PIL itself).
+        resize: ``"stretch"`` (default): every image resized to ``size`` whatever its aspect
+            ratio; ``"pad"``: openpi's and LeRobot's pi0 letterbox (``resize_with_pad``): scale
+            by ``max(W / w, H / h)`` (sizes truncated to ints), resize as ``interpolation``
+            says (tensors, ``align_corners=False``), clamp to ``[0, 1]``, then pad with zeros
+            centred (the odd pixel at the bottom / right) to ``size``; PIL images take the
+            tensor path in this mode, as the references convert them first.
 
     ``size``, ``mean`` and ``std`` are stored as tuples.
     """
@@ -79,6 +85,7 @@ class PreprocessConfig:
     std: Sequence[float]
     interpolation: str = "bicubic"
     antialias: bool = True
+    resize: str = "stretch"
 
     def __post_init__(self) -> None:
         size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
@@ -99,6 +106,8 @@ class PreprocessConfig:
             )
         if any(s == 0 for s in std):
             raise ValueError(f"std must not contain zeros, got {std}")
+        if self.resize not in ("stretch", "pad"):
+            raise ValueError(f"resize must be 'stretch' or 'pad', got {self.resize!r}")
         modes = tuple(PIL_FILTERS)
         if self.interpolation not in modes:
             raise ValueError(f"interpolation must be one of {modes}, got {self.interpolation!r}")
@@ -231,7 +240,7 @@ def preprocess_images(
                 f"a mix (shapes after preprocessing {[tuple(p.shape) for p in parts]})"
             )
         return torch.cat(parts, dim=0)
-    if isinstance(images, Image.Image):
+    if isinstance(images, Image.Image) and config.resize == "stretch":
         return _normalise(_pil_resize(images, config)[None].float() / 255.0, config)
     pixels = images_to_tensor(images)
     if pixels.dim() == 3:
@@ -264,7 +273,9 @@ def preprocess_images(
         )
     leading = pixels.shape[:-3]
     flat = pixels.reshape(-1, *pixels.shape[-3:])
-    if tuple(flat.shape[-2:]) != config.size:
+    if config.resize == "pad":
+        flat = _resize_with_pad(flat, config)
+    elif tuple(flat.shape[-2:]) != config.size:
         interp = config.interpolation
         smooth = interp in ("bilinear", "bicubic")
         flat = F.interpolate(
@@ -278,6 +289,22 @@ def preprocess_images(
             flat = flat.clamp(0.0, 1.0)
     flat = _normalise(flat, config)
     return flat.reshape(*leading, *flat.shape[-3:])
+
+
+def _resize_with_pad(flat: Float[Tensor, "n 3 H W"], config: PreprocessConfig) -> Tensor:
+    """The letterbox of ``resize="pad"`` on float ``[0, 1]`` images ``[n, 3, H, W]``."""
+    height, width = config.size
+    cur_h, cur_w = flat.shape[-2:]
+    ratio = max(cur_w / width, cur_h / height)
+    new_h, new_w = int(cur_h / ratio), int(cur_w / ratio)
+    interp = config.interpolation
+    smooth = interp in ("bilinear", "bicubic")
+    flat = F.interpolate(flat, size=(new_h, new_w), mode=interp,
+                         align_corners=False if smooth else None,
+                         antialias=config.antialias and smooth).clamp(0.0, 1.0)
+    top, extra_h = divmod(height - new_h, 2)
+    left, extra_w = divmod(width - new_w, 2)
+    return F.pad(flat, (left, left + extra_w, top, top + extra_h), value=0.0)
 
 
 def _pil_resize(image: Image.Image, config: PreprocessConfig) -> Tensor:
