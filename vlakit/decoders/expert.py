@@ -15,7 +15,6 @@ its own. Three small pieces make that exact and lean:
   without the gate rows a final norm never reads.
 """
 
-import torch
 from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
@@ -25,7 +24,7 @@ from vlakit.core.recording import recorded
 from vlakit.core.tap import AttentionTap
 from vlakit.decoders.cache import KVCache
 from vlakit.decoders.layer import DecoderLayer
-from vlakit.decoders.norms import ConditionedNorm, _zero_dense
+from vlakit.decoders.norms import ConditionedNorm, _rms_modulated, _zero_dense
 from vlakit.decoders.rope import apply_rotary
 
 __all__ = [
@@ -184,13 +183,8 @@ class FinalAdaptiveRMSNorm(ConditionedNorm):
     ) -> tuple[Float[Tensor, "b q d"], None]:
         """``(y, None)``: the modulated norm of ``x``; no gate."""
         condition = self._check_condition(x, condition)
-        modulation = self.dense(condition)
-        if modulation.ndim == 2 and x.ndim == 3:
-            modulation = modulation[:, None]
-        scale, shift = modulation.chunk(2, dim=-1)
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype), None
+        scale, shift = self._modulation(self.dense(condition), x, parts=2)
+        return _rms_modulated(x, scale, shift, self.eps), None
 
     def extra_repr(self) -> str:
         return f"{self.dim}, cond_dim={self.cond_dim}, eps={self.eps}"

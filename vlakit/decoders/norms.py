@@ -50,6 +50,16 @@ class RMSNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}, unit_offset={self.unit_offset}"
 
 
+def _rms_modulated(
+    x: Float[Tensor, "b q d"], scale: Tensor, shift: Tensor, eps: float
+) -> Float[Tensor, "b q d"]:
+    """``rms_normed(x) * (1 + scale) + shift``: statistics, multiply and add in fp32, cast
+    back to ``x``'s dtype (pi0.5's adaptive RMSNorm, gated or not)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype)
+
+
 class ConditionedNorm(nn.Module):
     """A norm that reads the per-call ``condition`` and gates the residual it feeds.
 
@@ -67,12 +77,12 @@ class ConditionedNorm(nn.Module):
 
     cond_dim: int
 
-    def _modulation(self, modulation: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # [b, 3d] -> [b, 1, 3d] (one condition per row, broadcast over tokens); a per-token
-        # [b, q, 3d] stays. Split into three [.., d] chunks in the order they are stored.
+    def _modulation(self, modulation: Tensor, x: Tensor, parts: int = 3) -> tuple[Tensor, ...]:
+        # [b, k·d] -> [b, 1, k·d] (one condition per row, broadcast over tokens); a per-token
+        # [b, q, k·d] stays. Split into ``parts`` [.., d] chunks in the order they are stored.
         if modulation.ndim == 2 and x.ndim == 3:
             modulation = modulation[:, None]
-        return modulation.chunk(3, dim=-1)
+        return modulation.chunk(parts, dim=-1)
 
     def _check_condition(self, x: Tensor, condition: Tensor | None) -> Tensor:
         if condition is None:
@@ -130,9 +140,7 @@ class AdaptiveRMSNorm(ConditionedNorm):
         """``(y, gate)``: the modulated norm of ``x`` and the gate for the residual."""
         condition = self._check_condition(x, condition)
         scale, shift, gate = self._modulation(self.dense(condition), x)
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
+        return _rms_modulated(x, scale, shift, self.eps), gate.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, cond_dim={self.cond_dim}, eps={self.eps}"
