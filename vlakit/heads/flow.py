@@ -11,14 +11,7 @@ from vlakit.core import TokenSequence
 from vlakit.core.recording import recorded
 from vlakit.heads._steps import StepRunner
 from vlakit.heads.base import HeadTokens, ModelRunner, action_loss_mean, has_action_targets
-from vlakit.heads.sampling import (
-    Generators,
-    Sampling,
-    draw_noise,
-    euler,
-    rowwise,
-    training_noise,
-)
+from vlakit.heads.sampling import Sampling, draw_noise, euler, flow_training_time, training_noise
 from vlakit.heads.slots import read_slots
 from vlakit.heads.time_embedding import sincos_time_embedding
 
@@ -99,23 +92,6 @@ class FlowMatchingHead(nn.Module):
     def has_targets(self, inputs: Any) -> bool:
         return has_action_targets(inputs)
 
-    def sample_time(
-        self, batch: int, device: torch.device, generator: Generators | None = None
-    ) -> Float[Tensor, " b"]:
-        """Training times ``Beta(1.5, 1) * 0.999 + 0.001`` (float32). Without a generator
-        torch's ``Beta`` sampler draws them (as pi0's references do); with one (or one per
-        row), the same distribution as ``u ** (1 / 1.5)``, ``u ~ U(0, 1)`` from it."""
-        if generator is None:
-            beta = torch.distributions.Beta(
-                torch.tensor(1.5, device=device), torch.tensor(1.0, device=device)
-            )
-            draw = beta.sample((batch,)).to(torch.float32)
-        else:
-            u = rowwise(lambda s, g: torch.rand(s, generator=g, device=device,
-                                                dtype=torch.float32), (batch,), generator)
-            draw = u.pow(1.0 / 1.5)
-        return draw * 0.999 + 0.001
-
     def embed_actions(
         self, x: Float[Tensor, "b c a"], t: Float[Tensor, " b"]
     ) -> Float[Tensor, "b c d"]:
@@ -145,7 +121,7 @@ class FlowMatchingHead(nn.Module):
         b, device = actions.shape[0], actions.device
         t = sampling.time
         if t is None:
-            t = self.sample_time(b, device, sampling.generator)
+            t = flow_training_time(b, device, sampling.generator)
         elif tuple(t.shape) != (b,):
             raise ValueError(f"Sampling.time must be [batch={b}] flow times, got shape "
                              f"{tuple(t.shape)}")

@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from vlakit.core import TokenRole
 from vlakit.core.recording import recorded
 from vlakit.heads.base import ModelRunner, PrefixRunner, action_loss_mean, has_action_targets
-from vlakit.heads.sampling import Generators, Sampling, draw_noise, euler, rowwise, training_noise
+from vlakit.heads.sampling import (
+    Sampling,
+    draw_noise,
+    euler,
+    flow_training_time,
+    training_noise,
+)
 from vlakit.heads.time_embedding import sincos_time_embedding
 
 __all__ = ["Pi0Head", "Pi05Head"]
@@ -99,23 +105,6 @@ class _ExpertFlowHead(nn.Module):
 
     # -- draws ------------------------------------------------------------------------------
 
-    def sample_time(
-        self, batch: int, device: torch.device, generator: Generators | None = None
-    ) -> Float[Tensor, " b"]:
-        """Training times ``Beta(1.5, 1) * 0.999 + 0.001`` (float32): torch's ``Beta``
-        sampler without a generator (as openpi and LeRobot draw them), ``u ** (1 / 1.5)``
-        with ``u ~ U(0, 1)`` from the generator (one per row) otherwise."""
-        if generator is None:
-            beta = torch.distributions.Beta(
-                torch.tensor(1.5, device=device), torch.tensor(1.0, device=device)
-            )
-            draw = beta.sample((batch,)).to(torch.float32)
-        else:
-            u = rowwise(lambda s, g: torch.rand(s, generator=g, device=device,
-                                                dtype=torch.float32), (batch,), generator)
-            draw = u.pow(1.0 / 1.5)
-        return draw * 0.999 + 0.001
-
     def _check_noise(self, sampling: Sampling, shape: tuple[int, ...]) -> None:
         noise = sampling.noise
         if noise is not None and tuple(noise.shape) != shape:
@@ -168,7 +157,7 @@ class _ExpertFlowHead(nn.Module):
         padded = F.pad(actions, (0, self.max_dim - self.action_dim))  # [b, c, D]
         t = sampling.time
         if t is None:
-            t = self.sample_time(b, device, sampling.generator)
+            t = flow_training_time(b, device, sampling.generator)
         elif tuple(t.shape) != (b,):
             raise ValueError(f"Sampling.time must be [batch={b}] flow times, got shape "
                              f"{tuple(t.shape)}")

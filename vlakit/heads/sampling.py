@@ -43,6 +43,7 @@ __all__ = [
     "scheduler_denoise",
     "draw_noise",
     "training_noise",
+    "flow_training_time",
     "prediction_generator",
     "rowwise",
 ]
@@ -265,6 +266,25 @@ def training_noise(actions: Float[Tensor, "b c a"], sampling: Sampling) -> Float
         return rowwise(lambda s, g: torch.randn(s, generator=g, device=actions.device),
                        tuple(actions.shape), sampling.generator)
     return torch.randn_like(actions)
+
+
+def flow_training_time(
+    batch: int, device: torch.device, generator: Generators | None = None
+) -> Float[Tensor, " b"]:
+    """pi0's flow-matching training times ``Beta(1.5, 1) * 0.999 + 0.001`` ``[b]`` (float32):
+    torch's ``Beta`` sampler from the global random state without a generator (as openpi and
+    LeRobot draw them); with one (or one per row), the same distribution as
+    ``u ** (1 / 1.5)``, ``u ~ U(0, 1)`` from it."""
+    if generator is None:
+        beta = torch.distributions.Beta(
+            torch.tensor(1.5, device=device), torch.tensor(1.0, device=device)
+        )
+        draw = beta.sample((batch,)).to(torch.float32)
+    else:
+        u = rowwise(lambda s, g: torch.rand(s, generator=g, device=device, dtype=torch.float32),
+                    (batch,), generator)
+        draw = u.pow(1.0 / 1.5)
+    return draw * 0.999 + 0.001
 
 
 def _wrapped(wrapper: StepWrapper | None, step: DenoiseStep) -> Tensor:
