@@ -8,8 +8,8 @@ import torch
 
 from vlakit import count_parameters
 from vlakit.actions import ActionNormalizer
-from vlakit.models import pi0, pi0_3b, pi0_decoder, pi0_expert, pi05, pi05_3b, pi05_prompt
-from vlakit.processors import PaliGemmaProcessor, word_tokenizer
+from vlakit.models import pi0, pi0_3b, pi0_decoder, pi0_expert, pi05, pi05_3b
+from vlakit.processors import Pi0Processor, Pi05Processor, pi05_prompt, word_tokenizer
 from vlakit.projectors import LinearProjector
 from vlakit.vision import vit
 
@@ -84,25 +84,28 @@ def main() -> None:
 
     # tiny models: 2 cameras, 7 action dims padded to 32, chunks of 10
     tasks = ["pick up the red block", "open the drawer", "put the block in the box"]
-    states = torch.rand(3, 8) * 2 - 1                      # normalised robot state [b, 8]
+    states = torch.rand(3, 8) * 2 - 1                      # raw robot state [b, 8]
     images = torch.randint(0, 256, (3, 2, 3, 64, 64), dtype=torch.uint8)
-    prompts05 = [pi05_prompt(task, state) for task, state in zip(tasks, states)]
-    tokenizer = word_tokenizer([*tasks, *prompts05])
+    tokenizer = word_tokenizer([*tasks, pi05_prompt("x", torch.zeros(8))])
     stats = {"mean": [0.0] * 7, "std": [0.5] * 7}
     expert = dict(dim=32, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=64)
 
     model = pi0(expert=pi0_expert(**expert), **tiny_parts(tokenizer),
-                action_normalizer=ActionNormalizer(stats, mode="normal")).eval()
-    batch = PaliGemmaProcessor.from_model(tokenizer, model)(images, tasks, proprio=states)
+                action_normalizer=ActionNormalizer(stats, mode="normal", form="lerobot")).eval()
+    batch = Pi0Processor.from_model(tokenizer, model)(images, tasks, proprio=states)
     actions = model.predict_action(batch)                  # [3, 10, 7], unnormalised
     print(f"tiny pi0: {count_parameters(model):,} parameters, actions {tuple(actions.shape)}, "
           f"first step of robot 0: {[round(v, 3) for v in actions[0, 0].tolist()]}")
 
-    model = pi05(expert=pi0_expert(**expert, cond_dim=32), **tiny_parts(tokenizer)).eval()
-    batch = PaliGemmaProcessor.from_model(tokenizer, model)(images, prompts05)  # no proprio
-    actions = model.predict_action(batch)                  # [3, 10, 7]
+    bounds = ActionNormalizer({"q01": [-1.0] * 8, "q99": [1.0] * 8}, mode="bounds_q99",
+                              form="lerobot", name="proprio")
+    model = pi05(expert=pi0_expert(**expert, cond_dim=32), state_normalizer=bounds,
+                 **tiny_parts(tokenizer)).eval()
+    batch = Pi05Processor.from_model(tokenizer, model)(images, tasks, proprio=states)
+    actions = model.predict_action(batch)                  # [3, 10, 7]; state in the prompt
+    prompt = pi05_prompt(tasks[0], bounds.normalize(states[0]))
     print(f"tiny pi0.5: {count_parameters(model):,} parameters, actions "
-          f"{tuple(actions.shape)}, prompt of robot 0: {prompts05[0]!r}")
+          f"{tuple(actions.shape)}, prompt of robot 0: {prompt!r}")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_bad_observations_and_bundles_are_refused_by_name(tmp_path):
         bundle({**_observation(), "prompt": 3})
     with pytest.raises(ValueError, match="reads 2 camera view"):
         PolicyBundle(_model(), bundle.processor, ObservationKeys(images=("a",), state="s"))
-    with pytest.raises(ValueError, match="state=None.*has a proprio projector"):
+    with pytest.raises(ValueError, match="state=None.*reads the robot state"):
         PolicyBundle(_model(), bundle.processor, ObservationKeys(images=("a", "b")))
     with pytest.raises(ValueError, match="repeats a key"):
         ObservationKeys(images=("a", "a"))

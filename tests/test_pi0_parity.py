@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from vlakit import VLA, VLAInputs
 from vlakit.core import TokenRole, TokenSequence
 from vlakit.heads import Sampling
-from vlakit.models import pi0, pi0_decoder, pi0_expert, pi0_mask, pi05, pi05_prompt, pi05_state_bins
+from vlakit.models import pi0, pi0_decoder, pi0_expert, pi0_mask, pi05
+from vlakit.processors import pi05_prompt, pi05_state_bins
 from vlakit.projectors import LinearProjector
 from vlakit.vision import vit
 

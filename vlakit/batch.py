@@ -27,6 +27,10 @@ class VLAInputs:
         action_is_pad: ``[b, chunk]`` ``True`` where a target step is padding (the chunk
             ran past its episode's end; LeRobot's ``action_is_pad``): every action head's
             loss leaves those steps out. ``None``: every step is real.
+        view_valid: ``[b, v]`` ``False`` where a declared camera is absent from that
+            example: its image tokens are masked out of the sequence (attended by nothing,
+            taking no position; LeRobot's and openpi's image masks), whatever its pixels
+            hold. ``None``: every view is present.
         actions_normalized: ``True`` when ``actions`` are already in the model's normalised
             space (``[-1, 1]``, e.g. a dataset that stores normalised actions): the model
             then does not normalise them again (values outside ``[-1, 1]`` raise). Default
@@ -41,6 +45,7 @@ class VLAInputs:
     actions: Float[Tensor, "b chunk a"] | None = None
     proprio: Float[Tensor, "b p"] | None = None
     action_is_pad: Bool[Tensor, "b chunk"] | None = None
+    view_valid: Bool[Tensor, "b v"] | None = None
     actions_normalized: bool = False
 
     def to(
@@ -102,6 +107,21 @@ def check_batch(inputs: VLAInputs) -> None:
             raise ValueError(
                 f"inputs.action_is_pad has shape {tuple(pad.shape)}, expected [batch, chunk] = "
                 f"{tuple(inputs.actions.shape[:2])} (the first two dimensions of inputs.actions)"
+            )
+    views = inputs.view_valid
+    if views is not None:
+        if views.dtype != torch.bool:
+            raise ValueError(
+                f"inputs.view_valid must be a boolean [batch, views] mask (True = camera "
+                f"present), got dtype {views.dtype}"
+            )
+        pixels = inputs.pixels
+        count = None if pixels is None else (pixels.shape[1] if pixels.dim() == 5 else 1)
+        if views.dim() != 2 or views.shape[0] != ids.shape[0] or (
+                count is not None and views.shape[1] != count):
+            raise ValueError(
+                f"inputs.view_valid has shape {tuple(views.shape)}, expected [batch, views] = "
+                f"({ids.shape[0]}, {count}) (one flag per camera view of inputs.pixels)"
             )
     for name in ("pixels", "actions", "proprio"):
         value = getattr(inputs, name)

@@ -39,13 +39,13 @@ from torch import Tensor
 from vlakit.core import CheckpointError
 from vlakit.heads import Sampling
 from vlakit.persistence import load_model, save_model
-from vlakit.processors import OpenVLAProcessor, PaliGemmaProcessor
+from vlakit.processors import OpenVLAProcessor, PaliGemmaProcessor, Pi0Processor, Pi05Processor
 
 __all__ = ["ObservationKeys", "PolicyBundle", "POLICY_FILE"]
 
 POLICY_FILE = "policy.json"
 _FORMAT = "vlakit.policy"
-_PROCESSORS = (OpenVLAProcessor, PaliGemmaProcessor)
+_PROCESSORS = (OpenVLAProcessor, PaliGemmaProcessor, Pi0Processor, Pi05Processor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,9 @@ class ObservationKeys:
     """Which keys of an observation dict the policy reads.
 
     Attributes:
-        images: one key per camera view, in the model's view order.
+        images: one key per camera view, in the model's view order. An observation may
+            hold ``None`` under a camera key: that camera is absent and masked out of the
+            sequence (LeRobot's and openpi's image masks); the key itself must be there.
         state: the proprioceptive state vector's key (``None``: the model takes none).
         prompt: the instruction string's key.
     """
@@ -79,13 +81,15 @@ class ObservationKeys:
     def for_model(cls, model: Any) -> "ObservationKeys":
         """openpi's LIBERO example keys, as many as ``model`` reads:
         ``observation/image``, then ``observation/wrist_image``, then
-        ``observation/image_{k}`` for more views; ``observation/state`` when the model has
-        a proprio projector; ``prompt``. A model that declares no view count gets one
-        camera key."""
+        ``observation/image_{k}`` for more views; ``observation/state`` when the model reads
+        the state (a proprio projector, a [ProprioHead][vlakit.heads.ProprioHead], or a
+        proprio normaliser for a state written into the prompt: pi0.5); ``prompt``. A model
+        that declares no view count gets one camera key."""
         views = model.num_views or 1
         names = ["observation/image", "observation/wrist_image"]
         names += [f"observation/image_{k}" for k in range(2, views)]
-        state = "observation/state" if model.proprio_projector is not None else None
+        reads_state = model.takes_proprio or model.proprio_normalizer is not None
+        state = "observation/state" if reads_state else None
         return cls(images=tuple(names[:views]), state=state, prompt="prompt")
 
 
@@ -107,7 +111,8 @@ class PolicyBundle:
         keys: the observation keys the policy reads.
 
     The number of camera keys must equal the model's ``num_views`` when it declares one;
-    a model with a proprio projector needs a state key, one without refuses it.
+    a policy that reads the state (the model's ``takes_proprio``, or pi0.5's processor,
+    which writes it into the prompt) needs a state key, one that does not refuses it.
     """
 
     def __init__(self, model: Any, processor: Any, keys: ObservationKeys) -> None:
@@ -121,23 +126,35 @@ class PolicyBundle:
                 f"the model reads {model.num_views} camera view(s) but the observation keys "
                 f"name {len(keys.images)}: {list(keys.images)}"
             )
-        if (model.proprio_projector is None) != (keys.state is None):
+        reads_state = model.takes_proprio or isinstance(processor, Pi05Processor)
+        if reads_state == (keys.state is None):
             raise ValueError(
-                f"ObservationKeys.state={keys.state!r}, but the model "
-                f"{'has no' if model.proprio_projector is None else 'has a'} proprio projector: "
-                f"name the state key exactly when the model reads proprio"
+                f"ObservationKeys.state={keys.state!r}, but the policy "
+                f"{'reads' if reads_state else 'does not read'} the robot state: name the "
+                f"state key exactly when the model (a proprio projector or a head that takes "
+                f"the state) or its processor (pi0.5's state prompt) reads it"
             )
         self.model, self.processor, self.keys = model, processor, keys
 
     # -- observations to actions -------------------------------------------------------------
 
-    def _pixels(self, observations: Sequence[Mapping[str, Any]]) -> Tensor:
-        preprocess = self.model.encoder.preprocess
-        rows = []
+    def _pixels(
+        self, observations: Sequence[Mapping[str, Any]]
+    ) -> tuple[Tensor, Tensor | None]:
+        """The batch's pixels ``[b, v, c, h, w]`` and, when a camera is absent (``None``)
+        anywhere, ``view_valid [b, v]`` (absent views: a black image, masked out)."""
+        encoder = self.model.encoder
+        height, width = encoder.image_size
+        black = np.zeros((height, width, 3), dtype=np.uint8)
+        rows, present = [], []
         for obs in observations:
-            views = [self._view(preprocess, obs[key], key) for key in self.keys.images]
+            flags = [obs[key] is not None for key in self.keys.images]
+            views = [self._view(encoder.preprocess, obs[key] if ok else black, key)
+                     for key, ok in zip(self.keys.images, flags)]
             rows.append(torch.cat(views, 0))  # [v, c, h, w]
-        return torch.stack(rows)  # [b, v, c, h, w]
+            present.append(flags)
+        view_valid = torch.tensor(present, dtype=torch.bool)
+        return torch.stack(rows), None if bool(view_valid.all()) else view_valid
 
     @staticmethod
     def _view(preprocess, image: Any, key: str) -> Tensor:
@@ -178,7 +195,9 @@ class PolicyBundle:
             proprio = np.stack([np.asarray(obs[self.keys.state], dtype=np.float32).reshape(-1)
                                 for obs in observations])
         device = next(self.model.parameters()).device
-        batch = self.processor(None, prompts, proprio=proprio, pixels=self._pixels(observations))
+        pixels, view_valid = self._pixels(observations)
+        batch = self.processor(None, prompts, proprio=proprio, pixels=pixels,
+                               view_valid=view_valid)
         return batch.to(device)
 
     def __call__(
@@ -200,7 +219,6 @@ class PolicyBundle:
         """What ``policy.json`` holds."""
         model, head = self.model, self.model.head
         encoder = model.encoder
-        proprio = model.proprio_projector
         return {
             "format": _FORMAT,
             "processor": {"class": type(self.processor).__name__,
@@ -208,11 +226,18 @@ class PolicyBundle:
             "observation": dataclasses.asdict(self.keys),
             "image_size": list(encoder.image_size),
             "num_views": len(self.keys.images),
-            "proprio_dim": None if proprio is None else getattr(proprio, "in_dim", None),
+            "proprio_dim": self._proprio_dim(),
             "action": {"chunk_size": head.chunk_size, "action_dim": head.action_dim},
             "statistics": {"action": _statistics(model.action_normalizer),
                            "proprio": _statistics(model.proprio_normalizer)},
         }
+
+    def _proprio_dim(self) -> int | None:
+        model = self.model
+        if model.proprio_projector is not None:
+            return getattr(model.proprio_projector, "in_dim", None)
+        normalizer = model.proprio_normalizer
+        return None if normalizer is None else getattr(normalizer, "dim", None)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the bundle to the directory ``path`` (see the module docstring)."""

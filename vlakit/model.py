@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from vlakit.batch import VLAInputs, VLAOutput
 from vlakit.core import LoadReport, MaskPolicy, check_gathered, guard_meta_loading
 from vlakit.core.recording import recorded, replace_module
-from vlakit.heads import ActionHead, HeadTokens, NextTokenHead, Sampling
+from vlakit.heads import ActionHead, HeadTokens, NextTokenHead, ProprioHead, Sampling
 from vlakit.language import PromptMean
 from vlakit.runner import VLARunner
 
@@ -138,6 +138,12 @@ class VLA(nn.Module):
                 f"the projector outputs width {out} (its out_dim) but the decoder's hidden size "
                 f"is {dec}; build the projector with out_dim={dec}"
             )
+
+    @property
+    def takes_proprio(self) -> bool:
+        """Whether the model reads the robot state (``inputs.proprio``): through its proprio
+        projector, or in its head ([ProprioHead][vlakit.heads.ProprioHead], pi0)."""
+        return self.proprio_projector is not None or isinstance(self.head, ProprioHead)
 
     @property
     def pruner_layer(self) -> int:

@@ -10,16 +10,27 @@ examples, tests and documentation.
 """
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlakit.batch import VLAInputs
 
-__all__ = ["OpenVLAProcessor", "PaliGemmaProcessor", "OPENVLA_PROMPT", "word_tokenizer"]
+__all__ = [
+    "OpenVLAProcessor",
+    "PaliGemmaProcessor",
+    "Pi0Processor",
+    "Pi05Processor",
+    "OPENVLA_PROMPT",
+    "pi05_prompt",
+    "pi05_state_bins",
+    "word_tokenizer",
+]
 
 OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 """OpenVLA's prompt template (the instruction is lower-cased by OpenVLA's callers)."""
@@ -43,10 +54,11 @@ def _as_float_tensor(x: Any, what: str, dims: int) -> Tensor:
     return t
 
 
-def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def _pad_right(rows: list[list[int]], pad_id: int,
+               length: int | None = None) -> tuple[Tensor, Tensor]:
     if not rows:
         raise ValueError("got no prompts: a batch needs at least one example")
-    length = max(len(r) for r in rows)
+    length = max(len(r) for r in rows) if length is None else length
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     valid = torch.zeros(len(rows), length, dtype=torch.bool)
     for i, r in enumerate(rows):
@@ -190,6 +202,19 @@ class _Processor:
             )
         return pixels
 
+    @staticmethod
+    def _view_valid(view_valid: Any, pixels: Tensor) -> Tensor | None:
+        if view_valid is None:
+            return None
+        mask = torch.as_tensor(view_valid)
+        expected = tuple(pixels.shape[:2])
+        if mask.dtype != torch.bool or tuple(mask.shape) != expected:
+            raise ValueError(
+                f"view_valid must be a boolean [batch, views] = {expected} mask (True = camera "
+                f"present), got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        return mask
+
     def _check_length(
         self, rows: list[list[int]], extras: list[tuple[str, int]], row_name: str = "prompt {i}"
     ) -> None:
@@ -327,6 +352,7 @@ class OpenVLAProcessor(_Processor):
         proprio: Any = None,
         pixels: Tensor | None = None,
         action_is_pad: Any = None,
+        view_valid: Any = None,
     ) -> VLAInputs:
         """Build [`VLAInputs`][vlakit.VLAInputs].
 
@@ -340,6 +366,9 @@ class OpenVLAProcessor(_Processor):
                 different sizes preprocessed one by one), instead of ``images``.
             action_is_pad: ``[b, chunk]`` bool, ``True`` where a target step is padding
                 past an episode's end (the losses leave those steps out), optional.
+            view_valid: ``[b, v]`` bool, ``False`` where a camera is absent from that
+                example (its image is masked out of the sequence; its pixels may be any
+                filler of the right shape), optional.
         """
         rows = [self.prompt_ids(text) for text in _as_list(instructions)]
         self._check_length(
@@ -347,13 +376,15 @@ class OpenVLAProcessor(_Processor):
         )
         ids, valid = _pad_right(rows, self.pad_id)
         a, p, pad = self._actions_and_proprio(actions, proprio, len(rows), action_is_pad)
+        pixels = self._pixels(images, len(rows), pixels)
         return VLAInputs(
             input_ids=ids,
             text_valid=valid,
-            pixels=self._pixels(images, len(rows), pixels),
+            pixels=pixels,
             actions=a,
             proprio=p,
             action_is_pad=pad,
+            view_valid=self._view_valid(view_valid, pixels),
         )
 
     def config(self) -> dict[str, Any]:
@@ -456,6 +487,7 @@ class PaliGemmaProcessor(_Processor):
         proprio: Any = None,
         pixels: Tensor | None = None,
         action_is_pad: Any = None,
+        view_valid: Any = None,
     ) -> VLAInputs:
         """Build [`VLAInputs`][vlakit.VLAInputs] (arguments as
         [`OpenVLAProcessor`][vlakit.processors.OpenVLAProcessor],
@@ -491,6 +523,7 @@ class PaliGemmaProcessor(_Processor):
             actions=a,
             proprio=p,
             action_is_pad=pad,
+            view_valid=self._view_valid(view_valid, pixels),
         )
 
     def config(self) -> dict[str, Any]:
@@ -499,3 +532,250 @@ class PaliGemmaProcessor(_Processor):
         return {"image_token_id": self.image_token_id, "num_image_tokens": self.num_image_tokens,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "max_length": self.max_length}
+
+
+class Pi0Processor(PaliGemmaProcessor):
+    """Batches for pi0 ([pi0_3b][vlakit.models.pi0_3b]; LeRobot's ``PI0Policy``, openpi's
+    pi0): PaliGemma's layout with the prompt held to the model's prompt length.
+
+    Each row is ``<image> * (num_image_tokens * views)``, then the text ``<bos>, task,
+    "\\n"`` (LeRobot's pi0 prompt: the task with a newline, not cleaned) padded to exactly
+    ``prompt_length`` tokens (LeRobot's ``tokenizer_max_length``; a fixed length, so every
+    batch has the same shape). A text longer than ``prompt_length`` is refused, naming the
+    row and both lengths; ``truncate=True`` cuts it to its first ``prompt_length`` tokens
+    with a warning instead (what LeRobot's tokenizer does without one). The raw state goes
+    to the model (``proprio``), which normalises it and feeds the expert's state token.
+    ``view_valid`` masks absent cameras (LeRobot fills them with -1 and masks them).
+
+    Args:
+        tokenizer: PaliGemma's tokenizer (``<bos>`` 2, pad 0).
+        preprocess: the encoder's ``preprocess`` (pi0: letterbox to 224, ``[-1, 1]``).
+        image_token_id: the placeholder id.
+        num_image_tokens: image tokens per view.
+        prompt_length: text tokens per row, ``<bos>`` included (pi0: 48).
+        truncate: cut a longer text (with a warning) instead of refusing it.
+        bos_id: overrides the tokenizer's ``bos_token_id``.
+        eos_id: overrides the tokenizer's ``eos_token_id``.
+        pad_id: overrides the tokenizer's ``pad_token_id``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        preprocess: Callable[[Any], Tensor],
+        image_token_id: int,
+        num_image_tokens: int,
+        prompt_length: int = 48,
+        truncate: bool = False,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ) -> None:
+        super().__init__(tokenizer, preprocess, image_token_id, num_image_tokens, bos_id=bos_id,
+                         eos_id=eos_id, pad_id=pad_id)
+        if prompt_length < 1:
+            raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
+        self.prompt_length = prompt_length
+        self.truncate = truncate
+
+    @classmethod
+    def from_model(cls, tokenizer: Any, model: Any, **kwargs: Any) -> "Pi0Processor":
+        """A processor for a pi0 ``model``: its encoder's ``preprocess`` and image tokens per
+        view, the interleaver's ids, the head's ``prompt_length``; ids checked against the
+        decoder's vocabulary. ``kwargs``: the constructor's other arguments (``truncate``,
+        ``pad_id``) or overrides."""
+        preprocess, per_view, _, vocab = _model_counts(model)
+        interleaver = model.interleaver
+        kwargs.setdefault("preprocess", preprocess)
+        kwargs.setdefault("num_image_tokens", per_view)
+        kwargs.setdefault("image_token_id", interleaver.image_token_id)
+        kwargs.setdefault("prompt_length", model.head.prompt_length)
+        for name in ("bos_id", "eos_id"):
+            if kwargs.get(name) is None and getattr(interleaver, name, None) is not None:
+                kwargs[name] = getattr(interleaver, name)
+        kwargs.update(cls._from_model_extra(model, kwargs))
+        processor = cls(tokenizer, **kwargs)
+        _check_ids_in_vocab({"bos_id": processor.bos_id, "eos_id": processor.eos_id,
+                             "pad_id": processor.pad_id}, vocab)
+        return processor
+
+    @classmethod
+    def _from_model_extra(cls, model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def prompt_text(self, task: str, state: Tensor | None) -> str:
+        """The text of one row after ``<bos>``: pi0's ``task + "\\n"``."""
+        return task + "\n"
+
+    def _text_rows(self, prompts: list[str], states: Tensor | None) -> list[list[int]]:
+        rows = []
+        for i, task in enumerate(prompts):
+            state = None if states is None else states[i]
+            row = [self.bos_id] + self._tokenize(self.prompt_text(task, state))
+            if len(row) > self.prompt_length:
+                where = (f"prompt {i} is {len(row)} tokens (<bos> included), over "
+                         f"prompt_length={self.prompt_length}")
+                if not self.truncate:
+                    raise ValueError(
+                        f"{where}: shorten it, build the model with a larger prompt_length, or "
+                        f"pass truncate=True to cut it to its first {self.prompt_length} tokens "
+                        f"(LeRobot's tokenizer does that silently)"
+                    )
+                warnings.warn(f"{where}: cut to its first {self.prompt_length} tokens "
+                              f"(truncate=True); the model does not see the rest",
+                              stacklevel=3)
+                row = row[: self.prompt_length]
+            rows.append(row)
+        return rows
+
+    def _state(self, proprio: Any, batch: int) -> Tensor | None:
+        return None
+
+    def __call__(
+        self,
+        images: Any,
+        prompts: str | Sequence[str],
+        actions: Any = None,
+        proprio: Any = None,
+        pixels: Tensor | None = None,
+        action_is_pad: Any = None,
+        view_valid: Any = None,
+    ) -> VLAInputs:
+        """Build [`VLAInputs`][vlakit.VLAInputs] (arguments as
+        [`OpenVLAProcessor`][vlakit.processors.OpenVLAProcessor]; ``proprio``: the raw
+        state ``[b, p]``)."""
+        prompts = _as_list(prompts)
+        pixels = self._pixels(images, len(prompts), pixels)
+        a, p, pad = self._actions_and_proprio(actions, proprio, len(prompts), action_is_pad)
+        state = self._state(p, len(prompts))
+        texts = self._text_rows(prompts, state)
+        placeholders = [self.image_token_id] * (self.num_image_tokens * pixels.shape[1])
+        ids, valid = _pad_right([placeholders + t for t in texts], self.pad_id,
+                                length=len(placeholders) + self.prompt_length)
+        return VLAInputs(
+            input_ids=ids,
+            text_valid=valid,
+            pixels=pixels,
+            actions=a,
+            proprio=None if state is not None else p,
+            action_is_pad=pad,
+            view_valid=self._view_valid(view_valid, pixels),
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The arguments that rebuild this processor with
+        [from_model][vlakit.processors.Pi0Processor.from_model] (JSON-ready)."""
+        return {"image_token_id": self.image_token_id, "num_image_tokens": self.num_image_tokens,
+                "prompt_length": self.prompt_length, "truncate": self.truncate,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+
+class Pi05Processor(Pi0Processor):
+    """Batches for pi0.5 ([pi05_3b][vlakit.models.pi05_3b]; LeRobot's ``PI05Policy``): the
+    state is written into the prompt, not given to the model.
+
+    The raw state ``proprio [b, p]`` is normalised by ``state_normalizer`` (pi0.5: q01/q99
+    bounds, the model's ``proprio_normalizer``, which ``from_model`` takes) and each row's
+    text is ``<bos>`` and [pi05_prompt][vlakit.processors.pi05_prompt] ``(task, state)``
+    (``"Task: {task}, State: {bins};\\nAction: "``, no further newline), padded to
+    ``prompt_length`` (200). The batch carries no ``proprio``. Other arguments as
+    [Pi0Processor][vlakit.processors.Pi0Processor].
+
+    Args:
+        state_normalizer: maps the raw state to ``[-1, 1]`` (``.normalize``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        preprocess: Callable[[Any], Tensor],
+        image_token_id: int,
+        num_image_tokens: int,
+        state_normalizer: Any,
+        prompt_length: int = 200,
+        truncate: bool = False,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ) -> None:
+        super().__init__(tokenizer, preprocess, image_token_id, num_image_tokens,
+                         prompt_length=prompt_length, truncate=truncate, bos_id=bos_id,
+                         eos_id=eos_id, pad_id=pad_id)
+        if state_normalizer is None:
+            raise ValueError(
+                "Pi05Processor writes the normalised state into the prompt, so it needs a "
+                "state_normalizer (pi0.5: ActionNormalizer of the state's q01/q99, the model's "
+                "proprio_normalizer)"
+            )
+        self.state_normalizer = state_normalizer
+
+    @classmethod
+    def _from_model_extra(cls, model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if "state_normalizer" in kwargs:
+            return {}
+        if model.proprio_normalizer is None:
+            raise ValueError(
+                "the pi0.5 model has no proprio_normalizer, but its prompt holds the "
+                "normalised state: build it with pi05(..., state_normalizer=...) (LeRobot: the "
+                "state's q01/q99), or pass state_normalizer= here"
+            )
+        return {"state_normalizer": model.proprio_normalizer}
+
+    def prompt_text(self, task: str, state: Tensor | None) -> str:
+        """The text of one row after ``<bos>``: [pi05_prompt][vlakit.processors.pi05_prompt]."""
+        if state is None:
+            raise ValueError("Pi05Processor needs each row's normalised state")
+        return pi05_prompt(task, state)
+
+    def _state(self, proprio: Tensor | None, batch: int) -> Tensor:
+        if proprio is None:
+            raise ValueError(
+                "pi0.5 writes the robot state into its prompt, but proprio is None: pass the "
+                "raw state [batch, p] (proprio=)"
+            )
+        return self.state_normalizer.normalize(proprio)
+
+    def config(self) -> dict[str, Any]:
+        """The arguments that rebuild this processor with ``from_model`` (JSON-ready; the
+        state normaliser is the model's)."""
+        return super().config()
+
+
+# -- pi0.5's state prompt ----------------------------------------------------------------
+
+_STATE_BOUNDARIES = np.arange(256, dtype=np.float64) / 128.0 - 1.0
+"""The left edges of pi0.5's 256 state bins, ``-1 + k/128`` (exact in float64): openpi's
+``linspace(-1, 1, 257)[:-1]``."""
+
+
+def pi05_state_bins(
+    state: Float[Tensor, "*batch p"] | np.ndarray,
+) -> Int[Tensor, "*batch p"]:
+    """pi0.5's discretised state: ``digitize(s, linspace(-1, 1, 257)[:-1]) - 1`` per value of
+    the normalised (q01/q99, unpadded) state, as openpi and LeRobot compute it: bins are
+    left-closed (``-1 + k/128 <= s < -1 + (k+1)/128`` gives ``k``), nothing is clipped, so a
+    value below -1 gives -1 and one at or above ``1 - 1/128`` gives 255. NaN is refused."""
+    if isinstance(state, Tensor):
+        values = state.detach().to("cpu", torch.float64)  # float32 widens exactly
+    else:
+        values = torch.as_tensor(np.asarray(state, dtype=np.float64))
+    if torch.isnan(values).any():
+        raise ValueError("the state holds NaN, which has no bin; normalise a finite state")
+    boundaries = torch.from_numpy(_STATE_BOUNDARIES)
+    return torch.bucketize(values, boundaries, right=True) - 1
+
+
+def pi05_prompt(task: str, state: Float[Tensor, " p"] | np.ndarray) -> str:
+    """pi0.5's prompt for one example: ``"Task: {task}, State: {bins};\\nAction: "``, the task
+    stripped with ``_`` and newlines made spaces, ``bins`` the
+    [pi05_state_bins][vlakit.processors.pi05_state_bins] of the normalised state ``[p]``
+    separated by spaces (LeRobot's ``Pi05PrepareStateTokenizerProcessorStep``). The
+    tokenizer adds ``<bos>``; nothing follows ``"Action: "``."""
+    bins = pi05_state_bins(state)
+    if bins.dim() != 1:
+        raise ValueError(
+            f"pi05_prompt takes one example's state [p], got shape {tuple(bins.shape)}; call "
+            f"it once per row"
+        )
+    cleaned = task.strip().replace("_", " ").replace("\n", " ")
+    return f"Task: {cleaned}, State: {' '.join(str(int(b)) for b in bins)};\nAction: "

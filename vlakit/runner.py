@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from vlakit.batch import check_batch
 from vlakit.core import IGNORE_ID, MaskSpec, TokenRole, TokenSequence
 from vlakit.decoders import check_expert, greedy_generate, last_valid_index
-from vlakit.heads import HeadTokens
+from vlakit.heads import HeadTokens, ProprioHead
 
 __all__ = ["VLARunner", "VLAPrefix"]
 
@@ -145,7 +145,7 @@ class VLARunner:
         """Tokens the model places after the images: one ``PROPRIO`` token when the batch
         carries proprio."""
         model, proprio = self.model, self.inputs.proprio
-        if model.proprio_projector is None and getattr(model.head, "reads_proprio", False):
+        if model.proprio_projector is None and isinstance(model.head, ProprioHead):
             return []  # the head reads the state itself (proprio(): pi0's expert state token)
         if proprio is None:
             if model.proprio_projector is not None:
@@ -195,6 +195,7 @@ class VLARunner:
         alone), pruned when the pruner runs before decoder layer 0."""
         tokens = HeadTokens() if tokens is None else tokens
         model, inputs = self.model, self.inputs
+        masks = {} if inputs.view_valid is None else {"image_valid": self.image_valid()}
         seq = model.interleaver(
             model.decoder.embed_tokens,
             self.image_tokens,
@@ -205,11 +206,26 @@ class VLARunner:
             action_ids=tokens.action_ids,
             token_type_ids=inputs.token_type_ids,
             action_roles=tokens.action_roles,
+            **masks,
         )
         self.check_length(seq.length, "the sequence")
         if model.pruner_layer == 0:
             seq = model.pruner(seq)
         return seq
+
+    def image_valid(self) -> Bool[Tensor, "b p"]:
+        """Per image token, whether its camera is present (``inputs.view_valid`` spread over
+        each view's tokens; all ``True`` without it)."""
+        b, p = self.image_tokens.shape[:2]
+        views = self.inputs.view_valid
+        if views is None:
+            return torch.ones(b, p, dtype=torch.bool, device=self.device)
+        if p % views.shape[1]:
+            raise ValueError(
+                f"inputs.view_valid flags {views.shape[1]} views, but the encoder gave {p} "
+                f"image tokens per example, not a whole number per view"
+            )
+        return views.to(self.device).repeat_interleave(p // views.shape[1], dim=1)
 
     def check_length(self, length: int, what: str) -> None:
         """Raise if ``length`` tokens would need positions past the decoder's

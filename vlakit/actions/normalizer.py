@@ -59,6 +59,9 @@ def _mask_array(stats: Mapping[str, Any], dim: int, name: str) -> np.ndarray:
     return array
 
 
+_FORMS = ("pipeline", "oft_eval", "lerobot")
+
+
 @recorded
 class ActionNormalizer(nn.Module):
     """Maps raw actions (or proprio) to the model's range and back, per dimension.
@@ -77,9 +80,14 @@ class ActionNormalizer(nn.Module):
       normalize (``form="oft_eval"``): ``clip(where(mask, 2 (x - low) / (high - low + eps)
       - 1, x), -1, 1)``, OpenVLA-OFT's evaluation-time proprio normalisation: masked-out
       dimensions are clipped too and constant dimensions are not zeroed;
-      unnormalize: ``where(mask, 0.5 (y + 1) (high - low + eps) + low, y)``, not clipped.
+      unnormalize: ``where(mask, 0.5 (y + 1) (high - low + eps) + low, y)``, not clipped;
+      ``form="lerobot"`` (LeRobot's ``NormalizerProcessorStep``, QUANTILES / MIN_MAX; pi0,
+      pi0.5): with ``r = high - low``, or ``eps`` where that is 0, normalize
+      ``where(mask, 2 (x - low) / r - 1, x)`` and unnormalize ``where(mask, (y + 1) r / 2 +
+      low, y)``: nothing clipped, constant dimensions not zeroed.
     - ``"normal"``: normalize ``where(mask, (x - mean) / (std + eps), x)``;
-      unnormalize ``where(mask, y (std + eps) + mean, y)``.
+      unnormalize ``where(mask, y (std + eps) + mean, y)``; ``form="lerobot"`` (MEAN_STD)
+      unnormalizes ``y std + mean``, without ``eps``.
 
     With the default ``eps=1e-8`` these are OpenVLA-OFT's formulas (normalisation in the data
     pipeline, unnormalisation in ``predict_action``). Original OpenVLA unnormalises without
@@ -111,8 +119,8 @@ class ActionNormalizer(nn.Module):
         name: what the tensor is called in error messages (``"action"``, ``"proprio"``).
         dtype: dtype of the statistic buffers; ``torch.float64`` reproduces numpy
             references bit for bit on float64 inputs.
-        form: ``"pipeline"`` or ``"oft_eval"``: which bounds-mode ``normalize`` (above);
-            ``unnormalize`` is the same for both.
+        form: ``"pipeline"``, ``"oft_eval"`` or ``"lerobot"``: which formulas (above);
+            ``"pipeline"`` and ``"oft_eval"`` differ in the bounds modes' ``normalize`` only.
     """
 
     def __init__(
@@ -127,8 +135,8 @@ class ActionNormalizer(nn.Module):
         form: str = "pipeline",
     ) -> None:
         super().__init__()
-        if form not in ("pipeline", "oft_eval"):
-            raise ValueError(f"form must be 'pipeline' or 'oft_eval', got {form!r}")
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {list(_FORMS)}, got {form!r}")
         if mode not in _MODES:
             raise ValueError(f"unknown normalization mode {mode!r}; choose one of {list(_MODES)}")
         if not (eps >= 0.0 and np.isfinite(eps)):
@@ -288,6 +296,8 @@ class ActionNormalizer(nn.Module):
             x, mean, std, mask = self._prepare(x, self.mean, self.std, "normalize")
             return torch.where(mask, (x - mean) / (std + self.eps), x)
         x, low, high, mask = self._prepare(x, self.low, self.high, "normalize")
+        if self.form == "lerobot":
+            return torch.where(mask, 2 * (x - low) / self._range(low, high) - 1, x)
         if self.form == "oft_eval":
             return torch.where(mask, 2 * (x - low) / (high - low + self.eps) - 1, x).clamp(-1, 1)
         y = (2 * (x - low) / (high - low + self.eps) - 1).clamp(-1.0, 1.0)
@@ -300,9 +310,17 @@ class ActionNormalizer(nn.Module):
         """Normalised values ``[*batch, a]`` → raw ``[*batch, a]`` (see the class docstring)."""
         if self.mode == "normal":
             y, mean, std, mask = self._prepare(y, self.mean, self.std, "unnormalize")
-            return torch.where(mask, y * (std + self.eps) + mean, y)
+            scale = std if self.form == "lerobot" else std + self.eps
+            return torch.where(mask, y * scale + mean, y)
         y, low, high, mask = self._prepare(y, self.low, self.high, "unnormalize")
+        if self.form == "lerobot":
+            return torch.where(mask, (y + 1) * self._range(low, high) / 2 + low, y)
         return torch.where(mask, 0.5 * (y + 1) * (high - low + self.eps) + low, y)
+
+    def _range(self, low: Tensor, high: Tensor) -> Tensor:
+        """LeRobot's denominator: ``high - low``, ``eps`` where that is 0."""
+        span = high - low
+        return torch.where(span == 0, torch.full_like(span, self.eps), span)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "ActionNormalizer":
         # Buffers follow device moves but keep their dtype (see the class docstring). The

@@ -13,6 +13,7 @@ from vlakit.heads.base import (
     HeadTokens,
     ModelRunner,
     PrefixRunner,
+    ProprioHead,
     action_loss_mean,
     has_action_targets,
 )
@@ -50,6 +51,7 @@ from vlakit.heads.time_embedding import sincos_time_embedding, sinusoidal_embedd
 __all__ = [
     "Head",
     "ActionHead",
+    "ProprioHead",
     "HeadTokens",
     "ModelRunner",
     "PrefixRunner",

@@ -169,8 +169,8 @@ class ModelRunner(Protocol):
 
     def proprio(self) -> Float[Tensor, "b p"] | None:
         """The batch's robot state, normalised (``None`` without one), for a head that reads
-        it itself (``head.reads_proprio``: pi0's state token) instead of a ``PROPRIO`` token
-        in the prefix."""
+        it itself (a [ProprioHead][vlakit.heads.ProprioHead]: pi0's state token) instead of
+        a ``PROPRIO`` token in the prefix."""
         ...
 
     def embed_tokens(self, ids: Int[Tensor, "b t"]) -> Float[Tensor, "b t d"]:
@@ -253,4 +253,15 @@ class ActionHead(Head, Protocol):
     ) -> Float[Tensor, "b c a"] | Float[Tensor, "b n c a"]:
         """Normalised actions ``[b, chunk, a]`` (float32); ``[b, n, chunk, a]`` when
         ``sampling.num_samples = n`` (sampling heads only)."""
+        ...
+
+
+@runtime_checkable
+class ProprioHead(Protocol):
+    """A head that reads the robot state itself (``runner.proprio()``: pi0's state token
+    in its action expert) instead of a ``PROPRIO`` token the runner places in the prefix;
+    a model with such a head needs no proprio projector."""
+
+    def proprio_width(self) -> int:
+        """The widest state ``[b, p]`` the head takes (``p <=`` this)."""
         ...

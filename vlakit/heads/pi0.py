@@ -44,10 +44,6 @@ class _ExpertFlowHead(nn.Module):
     Euler loop over expert passes against the prefix cache. Subclasses build the expert's
     suffix tokens ([expert_tokens][vlakit.heads.Pi0Head.expert_tokens])."""
 
-    reads_proprio = False
-    """Whether the head reads the robot state itself (``runner.proprio()``) instead of a
-    ``PROPRIO`` token the runner places in the prefix."""
-
     def _setup(
         self,
         expert: nn.Module,
@@ -231,7 +227,8 @@ class Pi0Head(_ExpertFlowHead):
       step, as in the references), cut to ``action_dim`` at the end.
 
     Build the model with [pi0][vlakit.models.pi0.pi0] (or ``pi0_3b``); the head reads the
-    robot state itself (``reads_proprio``), so the model has no proprio projector.
+    robot state itself (it is a [ProprioHead][vlakit.heads.ProprioHead]), so the model has no
+    proprio projector.
 
     Args:
         expert: the action expert, a layer stack without conditioned norms
@@ -246,8 +243,6 @@ class Pi0Head(_ExpertFlowHead):
         min_period: the time embedding's shortest period.
         max_period: its longest period.
     """
-
-    reads_proprio = True
 
     def __init__(
         self,
@@ -275,6 +270,10 @@ class Pi0Head(_ExpertFlowHead):
         self.state_proj = nn.Linear(max_dim, width)
         self.action_time_mlp_in = nn.Linear(2 * width, width)
         self.action_time_mlp_out = nn.Linear(width, width)
+
+    def proprio_width(self) -> int:
+        """The widest state the head takes (``max_dim``: shorter states are zero-padded)."""
+        return self.max_dim
 
     @property
     def num_action_tokens(self) -> int:
@@ -324,7 +323,7 @@ class Pi05Head(_ExpertFlowHead):
     """pi0.5's action expert and flow-matching head (openpi ``pi05``, LeRobot ``PI05Policy``).
 
     As [Pi0Head][vlakit.heads.Pi0Head] but: no state token (pi0.5 writes the state into the
-    prompt as 256 bins: [pi05_prompt][vlakit.models.pi05_prompt]); the action tokens are
+    prompt as 256 bins: [pi05_prompt][vlakit.processors.pi05_prompt]); the action tokens are
     ``action_in_proj(x_t)`` alone; the time embedding goes through
     ``swish(time_mlp_out(swish(time_mlp_in(time))))`` and that ``[b, width]`` is the
     condition of the expert's adaptive RMSNorms (scale, shift and the gate of each gated

@@ -58,14 +58,22 @@ class PlaceholderInterleaver(nn.Module):
         action_ids: Int[Tensor, "b m"] | None = None,
         token_type_ids: Int[Tensor, "b t"] | None = None,
         action_roles: Int[Tensor, "b m"] | None = None,
+        image_valid: Bool[Tensor, "b p"] | None = None,
     ) -> TokenSequence:
         """Interleave (arguments as
         [`PrefixInterleaver.forward`][vlakit.interleave.PrefixInterleaver.forward]).
 
         ``token_type_ids [b, t]``: 0 for the prefix (image, prompt), 1 for the suffix.
+        ``image_valid [b, p]``: ``False`` for image tokens of absent cameras, which then
+        take their placeholders' slots as padding (no position, attended by nothing).
         """
         placeholder = (input_ids == self.image_token_id) & text_valid  # [b, t]
         self._check_count(placeholder, image_tokens.shape[1])
+        valid, count = text_valid, image_tokens.shape[1]
+        if image_valid is not None:  # absent cameras: their placeholders become padding
+            valid = text_valid & torch.ones_like(text_valid).masked_scatter(placeholder,
+                                                                            image_valid)
+            count = None  # rows may now hold different numbers of image tokens
         text = embed_tokens(torch.where(placeholder, 0, input_ids))  # [b, t, d]
         embeds = text.masked_scatter(placeholder[..., None], image_tokens.to(text.dtype))
         roles = torch.full_like(input_ids, int(TokenRole.TEXT))
@@ -76,11 +84,11 @@ class PlaceholderInterleaver(nn.Module):
         roles = torch.where(placeholder, int(TokenRole.IMAGE), roles)
         ids = torch.where(placeholder, IGNORE_ID, input_ids)
         suffix = False if token_type_ids is None else token_type_ids == 1
-        pieces = [_piece(embeds, roles, token_ids=ids, valid=text_valid, suffix=suffix)]
+        pieces = [_piece(embeds, roles, token_ids=ids, valid=valid, suffix=suffix)]
         pieces += [_piece(tokens, role, suffix=True) for tokens, role in extras]
         if action_embeds is not None:
             pieces += self._suffix_pieces(action_embeds, action_ids, action_roles)
-        return _pack(pieces, self.position_offset, num_image_tokens=image_tokens.shape[1])
+        return _pack(pieces, self.position_offset, num_image_tokens=count)
 
     def _suffix_pieces(self, action_embeds, action_ids, action_roles) -> list:
         role = TokenRole.ACTION if action_roles is None else action_roles

@@ -48,6 +48,7 @@ class PrefixInterleaver(nn.Module):
         action_ids: Int[Tensor, "b m"] | None = None,
         token_type_ids: Int[Tensor, "b t"] | None = None,
         action_roles: Int[Tensor, "b m"] | None = None,
+        image_valid: Bool[Tensor, "b p"] | None = None,
     ) -> TokenSequence:
         """Interleave.
 
@@ -63,6 +64,8 @@ class PrefixInterleaver(nn.Module):
             token_type_ids: accepted for interface parity with the placeholder family; a
                 prompt token with ``token_type_ids == 1`` is marked ``is_suffix``.
             action_roles: ``[b, m]`` roles of the slot tokens (default all ``ACTION``).
+            image_valid: ``[b, p]`` ``False`` for the image tokens of absent cameras
+                (masked out: padding, no position); ``None``: all present.
 
         Returns:
             the [`TokenSequence`][vlakit.core.TokenSequence].
@@ -75,7 +78,7 @@ class PrefixInterleaver(nn.Module):
         text_suffix = False if token_type_ids is None else token_type_ids == 1
         pieces = [
             _piece(embed_tokens(bos), TokenRole.BOS, token_ids=bos),
-            _piece(image_tokens, TokenRole.IMAGE),
+            _piece(image_tokens, TokenRole.IMAGE, valid=image_valid),
             *[_piece(tokens, role) for tokens, role in extras],
             _piece(
                 embed_tokens(input_ids),
@@ -87,7 +90,8 @@ class PrefixInterleaver(nn.Module):
         ]
         if action_embeds is not None:
             pieces += self._suffix_pieces(embed_tokens, action_embeds, action_ids, action_roles)
-        return _pack(pieces, self.position_offset, num_image_tokens=image_tokens.shape[1])
+        count = image_tokens.shape[1] if image_valid is None else None
+        return _pack(pieces, self.position_offset, num_image_tokens=count)
 
     def _suffix_pieces(self, embed_tokens, action_embeds, action_ids, action_roles) -> list:
         role = TokenRole.ACTION if action_roles is None else action_roles

@@ -13,8 +13,9 @@
 - [`pi0_3b`][vlakit.models.pi0_3b], [`pi05_3b`][vlakit.models.pi05_3b],
   [`pi0`][vlakit.models.pi0.pi0] and [`pi05`][vlakit.models.pi05] (component builders):
   PaliGemma read by an action expert (pi0, pi0.5), with [`pi0_decoder`][vlakit.models.pi0_decoder],
-  [`pi0_expert`][vlakit.models.pi0_expert], [`pi0_mask`][vlakit.models.pi0_mask] and pi0.5's
-  state prompt ([`pi05_prompt`][vlakit.models.pi05_prompt]); LeRobot's image path
+  [`pi0_expert`][vlakit.models.pi0_expert], [`pi0_mask`][vlakit.models.pi0_mask] ; their
+  processors are [`Pi0Processor`][vlakit.processors.Pi0Processor] and
+  [`Pi05Processor`][vlakit.processors.Pi05Processor] (pi0.5's state prompt); LeRobot's image path
   ([`pi0_preprocessing`][vlakit.models.pi0_preprocessing])
 - [`load_paligemma`][vlakit.models.load_paligemma], [`load_openvla`][vlakit.models.load_openvla],
   [`load_openvla_oft`][vlakit.models.load_openvla_oft],
@@ -56,8 +57,6 @@ from vlakit.models.pi0 import (
     pi0_preprocessing,
     pi05,
     pi05_3b,
-    pi05_prompt,
-    pi05_state_bins,
 )
 
 __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla", "openvla_7b",
@@ -65,5 +64,4 @@ __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla"
            "lightvla", "lightvla_7b", "load_paligemma", "load_openvla",
            "load_openvla_oft", "load_lightvla", "openvla_policy", "openvla_oft_policy",
            "lightvla_policy", "read_config", "pi0", "pi05", "pi0_3b", "pi05_3b",
-           "pi0_decoder", "pi0_expert", "pi0_mask", "pi05_prompt", "pi05_state_bins",
-           "pi0_preprocessing"]
+           "pi0_decoder", "pi0_expert", "pi0_mask", "pi0_preprocessing"]

@@ -3,8 +3,9 @@
 The family file: the builders ([pi0_3b][vlakit.models.pi0_3b], [pi05_3b][vlakit.models.pi05_3b],
 the component builders [pi0][vlakit.models.pi0.pi0] and [pi05][vlakit.models.pi05], the
 stacks [pi0_decoder][vlakit.models.pi0_decoder] and [pi0_expert][vlakit.models.pi0_expert],
-the mask [pi0_mask][vlakit.models.pi0_mask]) and pi0.5's state prompt
-([pi05_prompt][vlakit.models.pi05_prompt], [pi05_state_bins][vlakit.models.pi05_state_bins]).
+the mask [pi0_mask][vlakit.models.pi0_mask]); the processors (pi0.5's state prompt included)
+are [Pi0Processor][vlakit.processors.Pi0Processor] and
+[Pi05Processor][vlakit.processors.Pi05Processor].
 
 ```
 pixels ─ SigLIP ─ Linear(1152, 2048) ─┐
@@ -25,10 +26,8 @@ with no final norm and no LM head behind it, and pi0.5's final expert norm has n
 
 import functools
 
-import numpy as np
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor, nn
+from torch import nn
 
 from vlakit.core import LinearFactory, RoleBlockMask, TokenRole, building
 from vlakit.decoders import (
@@ -61,8 +60,6 @@ __all__ = [
     "pi0_decoder",
     "pi0_expert",
     "pi0_mask",
-    "pi05_prompt",
-    "pi05_state_bins",
 ]
 
 PI0_IMAGE_TOKEN_ID = 257152
@@ -314,23 +311,27 @@ def pi05(
     bos_id: int = 2,
     eos_id: int = 1,
     action_normalizer: nn.Module | None = None,
+    state_normalizer: nn.Module | None = None,
     min_period: float = 4e-3,
     max_period: float = 4.0,
 ) -> VLA:
     """Component builder: pi0.5 from any encoder, projector, decoder and an action expert
     with adaptive norms ([pi0_expert][vlakit.models.pi0_expert] with ``cond_dim``).
 
-    No state token: the state goes into the prompt ([pi05_prompt][vlakit.models.pi05_prompt],
+    No state token: the state goes into the prompt ([pi05_prompt][vlakit.processors.pi05_prompt],
     of the q01/q99-normalised state), so a batch carries no ``proprio``. See
     [Pi05Head][vlakit.heads.Pi05Head]. Arguments as in [pi0][vlakit.models.pi0.pi0]
-    (``action_normalizer``: pi0.5's q01/q99 bounds).
+    (``action_normalizer``: pi0.5's q01/q99 bounds); ``state_normalizer`` normalises the state
+    for the prompt (q01/q99; held as the model's ``proprio_normalizer``, saved with it, read
+    by [Pi05Processor][vlakit.processors.Pi05Processor]).
     """
     head = Pi05Head(expert, action_dim, chunk_size=chunk_size, num_steps=num_steps,
                     max_dim=max_dim, prompt_length=prompt_length, min_period=min_period,
                     max_period=max_period)
     return _assemble(encoder, projector, decoder, head, num_views=num_views,
                      image_token_id=image_token_id, bos_id=bos_id, eos_id=eos_id,
-                     action_normalizer=action_normalizer, proprio_normalizer=None)
+                     action_normalizer=action_normalizer,
+                     proprio_normalizer=state_normalizer)
 
 
 def pi0_preprocessing(img_size: int = 224) -> PreprocessConfig:
@@ -422,6 +423,7 @@ def pi05_3b(
     last_layer_kv_only: bool = True,
     keep_final_gate: bool = False,
     action_normalizer: nn.Module | None = None,
+    state_normalizer: nn.Module | None = None,
     linear: LinearFactory = nn.Linear,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -449,6 +451,7 @@ def pi05_3b(
         last_layer_kv_only: see [pi0_decoder][vlakit.models.pi0_decoder].
         keep_final_gate: see [pi0_expert][vlakit.models.pi0_expert].
         action_normalizer: normalises targets and unnormalises predictions (q01/q99).
+        state_normalizer: normalises the state written into the prompt (q01/q99).
         linear: factory for every linear layer of SigLIP, Gemma and the expert.
         dtype: parameter dtype, built directly.
         device: where to build (``"meta"`` to count parameters without memory).
@@ -460,44 +463,5 @@ def pi05_3b(
         return pi05(encoder=encoder, projector=projector, decoder=decoder, expert=expert,
                     action_dim=action_dim, chunk_size=chunk_size, num_steps=num_steps,
                     max_dim=max_dim, prompt_length=prompt_length, num_views=num_views,
-                    image_token_id=image_token_id, action_normalizer=action_normalizer)
-
-
-# -- pi0.5's state prompt ----------------------------------------------------------------------
-
-_STATE_BOUNDARIES = np.arange(256, dtype=np.float64) / 128.0 - 1.0
-"""The left edges of pi0.5's 256 state bins, ``-1 + k/128`` (exact in float64): openpi's
-``linspace(-1, 1, 257)[:-1]``."""
-
-
-def pi05_state_bins(
-    state: Float[Tensor, "*batch p"] | np.ndarray,
-) -> Int[Tensor, "*batch p"]:
-    """pi0.5's discretised state: ``digitize(s, linspace(-1, 1, 257)[:-1]) - 1`` per value of
-    the normalised (q01/q99, unpadded) state, as openpi and LeRobot compute it: bins are
-    left-closed (``-1 + k/128 <= s < -1 + (k+1)/128`` gives ``k``), nothing is clipped, so a
-    value below -1 gives -1 and one at or above ``1 - 1/128`` gives 255. NaN is refused."""
-    if isinstance(state, Tensor):
-        values = state.detach().to("cpu", torch.float64)  # float32 widens exactly
-    else:
-        values = torch.as_tensor(np.asarray(state, dtype=np.float64))
-    if torch.isnan(values).any():
-        raise ValueError("the state holds NaN, which has no bin; normalise a finite state")
-    boundaries = torch.from_numpy(_STATE_BOUNDARIES)
-    return torch.bucketize(values, boundaries, right=True) - 1
-
-
-def pi05_prompt(task: str, state: Float[Tensor, " p"] | np.ndarray) -> str:
-    """pi0.5's prompt for one example: ``"Task: {task}, State: {bins};\\nAction: "``, the task
-    stripped with ``_`` and newlines made spaces, ``bins`` the
-    [pi05_state_bins][vlakit.models.pi05_state_bins] of the normalised state ``[p]``
-    separated by spaces (LeRobot's ``Pi05PrepareStateTokenizerProcessorStep``). The
-    tokenizer adds ``<bos>``; nothing follows ``"Action: "``."""
-    bins = pi05_state_bins(state)
-    if bins.dim() != 1:
-        raise ValueError(
-            f"pi05_prompt takes one example's state [p], got shape {tuple(bins.shape)}; call "
-            f"it once per row"
-        )
-    cleaned = task.strip().replace("_", " ").replace("\n", " ")
-    return f"Task: {cleaned}, State: {' '.join(str(int(b)) for b in bins)};\nAction: "
+                    image_token_id=image_token_id, action_normalizer=action_normalizer,
+                    state_normalizer=state_normalizer)
