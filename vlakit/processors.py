@@ -539,7 +539,8 @@ class Pi0Processor(PaliGemmaProcessor):
     pi0): PaliGemma's layout with the prompt held to the model's prompt length.
 
     Each row is ``<image> * (num_image_tokens * views)``, then the text ``<bos>, task,
-    "\\n"`` (LeRobot's pi0 prompt: the task with a newline, not cleaned) padded to exactly
+    "\\n"`` (LeRobot's pi0 prompt: the task, not cleaned, with a newline unless it ends in
+    one) padded to exactly
     ``prompt_length`` tokens (LeRobot's ``tokenizer_max_length``; a fixed length, so every
     batch has the same shape). A text longer than ``prompt_length`` is refused, naming the
     row and both lengths; ``truncate=True`` cuts it to its first ``prompt_length`` tokens
@@ -604,8 +605,9 @@ class Pi0Processor(PaliGemmaProcessor):
         return {}
 
     def prompt_text(self, task: str, state: Tensor | None) -> str:
-        """The text of one row after ``<bos>``: pi0's ``task + "\\n"``."""
-        return task + "\n"
+        """The text of one row after ``<bos>``: the task ending in one ``"\\n"`` (added
+        unless it already ends in one, as LeRobot's ``Pi0NewLineProcessor``)."""
+        return task if task.endswith("\n") else task + "\n"
 
     def _text_rows(self, prompts: list[str], states: Tensor | None) -> list[list[int]]:
         rows = []

@@ -59,7 +59,7 @@ def _mask_array(stats: Mapping[str, Any], dim: int, name: str) -> np.ndarray:
     return array
 
 
-_FORMS = ("pipeline", "oft_eval", "lerobot")
+_FORMS = ("pipeline", "oft_eval", "lerobot", "openpi")
 
 
 @recorded
@@ -84,7 +84,10 @@ class ActionNormalizer(nn.Module):
       ``form="lerobot"`` (LeRobot's ``NormalizerProcessorStep``, QUANTILES / MIN_MAX; pi0,
       pi0.5): with ``r = high - low``, or ``eps`` where that is 0, normalize
       ``where(mask, 2 (x - low) / r - 1, x)`` and unnormalize ``where(mask, (y + 1) r / 2 +
-      low, y)``: nothing clipped, constant dimensions not zeroed.
+      low, y)``: nothing clipped, constant dimensions not zeroed; ``form="openpi"``
+      (openpi's quantile ``Normalize`` / ``Unnormalize``, with ``eps=1e-6``): normalize
+      ``where(mask, 2 (x - low) / (high - low + eps) - 1, x)`` unclipped, unnormalize as
+      ``"pipeline"``.
     - ``"normal"``: normalize ``where(mask, (x - mean) / (std + eps), x)``;
       unnormalize ``where(mask, y (std + eps) + mean, y)``; ``form="lerobot"`` (MEAN_STD)
       unnormalizes ``y std + mean``, without ``eps``.
@@ -119,7 +122,8 @@ class ActionNormalizer(nn.Module):
         name: what the tensor is called in error messages (``"action"``, ``"proprio"``).
         dtype: dtype of the statistic buffers; ``torch.float64`` reproduces numpy
             references bit for bit on float64 inputs.
-        form: ``"pipeline"``, ``"oft_eval"`` or ``"lerobot"``: which formulas (above);
+        form: ``"pipeline"``, ``"oft_eval"``, ``"lerobot"`` or ``"openpi"``: which formulas
+            (above);
             ``"pipeline"`` and ``"oft_eval"`` differ in the bounds modes' ``normalize`` only.
     """
 
@@ -298,6 +302,8 @@ class ActionNormalizer(nn.Module):
         x, low, high, mask = self._prepare(x, self.low, self.high, "normalize")
         if self.form == "lerobot":
             return torch.where(mask, 2 * (x - low) / self._range(low, high) - 1, x)
+        if self.form == "openpi":
+            return torch.where(mask, 2 * (x - low) / (high - low + self.eps) - 1, x)
         if self.form == "oft_eval":
             return torch.where(mask, 2 * (x - low) / (high - low + self.eps) - 1, x).clamp(-1, 1)
         y = (2 * (x - low) / (high - low + self.eps) - 1).clamp(-1.0, 1.0)

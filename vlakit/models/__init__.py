@@ -20,6 +20,8 @@
 - [`load_paligemma`][vlakit.models.load_paligemma], [`load_openvla`][vlakit.models.load_openvla],
   [`load_openvla_oft`][vlakit.models.load_openvla_oft],
   [`load_lightvla`][vlakit.models.load_lightvla]: a published checkpoint directory in one call
+- [`load_pi0`][vlakit.models.load_pi0], [`load_pi05`][vlakit.models.load_pi05]: LeRobot's and
+  openpi's pi0 / pi0.5 directories as a [PolicyBundle][vlakit.bundle.PolicyBundle]
 - [`openvla_policy`][vlakit.models.openvla_policy],
   [`openvla_oft_policy`][vlakit.models.openvla_oft_policy],
   [`lightvla_policy`][vlakit.models.lightvla_policy]: the same directory as a
@@ -49,6 +51,8 @@ from vlakit.models.paligemma import (
     paligemma_from_transformers,
 )
 from vlakit.models.pi0 import (
+    load_pi0,
+    load_pi05,
     pi0,
     pi0_3b,
     pi0_decoder,
@@ -64,4 +68,5 @@ __all__ = ["paligemma", "paligemma_3b", "paligemma_from_transformers", "openvla"
            "lightvla", "lightvla_7b", "load_paligemma", "load_openvla",
            "load_openvla_oft", "load_lightvla", "openvla_policy", "openvla_oft_policy",
            "lightvla_policy", "read_config", "pi0", "pi05", "pi0_3b", "pi05_3b",
-           "pi0_decoder", "pi0_expert", "pi0_mask", "pi0_preprocessing"]
+           "pi0_decoder", "pi0_expert", "pi0_mask", "pi0_preprocessing",
+           "load_pi0", "load_pi05"]
