@@ -9,7 +9,10 @@ learnable task; ``--head``: OFT's L1 regression head, or its flow-matching or di
 head), or ``--data FOLDER``: a LeRobot v3 dataset (every camera a view, the state as
 proprio, its statistics for normalisation, the pad mask of chunks that run past an
 episode's end) read with ``vlakit.data.LeRobotDataset`` and batched through the processor;
-swap in your own builder. What the recipe does:
+with ``--model pi0`` (``--data`` only) a tiny pi0 (PaliGemma-shaped prefix, an action
+expert with flow matching, LeRobot's normalisation and prompt) and its ``Pi0Processor``;
+``--lora``: OFT's LoRA recipe (``oft_lora``) or openpi's for pi0 (``pi0_lora``); swap in
+your own builder. What the recipe does:
 DDP or FSDP2 (``vlakit.distributed.parallelize``: activation checkpointing per block,
 per-block compile, FSDP2 per block then the root), bf16 autocast, gradient accumulation, a
 warm-up + cosine learning-rate schedule, a distributed checkpoint (``torch.distributed
@@ -45,18 +48,37 @@ from vlakit.bundle import ObservationKeys, PolicyBundle  # noqa: E402
 from vlakit.core import BidirectionalMask, building, describe, rebuild  # noqa: E402
 from vlakit.data import collate_with  # noqa: E402
 from vlakit.decoders import llama  # noqa: E402
-from vlakit.distributed import checkpoint_blocks, compile_blocks, parallelize  # noqa: E402
+from vlakit.distributed import (  # noqa: E402
+    checkpoint_blocks,
+    compile_blocks,
+    oft_lora,
+    parallelize,
+    pi0_lora,
+)
 from vlakit.heads import (  # noqa: E402
     DiffusionActionHead,
     DiscreteActionHead,
     FlowMatchingHead,
     L1RegressionHead,
     NextTokenHead,
+    Pi0Head,
+    Pi05Head,
     Sampling,
 )
-from vlakit.interleave import PrefixInterleaver  # noqa: E402
-from vlakit.models import oft_head  # noqa: E402
-from vlakit.processors import OPENVLA_PROMPT, OpenVLAProcessor, word_tokenizer  # noqa: E402
+from vlakit.interleave import PlaceholderInterleaver, PrefixInterleaver  # noqa: E402
+from vlakit.models import (  # noqa: E402
+    oft_head,
+    pi0,
+    pi0_decoder,
+    pi0_expert,
+    pi0_preprocessing,
+)
+from vlakit.processors import (  # noqa: E402
+    OPENVLA_PROMPT,
+    OpenVLAProcessor,
+    Pi0Processor,
+    word_tokenizer,
+)
 from vlakit.projectors import LinearProjector, ProprioProjector  # noqa: E402
 from vlakit.pruners import LightVLAPruner, lightvla_noise_scale, set_noise_scale  # noqa: E402
 from vlakit.vision import vit  # noqa: E402
@@ -76,6 +98,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lightvla", action="store_true", help="a LightVLA pruner, noise annealed")
     p.add_argument("--head", choices=("l1", "flow", "diffusion"), default="l1",
                    help="OFT's action head: L1 regression, flow matching or diffusion")
+    p.add_argument("--model", choices=("oft", "pi0"), default="oft",
+                   help="a tiny OpenVLA-OFT-style model, or a tiny pi0 (needs --data)")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA: OFT's recipe (oft_lora) or openpi's for pi0 (pi0_lora)")
     p.add_argument("--data", default=None, help="a LeRobot v3 folder (default: the synthetic "
                    "task)")
     p.add_argument("--chunk", type=int, default=4, help="actions per chunk (with --data)")
@@ -108,6 +134,37 @@ def build_dataset_model(vocab_size: int, dataset, head: str = "l1") -> VLA:
     )
 
 
+def build_pi0_model(vocab_size: int, dataset) -> VLA:
+    """A tiny pi0 for a LeRobot dataset: a SigLIP-shaped ViT with LeRobot's letterbox, a
+    Gemma-shaped prefix (its last layer keys and values only), an action expert of the same
+    depth and attention geometry, actions and state zero-padded to ``max(8, widths)``,
+    LeRobot's mean/std normalisation; the placeholder id one past the vocabulary."""
+    stats = next(iter(dataset.statistics().values()))
+    width = max(8, dataset.action_dim, dataset.state_dim)
+    return pi0(
+        encoder=vit(img_size=32, patch_size=8, dim=64, depth=2, num_heads=4, mlp_dim=128,
+                    gelu_approximate="tanh", preprocessing=pi0_preprocessing(32)),
+        projector=LinearProjector(64, 64, bias=True),
+        decoder=pi0_decoder(vocab_size=vocab_size, dim=64, num_layers=2, num_heads=4,
+                            num_kv_heads=1, head_dim=16, mlp_dim=128),
+        expert=pi0_expert(dim=32, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16,
+                          mlp_dim=64),
+        action_dim=dataset.action_dim, chunk_size=dataset.chunk_size, num_steps=10,
+        max_dim=width, num_views=len(dataset.cameras), image_token_id=vocab_size,
+        bos_id=1, eos_id=2,
+        action_normalizer=ActionNormalizer(stats["action"], "normal", form="lerobot"),
+        proprio_normalizer=ActionNormalizer(stats["proprio"], "normal", form="lerobot",
+                                            name="proprio"),
+    )
+
+
+def processor_for(tokenizer, model: VLA):
+    """The model's processor: ``Pi0Processor`` for pi0, ``OpenVLAProcessor`` otherwise."""
+    if isinstance(model.interleaver, PlaceholderInterleaver):
+        return Pi0Processor.from_model(tokenizer, model)
+    return OpenVLAProcessor.from_model(tokenizer, model)
+
+
 def noise_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
     """This process's generator of training draws (the noise and times of flow and diffusion
     heads): seeded from the run's seed and the rank, a stream apart from the data's
@@ -135,6 +192,7 @@ def loss_label(head) -> str:
     """The y-axis of the loss plot: what ``head``'s training loss is."""
     labels = [(L1RegressionHead, "L1, normalised actions"),
               (FlowMatchingHead, "flow-matching velocity MSE, normalised actions"),
+              ((Pi0Head, Pi05Head), "pi0 flow-matching velocity MSE, normalised actions"),
               (DiffusionActionHead, "diffusion noise-prediction MSE"),
               (DiscreteActionHead, "action-token cross-entropy"),
               (NextTokenHead, "next-token cross-entropy")]
@@ -163,6 +221,10 @@ def main() -> None:
     if args.batch % (world * args.accum):
         raise SystemExit(f"--batch {args.batch} is not divisible by world size {world} x "
                          f"--accum {args.accum}: each rank needs the same micro-batch")
+    if args.model == "pi0" and not args.data:
+        raise SystemExit("--model pi0 trains on a LeRobot folder: pass --data FOLDER")
+    if args.model == "pi0" and args.head != "l1":
+        raise SystemExit("--head picks OFT's head; pi0 has its own flow head: drop --head")
     if args.strategy != "none" and not distributed:
         raise SystemExit(f"--strategy {args.strategy} needs torchrun (a process group)")
     micro = args.batch // (world * args.accum)
@@ -174,7 +236,10 @@ def main() -> None:
 
         dataset = LeRobotDataset(args.data, chunk_size=args.chunk)  # checks the folder first
         tokenizer = word_tokenizer([OPENVLA_PROMPT, *dataset.tasks.values()])
-        model = build_dataset_model(len(tokenizer), dataset, args.head)
+        if args.model == "pi0":
+            model = build_pi0_model(len(tokenizer), dataset)
+        else:
+            model = build_dataset_model(len(tokenizer), dataset, args.head)
         dataset.check_model(model)
     else:
         stats = action_statistics(make_batch(2048, torch.Generator().manual_seed(1))["actions"])
@@ -182,7 +247,9 @@ def main() -> None:
         model = build_model(len(tokenizer), stats, args.head)
     if args.lightvla:
         model.add_pruner(LightVLAPruner())  # recorded: the saved policy keeps it
-    processor = OpenVLAProcessor.from_model(tokenizer, model)
+    if args.lora:  # recorded too: the saved policy holds the LoRA layers
+        (pi0_lora if args.model == "pi0" else oft_lora)(model)
+    processor = processor_for(tokenizer, model)
     description = describe(model)  # the composition, before it is moved and sharded
     collate = collate_with(processor)
     label = loss_label(model.head)
@@ -200,7 +267,8 @@ def main() -> None:
         # an action head leaves the LM head without gradients: DDP must be told
         wrapped = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
                    if args.strategy == "ddp" else model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA freezes the rest
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
 
     from torch.distributed.checkpoint import load, save
@@ -325,7 +393,7 @@ def main() -> None:
         with building(None, "meta"):
             trained = rebuild(description)
         trained.load_state_dict(full)  # fills the meta parameters
-        policy = PolicyBundle(trained.eval(), OpenVLAProcessor.from_model(tokenizer, trained),
+        policy = PolicyBundle(trained.eval(), processor_for(tokenizer, trained),
                               ObservationKeys.for_model(trained))
         policy.save(os.path.join(args.out, "policy"))
     if distributed:

@@ -24,6 +24,8 @@ def test_fully_shard_vla_matches_unsharded_loss_gradients_and_actions():
     assert "target action tokens unchanged" in done.stdout
     assert "parallelize with activation checkpointing: loss and gradients equal" in done.stdout
     assert "oft_lora under FSDP2: loss and gradients equal" in done.stdout
+    for variant in ("pi0", "pi05"):
+        assert f"{variant} + pi0_lora under FSDP2: loss" in done.stdout
     assert "built on meta, sharded, then materialised: a training step runs" in done.stdout
     # every step above ran with FSDP2's view warning turned into an error
     assert "no view-tensor warnings" in done.stdout

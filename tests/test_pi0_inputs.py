@@ -245,3 +245,52 @@ def test_lerobot_normalisation_formulas():
     torch.testing.assert_close(bounds.normalize(x), 2 * (x - q01) / span - 1)
     assert bounds.normalize(x)[0, 0] == -3.0  # below q01: not clipped
     torch.testing.assert_close(bounds.unnormalize(x), (x + 1) * span / 2 + q01)
+
+
+# -- a token pruner on pi0's prefix (a hybrid no peer has) ----------------------------------
+
+
+def _first_view_score(image_tokens: Tensor, seq) -> Tensor:
+    """Scores that keep the first view's tokens (earlier tokens score higher)."""
+    b, p, _ = image_tokens.shape
+    return -torch.arange(p, dtype=torch.float32).expand(b, p)
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_the_expert_attends_to_the_pruned_prefix(variant):
+    from vlakit.pruners import TopKPruner
+
+    inputs = _inputs(variant == "pi0")
+    sampling = Sampling(noise=_noise(3))
+    keep_all = _tiny(variant).add_pruner(TopKPruner(keep_ratio=1.0, score=_first_view_score))
+    plain = _tiny(variant)
+    torch.testing.assert_close(keep_all.predict_action(inputs, sampling, unnormalize=False),
+                               plain.predict_action(inputs, sampling, unnormalize=False))
+    pruned = _tiny(variant).add_pruner(TopKPruner(keep=PATCHES, score=_first_view_score))
+    prefix = pruned.runner(inputs).prefix(1, suffix_len=CHUNK + 1)
+    assert prefix.seq.num_image_tokens == PATCHES  # the second view's tokens are gone
+    got = pruned.predict_action(inputs, sampling, unnormalize=False)
+    other = dataclasses.replace(inputs, pixels=inputs.pixels.clone())
+    other.pixels[:, 1] = torch.randn_like(other.pixels[:, 1])  # only the pruned view moves
+    torch.testing.assert_close(pruned.predict_action(other, sampling, unnormalize=False), got)
+    assert not torch.allclose(plain.predict_action(other, sampling, unnormalize=False),
+                              plain.predict_action(inputs, sampling, unnormalize=False))
+    # rows are independent under the pruner: row 1 alone equals row 1 in the batch
+    alone = pruned.predict_action(inputs.rows([1]), Sampling(noise=_noise(3)[1:2]),
+                                  unnormalize=False)
+    torch.testing.assert_close(alone, got[1:2], atol=1e-5, rtol=1e-5)
+
+
+def test_lightvla_prunes_pi0s_prefix_in_training_and_prediction():
+    from vlakit.pruners import LightVLAPruner
+
+    model = _tiny("pi0").add_pruner(LightVLAPruner(noise_scale=0.1))
+    inputs = _inputs(True, actions=True)
+    model.train()
+    loss = model(inputs, sampling=Sampling(generator=torch.Generator().manual_seed(0))).loss
+    loss.backward()  # through the pruner's differentiable choice to the vision tower
+    assert model.encoder.patch_embed.proj.weight.grad is not None
+    model.eval()
+    chunk = model.predict_action(dataclasses.replace(inputs, actions=None),
+                                 Sampling(noise=_noise(3)), unnormalize=False)
+    assert chunk.shape == (3, CHUNK, ADIM) and torch.isfinite(chunk).all()

@@ -15,6 +15,7 @@ Sharding by hand (``fully_shard`` per layer, then the root) misses those registr
 """
 
 import dataclasses
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "freeze",
     "unfreeze",
     "oft_lora",
+    "pi0_lora",
 ]
 
 _DECODER_ENTRY_POINTS = ("embed_tokens", "logits")
@@ -276,4 +278,48 @@ def oft_lora(model: "VLA", rank: int = 32, alpha: float | int | None = None,
     for name, param in model.named_parameters():
         if ".film." in name or not name.startswith(("encoder.", "projector.", "decoder.")):
             param.requires_grad_(True)  # heads, proprio projector, FiLM: trained fully
+    return names
+
+
+_GEMMA_LINEARS = re.compile(r"(^|\.)(attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+
+
+def pi0_lora(
+    model: "VLA",
+    *,
+    decoder_rank: int = 16,
+    decoder_alpha: float | int = 16.0,
+    expert_rank: int = 32,
+    expert_alpha: float | int = 32.0,
+    dropout: float = 0.0,
+) -> list[str]:
+    """openpi's LoRA fine-tuning of pi0 / pi0.5 in one call (its ``gemma_2b_lora`` and
+    ``gemma_300m_lora`` variants): LoRA on the attention (``q``, ``k``, ``v``, ``o``) and
+    MLP (``gate``, ``up``, ``down``) projections of the PaliGemma language model (rank 16,
+    alpha 16) and of the action expert (rank 32, alpha 32; scale ``alpha / rank = 1``,
+    no rsLoRA), both stacks otherwise frozen (embedding, norms, the adaptive norms'
+    dense layers); the vision tower, the projector and the head's projections and time MLP
+    train fully, as openpi's freeze filter leaves them. One difference: vlakit's LoRA ``B``
+    starts at zero (the model is unchanged until it trains), openpi draws ``A`` and ``B``
+    from ``N(0, 0.01)``. [merge_lora][vlakit.core.merge_lora] folds the adapters for
+    inference. Returns the names of the LoRA layers."""
+    from vlakit.core import apply_lora
+    from vlakit.heads import Pi0Head, Pi05Head
+
+    if not isinstance(model.head, (Pi0Head, Pi05Head)):
+        raise TypeError(
+            f"pi0_lora adapts the PaliGemma stack and the action expert, but "
+            f"{type(model.head).__name__} holds no expert: use it on a pi0 / pi0.5 model "
+            f"(vlakit.models.pi0), or oft_lora / apply_lora for other compositions"
+        )
+    freeze(model, "decoder", "head.expert")
+
+    def targets(name: str, layer: nn.Module) -> bool:
+        return bool(_GEMMA_LINEARS.search(name))
+
+    names = [f"decoder.{n}" for n in apply_lora(model.decoder, decoder_rank, decoder_alpha,
+                                                dropout=dropout, targets=targets)]
+    names += [f"head.expert.{n}" for n in apply_lora(model.head.expert, expert_rank,
+                                                     expert_alpha, dropout=dropout,
+                                                     targets=targets)]
     return names

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from vlakit.batch import VLAInputs, VLAOutput
 from vlakit.core import LoadReport, MaskPolicy, check_gathered, guard_meta_loading
 from vlakit.core.recording import recorded, replace_module
+from vlakit.decoders import LayerStack
 from vlakit.heads import ActionHead, HeadTokens, NextTokenHead, ProprioHead, Sampling
 from vlakit.language import PromptMean
 from vlakit.runner import VLARunner
@@ -353,7 +354,8 @@ class VLA(nn.Module):
     def compile_for_inference(self, mode: str | None = None, **compile_kwargs: Any) -> "VLA":
         """Compile the pieces prediction runs, in place; returns the model.
 
-        The vision encoder, the projector and the decoder are compiled with
+        The vision encoder, the projector, the decoder and every layer stack the head holds
+        (pi0's action expert) are compiled with
         ``fullgraph=True, dynamic=False`` (each decoder call shape compiles once: the
         prompt, a generation step, a prefix, a suffix step). The loops around them (greedy
         generation, the samplers) have fixed step counts and read nothing back from the
@@ -367,7 +369,8 @@ class VLA(nn.Module):
             **compile_kwargs: more ``torch.compile`` arguments (e.g. ``backend``).
         """
         options = {"fullgraph": True, "dynamic": False, "mode": mode, **compile_kwargs}
-        for module in (self.encoder, self.projector, self.decoder):
+        stacks = [m for m in self.head.modules() if isinstance(m, LayerStack)]
+        for module in (self.encoder, self.projector, self.decoder, *stacks):
             module.compile(**options)
         return self
 

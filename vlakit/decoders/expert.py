@@ -125,7 +125,8 @@ class KeyValueLayer(DecoderLayer):
         condition: Float[Tensor, "b c"] | Float[Tensor, "b q c"] | None = None,
     ) -> Float[Tensor, "b q d"]:
         """Write this layer's keys and values into ``cache`` (at ``layer_idx``) and return
-        ``x`` unchanged. Without a cache nothing is computed (nothing would read it)."""
+        ``x`` unchanged (a copy). Without a cache nothing is computed (nothing would read
+        it)."""
         if tap is not None:
             raise ValueError(
                 f"an attention tap asks for layer {tap.layer}, but that layer is a "
@@ -142,7 +143,9 @@ class KeyValueLayer(DecoderLayer):
             h = self.attn_norm(x)
         k, v = self.attn(h, cos, sin)
         cache.update(layer_idx, k, v)
-        return x
+        # a new tensor, not x itself: FSDP2 hooks a unit's output for the backward
+        # all-gather, and an output that is a view of the input would lose that hook
+        return x.clone()
 
 
 @recorded
