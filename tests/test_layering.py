@@ -19,6 +19,8 @@ function-local imports. Layers, bottom to top::
     viz (pictures of pruned patches)       core
     data (datasets, collate)               core, heads (the ActionHead protocol that
                                            check_model reads)
+    serve (the policy server, executor)    core, blocks, model, processors, bundle
+    cli (the vlakit command)               serve and what it may import
     vlakit (the package root)              anything; nothing imports it
 """
 
@@ -107,6 +109,9 @@ ALLOWED: dict[str, set[str]] = {
     "viz": {"core", "viz"},  # pictures (matplotlib): a utility beside the core
     "data": {"core", "heads", "data"},  # datasets (pyarrow, PyAV); collates take a processor
     "distributed": {"core", "model", "distributed"} | _BLOCKS,  # FSDP2 / checkpointing
+    # serving a bundle (websockets, msgpack) and the command line on top of everything
+    "serve": {"core", "model", "processors", "bundle", "serve"} | _BLOCKS,
+    "cli": {"core", "model", "processors", "bundle", "serve", "cli"} | _BLOCKS,
 }
 
 

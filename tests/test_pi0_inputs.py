@@ -294,3 +294,16 @@ def test_lightvla_prunes_pi0s_prefix_in_training_and_prediction():
     chunk = model.predict_action(dataclasses.replace(inputs, actions=None),
                                  Sampling(noise=_noise(3)), unnormalize=False)
     assert chunk.shape == (3, CHUNK, ADIM) and torch.isfinite(chunk).all()
+
+
+def test_non_square_pixels_and_a_missing_view_are_refused_naming_both():
+    tok = _tokenizer()
+    model = _model("pi0", tok)
+    processor = Pi0Processor.from_model(tok, model)
+    state = torch.zeros(1, STATE_DIM)
+    wide = processor(None, TASKS[:1], proprio=state, pixels=torch.zeros(1, 2, 3, 28, 42))
+    with pytest.raises(ValueError, match="expected image size 28x28.*got 28x42"):
+        model.predict_action(wide)
+    one = processor(torch.zeros(1, 1, 3, 28, 28, dtype=torch.uint8), TASKS[:1], proprio=state)
+    with pytest.raises(ValueError, match="built for 2 camera view.*has 1.*view_valid False"):
+        model.predict_action(one)

@@ -232,8 +232,9 @@ class VLA(nn.Module):
             raise ValueError(
                 f"the model was built for {self.num_views} camera view(s) per example but "
                 f"inputs.pixels has {views} (shape {tuple(pixels.shape)}; [b, views, c, h, w]"
-                f"); pass {self.num_views} images per example, or build with num_views="
-                f"{views}"
+                f"); pass {self.num_views} images per example (a camera that is absent: any "
+                f"image in its place and view_valid False, which masks it out), or build with "
+                f"num_views={views}"
             )
 
     def check_cacheable(self, what: str) -> None:
