@@ -19,6 +19,8 @@ function-local imports. Layers, bottom to top::
     viz (pictures of pruned patches)       core
     data (datasets, collate)               core, heads (the ActionHead protocol that
                                            check_model reads)
+    recipe (training)                      core, blocks, model, processors, bundle,
+                                           data, distributed
     serve (the policy server, executor)    core, blocks, model, processors, bundle
     cli (the vlakit command)               serve and what it may import
     vlakit (the package root)              anything; nothing imports it
@@ -94,7 +96,7 @@ def _layer(module: str) -> str:
 # modules that belong to another layer: the runner is the model's prediction plumbing
 # (and its batch types, FiLM's language vectors, saving and loading a composition)
 _SAME_LAYER_AS = {"runner": "model", "batch": "model", "language": "model",
-                  "persistence": "model"}
+                  "persistence": "model", "__main__": "cli"}
 
 _BLOCKS = set(BLOCK_FAMILIES)
 ALLOWED: dict[str, set[str]] = {
@@ -109,9 +111,13 @@ ALLOWED: dict[str, set[str]] = {
     "viz": {"core", "viz"},  # pictures (matplotlib): a utility beside the core
     "data": {"core", "heads", "data"},  # datasets (pyarrow, PyAV); collates take a processor
     "distributed": {"core", "model", "distributed"} | _BLOCKS,  # FSDP2 / checkpointing
+    # the training recipe: a model, data and a tokenizer in, a policy bundle out
+    "recipe": {"core", "model", "processors", "bundle", "data", "distributed",
+               "recipe"} | _BLOCKS,
     # serving a bundle (websockets, msgpack) and the command line on top of everything
     "serve": {"core", "model", "processors", "bundle", "serve"} | _BLOCKS,
-    "cli": {"core", "model", "processors", "bundle", "serve", "cli"} | _BLOCKS,
+    "cli": {"core", "model", "processors", "bundle", "data", "distributed", "recipe",
+            "serve", "cli"} | _BLOCKS,
 }
 
 
