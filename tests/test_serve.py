@@ -160,6 +160,15 @@ def o_without(observation: dict) -> dict:
     return {k: v for k, v in observation.items() if not k.startswith("sampling/")}
 
 
+def test_a_single_client_does_not_wait_for_the_batching_window(served):
+    server = served(batch_window_ms=2000)
+    client = Client("127.0.0.1", server.port)
+    start = time.perf_counter()
+    response = client.infer(_observation())
+    assert response["server_timing"]["queue_ms"] < 500  # not the 2 s window
+    assert time.perf_counter() - start < 2.0
+
+
 def test_bad_observations_get_an_error_frame_naming_the_key_and_the_server_goes_on(served):
     server = served()
     client = Client("127.0.0.1", server.port)

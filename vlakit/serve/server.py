@@ -124,7 +124,8 @@ class PolicyServer:
         port: the TCP port (openpi's default 8000; 0 picks a free one, see ``port`` after
             [start][vlakit.serve.PolicyServer.start]).
         batch_window_ms: how long the first request of a batch waits for others (0: batch
-            only what is already queued).
+            only what is already queued); never longer than it takes every open connection
+            to have a request in the batch (a single robot never waits).
         max_batch: the most requests one forward takes.
         api_key: when set, a connection must send ``Authorization: Api-Key <key>``
             (openpi-client's header) or is refused with 401 before any inference.
@@ -166,6 +167,7 @@ class PolicyServer:
         self._queue: asyncio.Queue | None = None
         self._server = None
         self._batcher: asyncio.Task | None = None
+        self._connections = 0
         self.served = 0
         """Requests answered with actions so far."""
 
@@ -369,7 +371,8 @@ class PolicyServer:
             first = await self._queue.get()
             batch = [first]
             deadline = loop.time() + self.batch_window
-            while len(batch) < self.max_batch:
+            # wait only while another connection could still send (one robot: no wait)
+            while len(batch) < min(self.max_batch, self._connections):
                 remaining = deadline - loop.time()
                 try:
                     if remaining <= 0:
@@ -416,6 +419,7 @@ class PolicyServer:
     async def _handle(self, connection) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        self._connections += 1
         try:
             await connection.send(packb(self.metadata))
             previous_total = previous_encode = 0.0
@@ -462,6 +466,8 @@ class PolicyServer:
                 previous_total = (time.perf_counter() - received) * 1000
         except ConnectionClosed:
             pass  # the client left; its pending result (if any) is dropped
+        finally:
+            self._connections -= 1
 
     async def start(self) -> "PolicyServer":
         """Start listening (inside a running event loop); ``port`` is then the bound one."""
