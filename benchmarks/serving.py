@@ -154,7 +154,7 @@ class Server:
     """``vlakit serve DIR`` in a child process on a free loopback port."""
 
     def __init__(self, path: Path, threads: int, window_ms: float, max_batch: int,
-                 log: Path, device: str = "cpu") -> None:
+                 log: Path, device: str = "cpu", dtype: str = "float32") -> None:
         self.port = free_port()
         self.log = log
         env = {**os.environ, "VLAKIT_TYPECHECK": "0"}
@@ -162,7 +162,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(threads), str(path), "--host", "127.0.0.1",
              "--port", str(self.port), "--batch-window-ms", str(window_ms),
-             "--max-batch", str(max_batch), "--device", device],
+             "--max-batch", str(max_batch), "--device", device, "--dtype", dtype],
             env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
 
     def connect(self, count: int, timeout: float = 180.0) -> list:
@@ -325,13 +325,14 @@ def bench_head(head: str, args, workdir: Path) -> dict:
     most = max(args.clients)
     servers = {
         "one by one": Server(path, args.threads, 0.0, 1, workdir / f"{head}-single.log",
-                             args.device),
+                             args.device, args.dtype),
         "batched": Server(path, args.threads, args.window_ms, args.max_batch,
-                          workdir / f"{head}-batched.log", args.device),
+                          workdir / f"{head}-batched.log", args.device, args.dtype),
     }
     try:
         clients = {mode: server.connect(most) for mode, server in servers.items()}
-        local = PolicyBundle.load(path, device=args.device)  # what the servers serve
+        local = PolicyBundle.load(path, device=args.device,  # what the servers serve
+                                  dtype=getattr(torch, args.dtype))
         observations = [observation(i) for i in range(most)]
         runs: dict[tuple, list] = {}
         turns = {"local_ms": [], "records": []}
@@ -410,6 +411,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="the servers' and the in-process "
                         "bundle's (cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the served parameters' dtype (vlakit serve --dtype)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, server and here")
     parser.add_argument("--window-ms", type=float, default=5.0,
                         help="the batched server's --batch-window-ms")
@@ -435,7 +438,8 @@ def main() -> None:
             results.append(bench_head(head, args, Path(tmp)))
     wall = time.perf_counter() - started
     machine = machine_name(args.device)
-    print(f"machine: {machine}; {args.device}; torch {torch.__version__}; fp32; torch threads "
+    print(f"machine: {machine}; {args.device}; torch {torch.__version__}; {args.dtype}; "
+          f"torch threads "
           f"{args.threads} in each server process and here; OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}; load average {load_before} before, "
           f"{load_average()} after; wall {wall:.0f} s")
