@@ -48,6 +48,12 @@ OFT7B=(--device cuda --dtype bf16 --vision openvla --dim 4096 --layers 32 --attn
 job heads-oft7b-2views 300 "$RESULTS/heads-oft7b-2views_cuda_bf16.json" \
     benchmarks/heads.py "${OFT7B[@]}" --prefix 536 \
     --json "$RESULTS/heads-oft7b-2views_cuda_bf16.json"
+# 3b. Full-size pi0 (issue 19): bf16, 1/2/3 cameras, the 10-step loop against the cached
+#     prefix eager vs compiled vs one CUDA graph; latency per chunk and peak memory.
+job pi0-full 240 "$RESULTS/pi0-full_cuda_bf16.json" \
+    benchmarks/pi0.py --device cuda --dtype bf16 --layers 18 --vision-layers 27 \
+    --vocab 257152 --batch 1 --cameras 1 2 3 --modes cache --variants eager compiled graph \
+    --warmup 2 --repeats 10 --json "$RESULTS/pi0-full_cuda_bf16.json"
 # 4-5. Vision towers vs timm (re-run after the architecture step).
 job vision-fp32 120 "$RESULTS/vision_cuda_fp32.json" \
     benchmarks/vision.py --device cuda --dtype fp32 --batch-sizes 1,8 --runs 15 --warmup 3 \
@@ -72,6 +78,13 @@ job pruning-7b 240 "$RESULTS/pruning-7b_cuda_bf16.json" \
 job heads-oft7b-1view 300 "$RESULTS/heads-oft7b-1view_cuda_bf16.json" \
     benchmarks/heads.py "${OFT7B[@]}" --prefix 280 \
     --json "$RESULTS/heads-oft7b-1view_cuda_bf16.json"
+
+# 10. Serving (issue 20): an OFT-7B-shaped bundle (Llama-2-7B decoder, 1024-wide ViT-L
+#     tower) in bf16, L1 and flow heads, 1 and 8 real openpi clients, p50 / p99 per chunk.
+job serving-7b 300 "$RESULTS/serving-7b_cuda_bf16.json" \
+    benchmarks/serving.py --device cuda --dtype bfloat16 --heads l1,flow --clients 1,8 \
+    --vision-dim 1024 --vision-depth 24 --dim 4096 --layers 32 --mlp-dim 11008 \
+    --requests 6 --single-requests 8 --repeats 2 --json "$RESULTS/serving-7b_cuda_bf16.json"
 
 # -- selection ------------------------------------------------------------------------------
 MODE=run
