@@ -37,7 +37,9 @@ original stdout (everything else the process prints goes to stderr):
 ``{"op": "run", "name": N}`` -> ``{"ms": ...}`` (one timed call); ``{"op": "save", "name":
 N, "path": P}`` -> one timed call whose actions are written to ``P`` (safetensors,
 ``actions``); ``{"op": "mem", "name": N}`` -> ``{"mib": ...}`` (peak memory growth over one
-call, see ``peak_growth_mib``); ``{"op": "quit"}``. A failing command answers
+call, see ``peak_growth_mib``); ``{"op": "resident"}`` -> ``{"mib": ...}`` (what the process
+holds over what it held after its imports: the weights, touched, and whatever the calls
+left); ``{"op": "quit"}``. A failing command answers
 ``{"error": "..."}``.
 """
 
@@ -132,8 +134,21 @@ def protocol_stream():
     return proto
 
 
-def serve(proto, calls: dict, info: dict, device: str) -> None:
-    """Answer the parent's commands (see the module docstring) until ``quit``."""
+def resident_mib(device: str) -> float:
+    """What the process holds now: the resident set (CPU, after ``release_freed``) or the
+    allocator's allocated bytes (CUDA), in MiB."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**20
+    release_freed()
+    return status_mib("VmRSS")
+
+
+def serve(proto, calls: dict, info: dict, device: str, base: float = 0.0,
+          memory: dict | None = None) -> None:
+    """Answer the parent's commands (see the module docstring) until ``quit``. ``base``:
+    ``resident_mib`` before the model was built (after the imports); ``memory``: peak MiB
+    known in advance for some callables (a CUDA graph's capture), answered to ``mem``
+    instead of a measurement."""
 
     def send(msg: dict) -> None:
         proto.write(json.dumps(msg) + "\n")
@@ -157,6 +172,9 @@ def serve(proto, calls: dict, info: dict, device: str) -> None:
         op = msg["op"]
         if op == "quit":
             break
+        if op == "resident":
+            send({"mib": resident_mib(device) - base})
+            continue
         try:
             fn = calls[msg["name"]]
             if op == "run":
@@ -168,6 +186,8 @@ def serve(proto, calls: dict, info: dict, device: str) -> None:
                 out, ms = timed(fn)
                 save_file({"actions": out.detach().float().cpu().contiguous()}, msg["path"])
                 send({"ms": ms})
+            elif op == "mem" and memory and msg["name"] in memory:
+                send({"mib": memory[msg["name"]]})
             elif op == "mem":
                 if not memory_mode and not device.startswith("cuda"):
                     release_freed()
@@ -198,7 +218,8 @@ def install_patches(layers: int, vision_layers: int, vocab: int) -> None:
         return config_cls(depth=layers, **sizes[variant])
 
     mod.get_gemma_config = get_gemma_config
-    base_pali, base_expert = mod.PaliGemmaForConditionalGenerationWithPiGemma, mod.PiGemmaForCausalLM
+    base_pali = mod.PaliGemmaForConditionalGenerationWithPiGemma
+    base_expert = mod.PiGemmaForCausalLM
 
     class Pali(base_pali):
         def __init__(self, config):
@@ -277,11 +298,12 @@ def serve_lerobot(args) -> None:
     proto = protocol_stream()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = status_mib("VmRSS")
     install_patches(args.layers, args.vision_layers, args.vocab)
     import torch.nn.functional as F
     from lerobot.policies.pi0 import PI0Policy
     from safetensors.torch import load_file
+
+    base = resident_mib(args.device)
 
     start = time.perf_counter()
     policy = PI0Policy.from_pretrained(args.dir).eval()
@@ -302,11 +324,10 @@ def serve_lerobot(args) -> None:
                                                   noise=inputs["noise"].clone())
         return actions[:, :, :action_dim]
 
-    release_freed()
     info = {"params": sum(p.numel() for p in policy.parameters()), "load_s": load_s,
-            "resident_mib": status_mib("VmRSS") - base, "threads": torch.get_num_threads(),
+            "loaded_mib": resident_mib(args.device) - base, "threads": torch.get_num_threads(),
             "patches": list(PATCHES), **_versions()}
-    serve(proto, {"sample_actions": sample}, info, str(device))
+    serve(proto, {"sample_actions": sample}, info, str(device), base=base)
 
 
 def main() -> None:
