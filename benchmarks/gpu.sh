@@ -48,12 +48,20 @@ OFT7B=(--device cuda --dtype bf16 --vision openvla --dim 4096 --layers 32 --attn
 job heads-oft7b-2views 300 "$RESULTS/heads-oft7b-2views_cuda_bf16.json" \
     benchmarks/heads.py "${OFT7B[@]}" --prefix 536 \
     --json "$RESULTS/heads-oft7b-2views_cuda_bf16.json"
-# 3b. Full-size pi0 (issue 19): bf16, 1/2/3 cameras, the 10-step loop against the cached
-#     prefix eager vs compiled vs one CUDA graph; latency per chunk and peak memory.
-job pi0-full 240 "$RESULTS/pi0-full_cuda_bf16.json" \
+# 3b. Full-size pi0 (issue 19; SigLIP x27, Gemma-2B x18, gemma_300m x18, vocab 257152), bf16,
+#     batch 1, 1/2/3 cameras: predict_action eager vs one CUDA graph, LeRobot's clone-per-step
+#     and re-run loops eager; ms per chunk and peak memory (goal <= 15 ms, one camera).
+job pi0-full 75 "$RESULTS/pi0-full_cuda_bf16.json" \
     benchmarks/pi0.py --device cuda --dtype bf16 --layers 18 --vision-layers 27 \
-    --vocab 257152 --batch 1 --cameras 1 2 3 --modes cache --variants eager compiled graph \
-    --warmup 2 --repeats 10 --json "$RESULTS/pi0-full_cuda_bf16.json"
+    --vocab 257152 --batch 1 --cameras 1 2 3 --modes cache clone rerun \
+    --variants eager graph --no-validation --warmup 3 --repeats 10 \
+    --json "$RESULTS/pi0-full_cuda_bf16.json"
+# 3c. The compiled 10-step loop (the action expert compiled), 1 camera.
+job pi0-full-compiled 90 "$RESULTS/pi0-full-compiled_cuda_bf16.json" \
+    benchmarks/pi0.py --device cuda --dtype bf16 --layers 18 --vision-layers 27 \
+    --vocab 257152 --batch 1 --cameras 1 --modes cache --variants eager compiled \
+    --compile-parts expert --no-validation --warmup 3 --repeats 10 \
+    --json "$RESULTS/pi0-full-compiled_cuda_bf16.json"
 # 4-5. Vision towers vs timm (re-run after the architecture step).
 job vision-fp32 120 "$RESULTS/vision_cuda_fp32.json" \
     benchmarks/vision.py --device cuda --dtype fp32 --batch-sizes 1,8 --runs 15 --warmup 3 \

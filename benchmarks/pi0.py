@@ -95,11 +95,11 @@ raised.
     .venv/bin/python benchmarks/pi0.py --device cuda --dtype bf16 --layers 18 \\
         --vision-layers 27 --vocab 257152 --batch 1 --cameras 1 2 3 \\
         --modes cache clone rerun --variants eager graph --no-validation --repeats 10 \\
-        --warmup 3 --json benchmarks/results/pi0_cuda_bf16.json
+        --warmup 3 --json benchmarks/results/pi0-full_cuda_bf16.json
     .venv/bin/python benchmarks/pi0.py --device cuda --dtype bf16 --layers 18 \\
         --vision-layers 27 --vocab 257152 --batch 1 --cameras 1 --modes cache \\
         --variants eager compiled --compile-parts expert --no-validation --repeats 10 \\
-        --warmup 3 --json benchmarks/results/pi0-compiled_cuda_bf16.json
+        --warmup 3 --json benchmarks/results/pi0-full-compiled_cuda_bf16.json
 """
 
 import argparse
