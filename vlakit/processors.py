@@ -453,7 +453,7 @@ class PaliGemmaProcessor(_Processor):
         interleaver = model.interleaver
         kwargs.setdefault("preprocess", preprocess)
         kwargs.setdefault("num_image_tokens", per_view)
-        kwargs.setdefault("num_action_tokens", actions)
+        kwargs.update(cls._model_defaults(model, actions, kwargs))
         if "image_token_id" not in kwargs:
             if getattr(interleaver, "image_token_id", None) is None:
                 raise ValueError(
@@ -477,6 +477,12 @@ class PaliGemmaProcessor(_Processor):
             vocab,
         )
         return processor
+
+    @classmethod
+    def _model_defaults(cls, model: Any, num_action_tokens: int,
+                        given: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments ``from_model`` reads off the model, unless ``given``."""
+        return {} if "num_action_tokens" in given else {"num_action_tokens": num_action_tokens}
 
     def __call__(
         self,
@@ -580,29 +586,12 @@ class Pi0Processor(PaliGemmaProcessor):
         self.truncate = truncate
 
     @classmethod
-    def from_model(cls, tokenizer: Any, model: Any, **kwargs: Any) -> "Pi0Processor":
-        """A processor for a pi0 ``model``: its encoder's ``preprocess`` and image tokens per
-        view, the interleaver's ids, the head's ``prompt_length``; ids checked against the
-        decoder's vocabulary. ``kwargs``: the constructor's other arguments (``truncate``,
-        ``pad_id``) or overrides."""
-        preprocess, per_view, _, vocab = _model_counts(model)
-        interleaver = model.interleaver
-        kwargs.setdefault("preprocess", preprocess)
-        kwargs.setdefault("num_image_tokens", per_view)
-        kwargs.setdefault("image_token_id", interleaver.image_token_id)
-        kwargs.setdefault("prompt_length", model.head.prompt_length)
-        for name in ("bos_id", "eos_id"):
-            if kwargs.get(name) is None and getattr(interleaver, name, None) is not None:
-                kwargs[name] = getattr(interleaver, name)
-        kwargs.update(cls._from_model_extra(model, kwargs))
-        processor = cls(tokenizer, **kwargs)
-        _check_ids_in_vocab({"bos_id": processor.bos_id, "eos_id": processor.eos_id,
-                             "pad_id": processor.pad_id}, vocab)
-        return processor
-
-    @classmethod
-    def _from_model_extra(cls, model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {}
+    def _model_defaults(cls, model: Any, num_action_tokens: int,
+                        given: dict[str, Any]) -> dict[str, Any]:
+        """``from_model`` (PaliGemmaProcessor's: preprocessing, image tokens per view, the
+        interleaver's ids checked against the vocabulary) takes the head's
+        ``prompt_length``; the action slots are the expert's, not the prompt's."""
+        return {} if "prompt_length" in given else {"prompt_length": model.head.prompt_length}
 
     def prompt_text(self, task: str, state: Tensor | None) -> str:
         """The text of one row after ``<bos>``: the task ending in one ``"\\n"`` (added
@@ -666,7 +655,7 @@ class Pi0Processor(PaliGemmaProcessor):
 
     def config(self) -> dict[str, Any]:
         """The arguments that rebuild this processor with
-        [from_model][vlakit.processors.Pi0Processor.from_model] (JSON-ready)."""
+        [from_model][vlakit.processors.PaliGemmaProcessor.from_model] (inherited) (JSON-ready)."""
         return {"image_token_id": self.image_token_id, "num_image_tokens": self.num_image_tokens,
                 "prompt_length": self.prompt_length, "truncate": self.truncate,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
@@ -712,16 +701,19 @@ class Pi05Processor(Pi0Processor):
         self.state_normalizer = state_normalizer
 
     @classmethod
-    def _from_model_extra(cls, model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if "state_normalizer" in kwargs:
-            return {}
+    def _model_defaults(cls, model: Any, num_action_tokens: int,
+                        given: dict[str, Any]) -> dict[str, Any]:
+        """Pi0Processor's, and the model's ``proprio_normalizer`` as the state normaliser."""
+        defaults = super()._model_defaults(model, num_action_tokens, given)
+        if "state_normalizer" in given:
+            return defaults
         if model.proprio_normalizer is None:
             raise ValueError(
                 "the pi0.5 model has no proprio_normalizer, but its prompt holds the "
                 "normalised state: build it with pi05(..., state_normalizer=...) (LeRobot: the "
                 "state's q01/q99), or pass state_normalizer= here"
             )
-        return {"state_normalizer": model.proprio_normalizer}
+        return {**defaults, "state_normalizer": model.proprio_normalizer}
 
     def prompt_text(self, task: str, state: Tensor | None) -> str:
         """The text of one row after ``<bos>``: [pi05_prompt][vlakit.processors.pi05_prompt]."""

@@ -284,7 +284,7 @@ def pi0(
 
     The prompt ids carry the image placeholders (PaliGemma's layout: ``<image> * (tokens
     per view * views), <bos>, task, "\\n"``;
-    [PaliGemmaProcessor][vlakit.processors.PaliGemmaProcessor] writes it); image tokens
+    [Pi0Processor][vlakit.processors.Pi0Processor] writes it); image tokens
     replace them unscaled, text is embedded by the decoder; positions count valid tokens
     from 0. The state (``inputs.proprio``, normalised by
     ``proprio_normalizer``, zero-padded to ``max_dim``) is the expert's first suffix token;
