@@ -11,6 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _counting import CountingBackend  # noqa: E402
 from _tiny import VOCAB_SIZE  # noqa: E402
 
 import vlakit  # noqa: E402
@@ -23,20 +24,6 @@ from vlakit.projectors import LinearProjector, ProprioProjector  # noqa: E402
 from vlakit.vision import vit  # noqa: E402
 
 assert not vlakit.typecheck_enabled(), "run without VLAKIT_TYPECHECK"
-
-
-class CountingBackend:
-    """aot_eager, counting the graphs it is handed (one per compile or recompile)."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-        from torch._dynamo.backends.common import aot_autograd
-
-        self._inner = aot_autograd(fw_compiler=lambda gm, _: gm.forward)
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self._inner(gm, example_inputs)
 
 
 def model(head: str, attention: str) -> VLA:

@@ -14,6 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _counting import CountingBackend  # noqa: E402
 from test_pi0_parity import CHUNK, MAX_DIM, _inputs, _tiny  # noqa: E402
 
 import vlakit  # noqa: E402
@@ -21,20 +22,6 @@ from vlakit.distributed import compile_blocks, pi0_lora  # noqa: E402
 from vlakit.heads import Sampling  # noqa: E402
 
 assert not vlakit.typecheck_enabled(), "run without VLAKIT_TYPECHECK"
-
-
-class CountingBackend:
-    """aot_eager, counting the graphs it is handed (one per compile or recompile)."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-        from torch._dynamo.backends.common import aot_autograd
-
-        self._inner = aot_autograd(fw_compiler=lambda gm, _: gm.forward)
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self._inner(gm, example_inputs)
 
 
 def adapted(variant: str):

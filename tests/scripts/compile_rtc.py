@@ -13,6 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _counting import CountingBackend  # noqa: E402
 from _tiny import VOCAB_SIZE  # noqa: E402
 
 import vlakit  # noqa: E402
@@ -28,21 +29,6 @@ from vlakit.vision import vit  # noqa: E402
 assert not vlakit.typecheck_enabled(), "run without VLAKIT_TYPECHECK"
 
 CHUNK, ADIM = 6, 3
-
-
-class CountingBackend:
-    """aot_eager, counting the graphs it is handed (one per compile or recompile)."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-
-        self._inner = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward))
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self._inner(gm, example_inputs)
 
 
 def model(head: str, attention: str) -> VLA:
