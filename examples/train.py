@@ -45,8 +45,9 @@ from vlakit.projectors import LinearProjector, ProprioProjector  # noqa: E402
 from vlakit.pruners import LightVLAPruner  # noqa: E402
 from vlakit.recipe import (  # noqa: E402
     RecipeError,
-    TrainOptions,
+    add_arguments,
     loss_label,  # noqa: E402, F401  (the plot label: tests read it here)
+    options_from,
     train,
 )
 from vlakit.vision import vit  # noqa: E402
@@ -54,15 +55,7 @@ from vlakit.vision import vit  # noqa: E402
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=32, help="global batch (all ranks)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--strategy", choices=("none", "ddp", "fsdp"), default="none")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--compile", action="store_true", help="torch.compile per block")
+    add_arguments(p)  # the recipe's own options
     p.add_argument("--lightvla", action="store_true", help="a LightVLA pruner, noise annealed")
     p.add_argument("--head", choices=("l1", "flow", "diffusion"), default="l1",
                    help="OFT's action head: L1 regression, flow matching or diffusion")
@@ -73,11 +66,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", default=None, help="a LeRobot v3 folder (default: the synthetic "
                    "task)")
     p.add_argument("--chunk", type=int, default=4, help="actions per chunk (with --data)")
-    p.add_argument("--out", default="train_run")
-    p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
-    p.add_argument("--stop-after", type=int, default=None, help="leave after this step")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
 
@@ -151,13 +139,8 @@ def main() -> None:
         model.add_pruner(LightVLAPruner())  # recorded: the saved policy keeps it
     if args.lora:  # recorded too: the saved policy holds the LoRA layers
         (pi0_lora if args.model == "pi0" else oft_lora)(model)
-    options = TrainOptions(steps=args.steps, batch=args.batch, accum=args.accum, lr=args.lr,
-                           warmup=args.warmup, strategy=args.strategy, bf16=args.bf16,
-                           activation_checkpointing=args.ac, compile=args.compile,
-                           out=args.out, save_every=args.save_every,
-                           stop_after=args.stop_after, resume=args.resume, seed=args.seed)
     try:
-        train(model, data, tokenizer, options)
+        train(model, data, tokenizer, options_from(args))
     except RecipeError as error:
         raise SystemExit(str(error)) from None
 

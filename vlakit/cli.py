@@ -13,6 +13,7 @@ import logging
 import sys
 from typing import Any
 
+from vlakit.recipe import add_arguments
 from vlakit.serve import command as serve_command
 
 __all__ = ["main", "load_builder"]
@@ -49,22 +50,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--chunk", type=int, default=4, help="actions per chunk")
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (AutoTokenizer); "
                    "default: a word tokenizer of the dataset's tasks (tiny models)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=32, help="global batch (all ranks)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--strategy", choices=("none", "ddp", "fsdp"), default="none")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--compile", action="store_true", help="torch.compile per block")
-    p.add_argument("--no-lightvla-noise", action="store_true",
-                   help="do not anneal a LightVLA pruner's training noise")
-    p.add_argument("--out", default="train_run")
-    p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
-    p.add_argument("--stop-after", type=int, default=None, help="leave after this step")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -73,7 +59,7 @@ def train(args: argparse.Namespace) -> None:
 
     from vlakit.data import LeRobotDataset
     from vlakit.processors import OPENVLA_PROMPT, word_tokenizer
-    from vlakit.recipe import RecipeError, TrainOptions
+    from vlakit.recipe import RecipeError, options_from
     from vlakit.recipe import train as run
 
     try:
@@ -89,14 +75,8 @@ def train(args: argparse.Namespace) -> None:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build(dataset, tokenizer)
-    options = TrainOptions(steps=args.steps, batch=args.batch, accum=args.accum, lr=args.lr,
-                           warmup=args.warmup, strategy=args.strategy, bf16=args.bf16,
-                           activation_checkpointing=args.ac, compile=args.compile,
-                           out=args.out, save_every=args.save_every,
-                           stop_after=args.stop_after, resume=args.resume, seed=args.seed,
-                           lightvla_noise=not args.no_lightvla_noise)
     try:
-        run(model, dataset, tokenizer, options)
+        run(model, dataset, tokenizer, options_from(args))
     except RecipeError as error:
         raise SystemExit(str(error)) from None
 

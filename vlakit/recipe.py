@@ -55,7 +55,8 @@ from vlakit.interleave import PlaceholderInterleaver
 from vlakit.processors import OpenVLAProcessor, PaliGemmaProcessor, Pi0Processor, Pi05Processor
 from vlakit.pruners import LightVLAPruner, lightvla_noise_scale, set_noise_scale
 
-__all__ = ["TrainOptions", "RecipeError", "train", "processor_for", "loss_label"]
+__all__ = ["TrainOptions", "RecipeError", "train", "processor_for", "loss_label",
+           "add_arguments", "options_from"]
 
 STRATEGIES = ("none", "ddp", "fsdp")
 
@@ -102,6 +103,44 @@ class TrainOptions:
     resume: bool = False
     seed: int = 0
     lightvla_noise: bool = True
+
+
+def add_arguments(parser: Any) -> None:
+    """Add the recipe's options to an ``argparse`` parser as flags (``--steps``,
+    ``--batch``, ``--accum``, ``--lr``, ``--warmup``, ``--strategy``, ``--bf16``, ``--ac``,
+    ``--compile``, ``--no-lightvla-noise``, ``--out``, ``--save-every``, ``--stop-after``,
+    ``--resume``, ``--seed``); [options_from][vlakit.recipe.options_from] reads them back."""
+    defaults = TrainOptions()
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch", type=int, default=defaults.batch,
+                        help="global batch (all ranks)")
+    parser.add_argument("--accum", type=int, default=defaults.accum,
+                        help="gradient accumulation steps")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--ac", action="store_true", help="activation checkpointing per block")
+    parser.add_argument("--compile", action="store_true", help="torch.compile per block")
+    parser.add_argument("--no-lightvla-noise", action="store_true",
+                        help="do not anneal a LightVLA pruner's training noise")
+    parser.add_argument("--out", default=str(defaults.out))
+    parser.add_argument("--save-every", type=int, default=defaults.save_every,
+                        help="0: only at the end")
+    parser.add_argument("--stop-after", type=int, default=None, help="leave after this step")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def options_from(args: Any) -> TrainOptions:
+    """The [TrainOptions][vlakit.recipe.TrainOptions] of flags added by
+    [add_arguments][vlakit.recipe.add_arguments]."""
+    return TrainOptions(steps=args.steps, batch=args.batch, accum=args.accum, lr=args.lr,
+                        warmup=args.warmup, strategy=args.strategy, bf16=args.bf16,
+                        activation_checkpointing=args.ac, compile=args.compile, out=args.out,
+                        save_every=args.save_every, stop_after=args.stop_after,
+                        resume=args.resume, seed=args.seed,
+                        lightvla_noise=not args.no_lightvla_noise)
 
 
 # -- pieces ------------------------------------------------------------------------------------
