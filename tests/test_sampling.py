@@ -271,3 +271,17 @@ def test_bad_sampling_is_refused_with_the_reason():
     if torch.cuda.is_available():  # pragma: no cover - CPU here
         with pytest.raises(ValueError, match="Sampling.generator is on"):
             flow.predict_action(inputs, Sampling(generator=torch.Generator("cuda")))
+
+
+def test_training_time_takes_the_given_times_or_draws_them():
+    from vlakit.heads import Sampling, flow_training_time, training_time
+
+    given = torch.tensor([0.2, 0.7], dtype=torch.float64)
+    got = training_time(Sampling(time=given), 2, torch.device("cpu"))
+    assert got.dtype == torch.float32 and torch.equal(got, given.float())
+    drawn = training_time(Sampling(generator=torch.Generator().manual_seed(3)), 2,
+                          torch.device("cpu"))
+    assert torch.equal(drawn, flow_training_time(2, torch.device("cpu"),
+                                                 torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match=r"Sampling.time must be \[batch=3\]"):
+        training_time(Sampling(time=given), 3, torch.device("cpu"))

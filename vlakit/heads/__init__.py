@@ -44,6 +44,7 @@ from vlakit.heads.sampling import (
     rowwise,
     scheduler_denoise,
     training_noise,
+    training_time,
 )
 from vlakit.heads.slots import SLOT_READS, read_slots
 from vlakit.heads.time_embedding import sincos_time_embedding, sinusoidal_embedding
@@ -65,6 +66,7 @@ __all__ = [
     "draw_noise",
     "training_noise",
     "flow_training_time",
+    "training_time",
     "rowwise",
     "prediction_generator",
     "GuidedRTC",

@@ -11,7 +11,7 @@ from vlakit.core import TokenSequence
 from vlakit.core.recording import recorded
 from vlakit.heads._steps import StepRunner
 from vlakit.heads.base import HeadTokens, ModelRunner, action_loss_mean, has_action_targets
-from vlakit.heads.sampling import Sampling, draw_noise, euler, flow_training_time, training_noise
+from vlakit.heads.sampling import Sampling, draw_noise, euler, training_noise, training_time
 from vlakit.heads.slots import read_slots
 from vlakit.heads.time_embedding import sincos_time_embedding
 
@@ -119,13 +119,7 @@ class FlowMatchingHead(nn.Module):
         sampling.check_training(type(self).__name__)
         actions = actions.to(torch.float32)
         b, device = actions.shape[0], actions.device
-        t = sampling.time
-        if t is None:
-            t = flow_training_time(b, device, sampling.generator)
-        elif tuple(t.shape) != (b,):
-            raise ValueError(f"Sampling.time must be [batch={b}] flow times, got shape "
-                             f"{tuple(t.shape)}")
-        t = t.to(device=device, dtype=torch.float32)
+        t = training_time(sampling, b, device)
         noise = training_noise(actions, sampling)
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
         return HeadTokens(action_embeds=self.embed_actions(x_t, t).to(dtype)), noise - actions

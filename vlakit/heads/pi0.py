@@ -31,8 +31,8 @@ from vlakit.heads.sampling import (
     Sampling,
     draw_noise,
     euler,
-    flow_training_time,
     training_noise,
+    training_time,
 )
 from vlakit.heads.time_embedding import sincos_time_embedding
 
@@ -151,13 +151,7 @@ class _ExpertFlowHead(nn.Module):
         actions = runner.target_actions().to(torch.float32)  # [b, c, a], normalised
         b, device = actions.shape[0], actions.device
         padded = F.pad(actions, (0, self.max_dim - self.action_dim))  # [b, c, D]
-        t = sampling.time
-        if t is None:
-            t = flow_training_time(b, device, sampling.generator)
-        elif tuple(t.shape) != (b,):
-            raise ValueError(f"Sampling.time must be [batch={b}] flow times, got shape "
-                             f"{tuple(t.shape)}")
-        t = t.to(device=device, dtype=torch.float32)
+        t = training_time(sampling, b, device)
         self._check_noise(sampling, tuple(padded.shape))
         noise = training_noise(padded, sampling)
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * padded

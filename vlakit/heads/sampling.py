@@ -44,6 +44,7 @@ __all__ = [
     "draw_noise",
     "training_noise",
     "flow_training_time",
+    "training_time",
     "prediction_generator",
     "rowwise",
 ]
@@ -285,6 +286,19 @@ def flow_training_time(
                     (batch,), generator)
         draw = u.pow(1.0 / 1.5)
     return draw * 0.999 + 0.001
+
+
+def training_time(sampling: Sampling, batch: int, device: torch.device) -> Float[Tensor, " b"]:
+    """A flow head's training times ``[b]`` (float32, on ``device``): ``sampling.time`` when
+    given (its shape checked), else [flow_training_time][vlakit.heads.flow_training_time]
+    from ``sampling.generator``."""
+    t = sampling.time
+    if t is None:
+        return flow_training_time(batch, device, sampling.generator)
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"Sampling.time must be [batch={batch}] flow times, got shape "
+                         f"{tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.float32)
 
 
 def _wrapped(wrapper: StepWrapper | None, step: DenoiseStep) -> Tensor:
