@@ -94,7 +94,7 @@ KEYS = ObservationKeys(images=("observation/image", "observation/wrist_image"),
 TASKS = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
          "open the top drawer and put the bowl inside", "turn on the stove",
          "put the cream cheese in the bowl"]
-IMAGE, PATCH, PROPRIO, CHUNK, ACTION = 224, 16, 8, 8, 7
+PATCH, PROPRIO, CHUNK, ACTION = 16, 8, 8, 7
 MODES = ("one by one", "batched")
 WIRE_GOAL, SPEEDUP_GOAL, P99_GOAL = 0.10, 3.0, 2.0
 STAGES = ("decode_ms", "queue_ms", "preprocess_ms", "prefix_ms", "steps_ms", "postprocess_ms",
@@ -111,7 +111,7 @@ def build_bundle(head: str, args) -> PolicyBundle:
     """The OFT-shaped policy with ``head``; the shared blocks are seeded alike."""
     torch.manual_seed(0)
     attention = "bidirectional" if head == "l1" else "parallel"
-    encoder = vit(img_size=IMAGE, patch_size=PATCH, dim=args.vision_dim,
+    encoder = vit(img_size=args.image_size, patch_size=PATCH, dim=args.vision_dim,
                   depth=args.vision_depth, num_heads=max(1, args.vision_dim // 64),
                   mlp_dim=4 * args.vision_dim)
     decoder = llama(vocab_size=128, dim=args.dim, num_layers=args.layers,
@@ -133,10 +133,10 @@ def build_bundle(head: str, args) -> PolicyBundle:
     return PolicyBundle(model, processor, KEYS)
 
 
-def observation(seed: int) -> dict:
+def observation(seed: int, size: int) -> dict:
     rng = np.random.default_rng(seed)
-    return {"observation/image": rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8),
-            "observation/wrist_image": rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8),
+    return {"observation/image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            "observation/wrist_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
             "observation/state": rng.uniform(-1, 1, PROPRIO).astype(np.float32),
             "prompt": TASKS[seed % len(TASKS)]}
 
@@ -321,7 +321,7 @@ def bench_head(head: str, args, workdir: Path) -> dict:
     bundle = build_bundle(head, args)
     path = bundle.save(workdir / head)
     params = sum(p.numel() for p in bundle.model.parameters())
-    prompt_tokens = int(bundle.inputs([observation(0)]).input_ids.shape[1])
+    prompt_tokens = int(bundle.inputs([observation(0, args.image_size)]).input_ids.shape[1])
     most = max(args.clients)
     servers = {
         "one by one": Server(path, args.threads, 0.0, 1, workdir / f"{head}-single.log",
@@ -333,7 +333,7 @@ def bench_head(head: str, args, workdir: Path) -> dict:
         clients = {mode: server.connect(most) for mode, server in servers.items()}
         local = PolicyBundle.load(path, device=args.device,  # what the servers serve
                                   dtype=getattr(torch, args.dtype))
-        observations = [observation(i) for i in range(most)]
+        observations = [observation(i, args.image_size) for i in range(most)]
         runs: dict[tuple, list] = {}
         turns = {"local_ms": [], "records": []}
         response = None
@@ -417,6 +417,8 @@ def main() -> None:
     parser.add_argument("--window-ms", type=float, default=5.0,
                         help="the batched server's --batch-window-ms")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="camera images (square, both views), a multiple of 16")
     parser.add_argument("--vision-dim", type=int, default=192)
     parser.add_argument("--vision-depth", type=int, default=2)
     parser.add_argument("--dim", type=int, default=256, help="decoder width")
@@ -443,7 +445,8 @@ def main() -> None:
           f"{args.threads} in each server process and here; OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}; load average {load_before} before, "
           f"{load_average()} after; wall {wall:.0f} s")
-    print(f"policy: 2 views {IMAGE}x{IMAGE} uint8 HWC, ViT patch {PATCH} ({2 * 196} image "
+    size, tokens = args.image_size, 2 * (args.image_size // PATCH) ** 2
+    print(f"policy: 2 views {size}x{size} uint8 HWC, ViT patch {PATCH} ({tokens} image "
           f"tokens) width {args.vision_dim} x {args.vision_depth} blocks; Llama width "
           f"{args.dim} x {args.layers} layers, MLP {args.mlp_dim}; proprio {PROPRIO}; chunk "
           f"{CHUNK} x {ACTION}; flow / diffusion {args.steps} steps (prefix cached); "
@@ -514,7 +517,8 @@ def main() -> None:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_before": load_before,
         "load_after": load_average(), "wall_s": wall,
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "image_tokens": 2 * (IMAGE // PATCH) ** 2, "chunk": [CHUNK, ACTION],
+        "image_size": args.image_size, "image_tokens": 2 * (args.image_size // PATCH) ** 2,
+        "chunk": [CHUNK, ACTION],
         "params": {res["head"]: res["params"] for res in results},
         "prompt_tokens": results[0]["prompt_tokens"],
         "rows": [{k: v for k, v in r.items() if k != "rate"} for r in rows],

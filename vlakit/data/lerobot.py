@@ -16,6 +16,7 @@ the sample's ``action_is_pad`` (LeRobot's mask), which the losses leave out. The
 documentation's "LeRobot datasets" page lists every file and column the reader uses.
 """
 
+import bisect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -62,6 +63,10 @@ class LeRobotDataset(Dataset):
         cameras: which image/video features to read (default: all, in ``info.json``'s order).
         state_key: the proprio feature.
         action_key: the action feature.
+        preload: decode every camera's video once, when the dataset is made, and keep the
+            frames in memory (``frames x h x w x 3`` bytes per camera), instead of opening
+            and seeking a video for each sample: for small datasets trained on for many
+            epochs (the same frames either way).
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class LeRobotDataset(Dataset):
         cameras: Sequence[str] | None = None,
         state_key: str = "observation.state",
         action_key: str = "action",
+        preload: bool = False,
     ) -> None:
         self.root = Path(root)
         info_file = self.root / "meta" / "info.json"
@@ -110,6 +116,11 @@ class LeRobotDataset(Dataset):
         self._check_files()
         self._index = [(e, t) for e, ep in enumerate(self.episodes) for t in range(ep["length"])]
         self._tables: dict[Path, Any] = {}
+        self._decoded: dict[Path, tuple[list[float], Tensor]] = {}
+        if preload:
+            for episode in self.episodes:
+                for camera in self.cameras:
+                    self._decode_all(self._video_file(episode, camera))
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -222,12 +233,35 @@ class LeRobotDataset(Dataset):
             "frame": t,
         }
 
+    def _decode_all(self, path: Path) -> None:
+        """Decode every frame of one video file into memory (``preload``)."""
+        import av
+
+        if path in self._decoded:
+            return
+        times, frames = [], []
+        with av.open(str(path)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if frame.time is not None:
+                    times.append(float(frame.time))
+                    frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+        if not frames:
+            raise DatasetError(f"{path} has no decodable frames")
+        self._decoded[path] = (times, torch.stack(frames).permute(0, 3, 1, 2).contiguous())
+
     def _frame(self, episode: dict, camera: str, t: int) -> Tensor:
         """Frame ``t`` of ``episode`` from its camera's video: the first decoded frame at or
         after ``from_timestamp + t / fps``, ``[3, h, w]`` uint8."""
         import av
 
         target = float(episode.get(f"videos/{camera}/from_timestamp", 0.0)) + t / self.fps
+        path = self._video_file(episode, camera)
+        if path in self._decoded:
+            times, frames = self._decoded[path]
+            i = bisect.bisect_left(times, target - 0.5 / self.fps)
+            if i < len(times):
+                return frames[i]
+            raise DatasetError(f"camera {camera!r} has no frame at {target:.3f} s in {path}")
         with av.open(str(self._video_file(episode, camera))) as container:
             stream = container.streams.video[0]
             container.seek(max(0, int((target - 1.0) / stream.time_base)), stream=stream,
