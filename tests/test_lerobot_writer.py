@@ -110,3 +110,14 @@ def test_recording_mistakes_raise(tmp_path):
     with pytest.raises(DatasetError, match=r"\[height, width, 3\]"):
         LeRobotWriter(tmp_path / "d", fps=10,
                       features={"cam": {"dtype": "video", "shape": [32, 32]}})
+
+
+def test_the_data_file_has_the_features_dtypes(tmp_path):
+    import pyarrow.parquet as pq
+
+    root = _write(tmp_path / "demos")
+    schema = pq.read_schema(root / "data" / "chunk-000" / "file-000.parquet")
+    kind = schema.field("observation.state").type
+    assert kind.num_fields == 1 and str(kind.value_type) == "float"  # float32 values
+    assert str(schema.field("timestamp").type) == "float"
+    assert str(schema.field("index").type) == "int64"

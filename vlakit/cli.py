@@ -48,6 +48,8 @@ def _train_parser(sub) -> None:
                    help="a builder called as build(dataset, tokenizer) -> VLA")
     p.add_argument("--data", required=True, help="a LeRobot v3 dataset folder")
     p.add_argument("--chunk", type=int, default=4, help="actions per chunk")
+    p.add_argument("--preload", action="store_true", help="decode every video once and "
+                   "hold the frames in memory (LeRobotDataset(preload=True))")
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (AutoTokenizer); "
                    "default: a word tokenizer of the dataset's tasks (tiny models)")
     add_arguments(p)
@@ -66,7 +68,8 @@ def train(args: argparse.Namespace) -> None:
         build = load_builder(args.model)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    dataset = LeRobotDataset(args.data, chunk_size=args.chunk)  # checks the folder first
+    # checks the folder first
+    dataset = LeRobotDataset(args.data, chunk_size=args.chunk, preload=args.preload)
     if args.tokenizer is None:
         tokenizer = word_tokenizer([OPENVLA_PROMPT, *dataset.tasks.values()])
     else:

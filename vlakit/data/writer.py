@@ -199,7 +199,7 @@ class LeRobotWriter:
             container.close()
         data = self.root / _DATA_FILE.format(chunk_index=0, file_index=0)
         data.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(self._rows), data)
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=self._schema(pa)), data)
         meta = self.root / "meta"
         (meta / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self._episodes),
@@ -210,6 +210,18 @@ class LeRobotWriter:
         (meta / "stats.json").write_text(json.dumps(self._statistics(), indent=2))
         (meta / "info.json").write_text(json.dumps(self._info(), indent=2))
         return self.root
+
+    def _schema(self, pa):
+        """The data file's columns with the features' dtypes (``float32`` lists, not the
+        ``double`` pyarrow would infer), as LeRobot writes them."""
+        types = {"float32": pa.float32(), "float64": pa.float64(), "int64": pa.int64(),
+                 "bool": pa.bool_()}
+        fields = [pa.field("timestamp", pa.float32()), pa.field("frame_index", pa.int64()),
+                  pa.field("episode_index", pa.int64()), pa.field("index", pa.int64()),
+                  pa.field("task_index", pa.int64())]
+        fields += [pa.field(key, pa.list_(types[self.features[key]["dtype"]]))
+                   for key in self.vectors]
+        return pa.schema(fields)
 
     def _statistics(self) -> dict:
         stats = {}
