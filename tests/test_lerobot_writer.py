@@ -121,3 +121,42 @@ def test_the_data_file_has_the_features_dtypes(tmp_path):
     assert kind.num_fields == 1 and str(kind.value_type) == "float"  # float32 values
     assert str(schema.field("timestamp").type) == "float"
     assert str(schema.field("index").type) == "int64"
+
+
+def test_tasks_images_and_scalars_are_laid_out_as_lerobot_reads_them(tmp_path):
+    import pyarrow.parquet as pq
+
+    features = FEATURES | {"next.reward": {"dtype": "float32", "shape": [1]}}
+    with LeRobotWriter(tmp_path / "demos", fps=10, features=features) as writer:
+        for e, (n, task) in enumerate(zip(LENGTHS, TASKS)):
+            writer.add_episode(_episode(e, n) | {"next.reward": np.full((n, 1), float(e))},
+                               task=task)
+    root = tmp_path / "demos"
+    # LeRobot reads tasks.parquet with pandas: the task string is the index
+    tasks = pq.read_table(root / "meta" / "tasks.parquet")
+    pandas = json.loads(tasks.schema.metadata[b"pandas"])
+    assert pandas["index_columns"] == ["task"]
+    assert tasks.column("task").to_pylist() == ["open the drawer", "push the puck"]
+    # a [1] feature is a scalar column (LeRobot's datasets.Value), read back as [n, 1]
+    schema = pq.read_schema(root / "data" / "chunk-000" / "file-000.parquet")
+    assert str(schema.field("next.reward").type) == "float"
+    data = LeRobotDataset(root, state_key="next.reward")
+    assert data.state_dim == 1 and data[sum(LENGTHS[:2])]["proprio"].tolist() == [2.0]
+    # camera statistics per channel in [0, 1], shaped [3, 1, 1], as LeRobot's
+    stats = json.loads((root / "meta" / "stats.json").read_text())["observation.images.top"]
+    assert np.asarray(stats["mean"]).shape == (3, 1, 1)
+    shades = np.concatenate([_episode(e, n)["observation.images.top"][::10, 0, 0, 0]
+                             for e, n in enumerate(LENGTHS)]) / 255.0
+    assert np.allclose(np.asarray(stats["mean"]).ravel(), shades.mean())
+
+
+def test_a_failed_encode_stops_the_writer(tmp_path):
+    writer = LeRobotWriter(tmp_path / "a", fps=10, features=FEATURES,
+                           video_codec="no-such-encoder")
+    with pytest.raises(Exception):
+        writer.add_episode(_episode(0, 4), task="x")
+    with pytest.raises(DatasetError, match="cannot go on: encoding episode 0 failed"):
+        writer.add_episode(_episode(0, 4), task="x")
+    with pytest.raises(DatasetError, match="even height and width"):
+        LeRobotWriter(tmp_path / "b", fps=10,
+                      features={"cam": {"dtype": "video", "shape": [33, 32, 3]}})

@@ -25,6 +25,7 @@ executed); real-time chunking is off (the server answers within one control step
 
 import argparse
 import json
+import math
 import os
 import resource
 import socket
@@ -63,6 +64,9 @@ def collect(work: Path, episodes: int, noise: float, tasks: list[str]) -> dict:
     """Expert demonstrations of every task as one LeRobot v3 folder ``work/demos``."""
     from vlakit.data import LeRobotWriter
 
+    if (work / "demos").exists():
+        raise SystemExit(f"{work / 'demos'} exists: remove it to collect again, or give "
+                         f"another --work")
     features = {CAMERA: {"dtype": "video", "shape": [64, 64, 3]},
                 "observation.state": {"dtype": "float32", "shape": [39]},
                 "action": {"dtype": "float32", "shape": [4]}}
@@ -84,12 +88,16 @@ def collect(work: Path, episodes: int, noise: float, tasks: list[str]) -> dict:
 # -- training ------------------------------------------------------------------------------
 
 
+def _warmup(steps: int) -> int:
+    return min(200, steps // 10)
+
+
 def train_vla(work: Path, steps: int, batch: int, lr: float, chunk: int) -> dict:
     """``vlakit train --model policy:build`` on the demonstrations (a child process)."""
     command = [sys.executable, "-m", "vlakit", "train", "--model", "policy:build",
                "--data", str(work / "demos"), "--chunk", str(chunk), "--preload",
                "--steps", str(steps), "--batch", str(batch), "--lr", str(lr),
-               "--warmup", str(min(200, steps // 10)), "--out", str(work / "vla")]
+               "--warmup", str(_warmup(steps)), "--out", str(work / "vla")]
     print("$", " ".join(command), flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -99,16 +107,21 @@ def train_vla(work: Path, steps: int, batch: int, lr: float, chunk: int) -> dict
             "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
 
 
-def train_baseline(work: Path, cpu_seconds: float, batch: int, lr: float, chunk: int) -> dict:
+def train_baseline(work: Path, cpu_seconds: float, batch: int, lr: float, chunk: int,
+                   warmup: int) -> dict:
     """The small-CNN baseline until it has used ``cpu_seconds`` of CPU time (the VLA's
-    whole ``vlakit train`` process: start-up, loading and saving included), same data and
-    batch; CPU time rather than wall time, so that load from other processes on this
-    shared machine does not favour either."""
+    whole ``vlakit train`` process: start-up, loading and saving included; the baseline's
+    clock starts before its own loading too), on the same data, batch and normalisation,
+    with the VLA's schedule: AdamW, ``warmup`` steps of linear warm-up, then cosine decay
+    to zero over the CPU budget (the fraction of it spent, since its step count is not
+    known in advance). CPU time rather than wall time, so that load from other processes
+    on this shared machine favours neither."""
     from policy import ConvBC
 
     from vlakit.actions import ActionNormalizer
     from vlakit.data import LeRobotDataset
 
+    started, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(0)
     data = LeRobotDataset(work / "demos", chunk_size=chunk, preload=True)
     stats = data.statistics()
@@ -116,11 +129,15 @@ def train_baseline(work: Path, cpu_seconds: float, batch: int, lr: float, chunk:
     model = ConvBC(data.state_dim, data.action_dim, chunk, len(tasks),
                    ActionNormalizer.from_stats(stats),
                    ActionNormalizer.from_stats(stats, key="proprio"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     index = {t: i for i, t in enumerate(tasks)}
-    started, cpu, steps, losses = time.perf_counter(), time.process_time(), 0, []
-    while time.process_time() - cpu < cpu_seconds:
+    steps, losses = 0, []
+    while (spent := time.process_time() - cpu) < cpu_seconds:
+        scale = min(1.0, (steps + 1) / max(warmup, 1)) * 0.5 * (
+            1 + math.cos(math.pi * spent / cpu_seconds))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
         picks = torch.randint(len(data), (batch,), generator=generator).tolist()
         samples = [data[i] for i in picks]
         loss = model.loss(torch.stack([s["images"][0] for s in samples]),
@@ -137,8 +154,9 @@ def train_baseline(work: Path, cpu_seconds: float, batch: int, lr: float, chunk:
                 "state_dim": data.state_dim, "action_dim": data.action_dim,
                 "stats": stats}, work / "baseline.pt")
     return {"steps": steps, "wall_s": time.perf_counter() - started,
-            "cpu_s": time.process_time() - cpu, "first_loss": losses[0],
-            "last_loss": float(np.mean(losses[-50:]))}
+            "cpu_s": time.process_time() - cpu, "params": sum(p.numel() for p in
+                                                               model.parameters()),
+            "first_loss": losses[0], "last_loss": float(np.mean(losses[-50:]))}
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -278,7 +296,8 @@ def _load(work: Path, name: str) -> dict:
 
 def report(work: Path) -> dict:
     """Combine the steps' files into ``report.json`` and ``success.png``; print the table."""
-    out = {"collect": _load(work, "collect"), "train": _load(work, "train")}
+    out = {"collect": _load(work, "collect"),
+           "train": {"vla": _load(work, "train-vla"), "baseline": _load(work, "train-baseline")}}
     for name in ("expert", "vla", "baseline"):
         out[name] = _load(work, f"eval-{name}")
     tasks = list(out["expert"]["tasks"])
@@ -318,8 +337,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="actions of each chunk executed before the next request")
     parser.add_argument("--eval-seed", type=int, default=10_000)
     parser.add_argument("--policies", default="expert,vla,baseline",
-                        help="which to evaluate (eval)")
+                        help="which to train (train: vla, baseline) or evaluate (eval)")
     args = parser.parse_args(argv)
+    if args.replan < 1:
+        parser.error(f"--replan {args.replan}: execute at least 1 action per chunk")
+    if args.eval_seed < args.episodes:
+        parser.error(f"--eval-seed {args.eval_seed} overlaps the demonstrations' seeds "
+                     f"0..{args.episodes - 1}: evaluation layouts must be held out")
     tasks = args.tasks.split(",")
     work = args.work
     if args.command == "smoke":
@@ -332,10 +356,14 @@ def main(argv: list[str] | None = None) -> None:
     if "collect" in steps:
         _save(work, "collect", collect(work, args.episodes, args.noise, tasks))
     if "train" in steps:
-        vla = train_vla(work, args.steps, args.batch, args.lr, args.chunk)
-        budget = 2.0 if args.command == "smoke" else vla["cpu_s"]
-        _save(work, "train", {"vla": vla, "baseline": train_baseline(
-            work, budget, args.batch, args.lr, args.chunk)})
+        which = args.policies.split(",")
+        if "vla" in which:
+            _save(work, "train-vla", train_vla(work, args.steps, args.batch, args.lr,
+                                               args.chunk))
+        if "baseline" in which:
+            budget = 2.0 if args.command == "smoke" else _load(work, "train-vla")["cpu_s"]
+            _save(work, "train-baseline", train_baseline(work, budget, args.batch, args.lr,
+                                                         args.chunk, _warmup(args.steps)))
     if "eval" in steps:
         seeds = range(args.eval_seed, args.eval_seed + args.eval_episodes)
         for name in args.policies.split(","):

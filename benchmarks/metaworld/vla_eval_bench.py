@@ -1,7 +1,7 @@
 """The Meta-World tasks of ``env.py`` as a benchmark of the vla-evaluation harness
 (``vla-eval`` 0.8.0, which has no Meta-World benchmark of its own).
 
-    python -m vlakit.serve.vla_eval BUNDLE_DIR --port 8765 --camera corner &
+    python -m vlakit.serve.vla_eval BUNDLE_DIR --port 8765 --camera corner --replan 1 &
     PYTHONPATH=benchmarks/metaworld vla-eval run --no-docker --render cpu \\
         -c benchmarks/metaworld/vla_eval.yaml
 

@@ -206,7 +206,8 @@ class LeRobotDataset(Dataset):
     def _rows(table, key: str, rows) -> Tensor:
         data, where = table
         column = data.column(key)
-        return torch.tensor([column[where[r]].as_py() for r in rows], dtype=torch.float32)
+        values = torch.tensor([column[where[r]].as_py() for r in rows], dtype=torch.float32)
+        return values[:, None] if values.dim() == 1 else values  # a scalar column: [n, 1]
 
     def __len__(self) -> int:
         return len(self._index)
@@ -259,15 +260,18 @@ class LeRobotDataset(Dataset):
         if path in self._decoded:
             times, frames = self._decoded[path]
             i = bisect.bisect_left(times, target - 0.5 / self.fps)
-            if i < len(times):
+            if i < len(times) and times[i] <= target + 0.5 / self.fps:
                 return frames[i]
-            raise DatasetError(f"camera {camera!r} has no frame at {target:.3f} s in {path}")
+            raise DatasetError(f"camera {camera!r} has no frame at {target:.3f} s in {path} "
+                               f"(within half a frame)")
         with av.open(str(self._video_file(episode, camera))) as container:
             stream = container.streams.video[0]
             container.seek(max(0, int((target - 1.0) / stream.time_base)), stream=stream,
                            backward=True, any_frame=False)
             for frame in container.decode(stream):
                 if frame.time is not None and frame.time + 0.5 / self.fps >= target:
+                    if frame.time > target + 0.5 / self.fps:  # a gap: not this frame's
+                        break
                     array = frame.to_ndarray(format="rgb24")  # [h, w, 3]
                     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
         raise DatasetError(f"camera {camera!r} has no frame at {target:.3f} s in "

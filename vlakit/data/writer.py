@@ -91,18 +91,25 @@ class LeRobotWriter:
             if feature["dtype"] == "video" and (len(shape or ()) != 3 or shape[2] != 3):
                 raise DatasetError(f"camera {key!r}: shape {shape}; a video feature is "
                                    f"[height, width, 3]")
+            if feature["dtype"] == "video" and (shape[0] % 2 or shape[1] % 2):
+                raise DatasetError(f"camera {key!r}: {shape[0]}x{shape[1]}; the videos are "
+                                   f"yuv420p, which needs an even height and width: crop or "
+                                   f"pad the images by a pixel")
             if feature["dtype"] != "video" and len(shape or ()) != 1:
                 raise DatasetError(f"feature {key!r}: shape {shape}; a vector feature is "
                                    f"[n]")
         self.cameras = [k for k, f in self.features.items() if f["dtype"] == "video"]
         self.vectors = [k for k in self.features if k not in self.cameras]
         self.video_codec = video_codec
-        self.video_options = dict(video_options or {"crf": "30", "g": "2"})
+        self.video_options = dict({"crf": "30", "g": "2"} if video_options is None
+                                  else video_options)
         self._rows: list[dict] = []
         self._episodes: list[dict] = []
         self._tasks: dict[str, int] = {}
         self._videos: dict[str, Any] = {}
         self._closed = False
+        self._broken: str | None = None
+        self._pixels = {key: [] for key in self.cameras}  # frames sampled for the statistics
         self.root.mkdir(parents=True, exist_ok=True)
 
     # -- recording -----------------------------------------------------------------------
@@ -114,6 +121,8 @@ class LeRobotWriter:
         before anything of the episode is written."""
         if self._closed:
             raise DatasetError("the writer is closed; make a new one for more episodes")
+        if self._broken:
+            raise DatasetError(f"the writer cannot go on: {self._broken}")
         missing = [k for k in self.features if k not in frames]
         unknown = [k for k in frames if k not in self.features]
         if missing or unknown:
@@ -140,15 +149,24 @@ class LeRobotWriter:
             raise DatasetError(f"episode {len(self._episodes)}: task must be a non-empty "
                                f"string (the instruction), got {task!r}")
         episode_index = len(self._episodes)
-        task_index = self._tasks.setdefault(task, len(self._tasks))
         start = len(self._rows)
+        try:  # the videos first: an encoder error leaves no rows behind
+            for key in self.cameras:
+                self._encode(key, arrays[key])
+        except Exception as error:
+            # a camera's video may hold part of the episode now: the next episode's frames
+            # would not be where meta/episodes says, so nothing more is written
+            self._broken = f"encoding episode {episode_index} failed ({error})"
+            raise
+        task_index = self._tasks.setdefault(task, len(self._tasks))
         for t in range(length):
             # LeRobot's timestamp counts from the episode's start; the video's offset of
             # the episode is in meta/episodes (from_timestamp)
             row = {"timestamp": t / self.fps, "frame_index": t, "episode_index": episode_index,
                    "index": start + t, "task_index": task_index}
-            for key in self.vectors:
-                row[key] = arrays[key][t].tolist()
+            for key in self.vectors:  # a [1] feature is a scalar column, as LeRobot's
+                value = arrays[key][t].tolist()
+                row[key] = value[0] if self.features[key]["shape"] == [1] else value
             self._rows.append(row)
         episode = {"episode_index": episode_index, "tasks": [task], "length": length,
                    "data/chunk_index": 0, "data/file_index": 0,
@@ -157,7 +175,7 @@ class LeRobotWriter:
             episode |= {f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
                         f"videos/{key}/from_timestamp": start / self.fps,
                         f"videos/{key}/to_timestamp": (start + length) / self.fps}
-            self._encode(key, arrays[key])
+            self._pixels[key].append(arrays[key][::10])  # every 10th frame: image stats
         self._episodes.append(episode)
         return episode_index
 
@@ -204,12 +222,26 @@ class LeRobotWriter:
         (meta / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self._episodes),
                        meta / "episodes" / "chunk-000" / "file-000.parquet")
-        tasks = sorted(self._tasks.items(), key=lambda kv: kv[1])
-        pq.write_table(pa.table({"task_index": [i for _, i in tasks],
-                                 "task": [t for t, _ in tasks]}), meta / "tasks.parquet")
+        pq.write_table(self._task_table(pa), meta / "tasks.parquet")
         (meta / "stats.json").write_text(json.dumps(self._statistics(), indent=2))
         (meta / "info.json").write_text(json.dumps(self._info(), indent=2))
         return self.root
+
+    def _task_table(self, pa):
+        """``meta/tasks.parquet`` as LeRobot writes it with pandas: a ``task_index`` column
+        indexed by the task string (pandas' metadata names ``task`` the index, so
+        ``pd.read_parquet(...).iloc[i].name`` is the instruction, as LeRobot reads it)."""
+        tasks = sorted(self._tasks.items(), key=lambda kv: kv[1])
+        table = pa.table({"task_index": pa.array([i for _, i in tasks], pa.int64()),
+                          "task": pa.array([t for t, _ in tasks], pa.string())})
+        columns = [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
+                    "numpy_type": "int64", "metadata": None},
+                   {"name": "task", "field_name": "task", "pandas_type": "unicode",
+                    "numpy_type": "object", "metadata": None}]
+        pandas = {"index_columns": ["task"], "column_indexes": [], "columns": columns,
+                  "creator": {"library": "pyarrow", "version": pa.__version__},
+                  "pandas_version": "2.2.3"}
+        return table.replace_schema_metadata({b"pandas": json.dumps(pandas).encode()})
 
     def _schema(self, pa):
         """The data file's columns with the features' dtypes (``float32`` lists, not the
@@ -219,14 +251,26 @@ class LeRobotWriter:
         fields = [pa.field("timestamp", pa.float32()), pa.field("frame_index", pa.int64()),
                   pa.field("episode_index", pa.int64()), pa.field("index", pa.int64()),
                   pa.field("task_index", pa.int64())]
-        fields += [pa.field(key, pa.list_(types[self.features[key]["dtype"]]))
+        fields += [pa.field(key, types[self.features[key]["dtype"]]
+                            if self.features[key]["shape"] == [1] else
+                            pa.list_(types[self.features[key]["dtype"]]))
                    for key in self.vectors]
         return pa.schema(fields)
 
     def _statistics(self) -> dict:
         stats = {}
+        for key in self.cameras:
+            # LeRobot's image statistics: per channel, in [0, 1], shaped [3, 1, 1]; from
+            # every 10th frame of each episode
+            x = np.concatenate(self._pixels[key]).reshape(-1, 3).astype(np.float64) / 255.0
+            stats[key] = {name: np.asarray(value).reshape(3, 1, 1).tolist() for name, value in
+                          (("mean", x.mean(0)), ("std", x.std(0)), ("min", x.min(0)),
+                           ("max", x.max(0)), ("q01", np.quantile(x, 0.01, axis=0)),
+                           ("q99", np.quantile(x, 0.99, axis=0)))}
+            stats[key]["count"] = [len(self._rows)]
         for key in self.vectors:
             x = np.asarray([row[key] for row in self._rows], dtype=np.float64)
+            x = x.reshape(len(x), -1)
             stats[key] = {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
                           "min": x.min(0).tolist(), "max": x.max(0).tolist(),
                           "q01": np.quantile(x, 0.01, axis=0).tolist(),
