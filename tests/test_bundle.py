@@ -123,3 +123,17 @@ def test_bad_observations_and_bundles_are_refused_by_name(tmp_path):
         ObservationKeys(images=("a", "a"))
     with pytest.raises(Exception, match="not a policy bundle"):
         PolicyBundle.load(tmp_path)
+
+
+def test_the_kept_meta_world_policy_still_loads_and_predicts():
+    # benchmarks/metaworld/trained_policy: the bundle the Meta-World run trained (kept so
+    # that it can be served without retraining); a format change must keep it loadable
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "metaworld" / "trained_policy"
+    bundle = PolicyBundle.load(root)
+    assert bundle.keys.images == ("observation/image",) and bundle.keys.state
+    obs = {"observation/image": np.zeros((64, 64, 3), np.uint8),
+           "observation/state": np.zeros(39, np.float32), "prompt": "open the door"}
+    actions = bundle(obs)
+    assert actions.shape == (4, 4) and np.isfinite(actions).all()

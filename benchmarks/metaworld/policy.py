@@ -62,19 +62,20 @@ def _image_size(dataset) -> tuple[int, int]:
 
 
 class ConvBC(nn.Module):
-    """The small-CNN behaviour-cloning baseline: image ``[b, 3, 64, 64]`` uint8, state
-    ``[b, s]``, task index ``[b]`` -> normalised actions ``[b, chunk, a]``."""
+    """The small-CNN behaviour-cloning baseline: image ``[b, 3, n, n]`` uint8 (``n`` =
+    ``image_size``, a multiple of 8), state ``[b, p]``, task index ``[b]`` -> normalised
+    actions ``[b, chunk, a]``."""
 
     def __init__(self, state_dim: int, action_dim: int, chunk: int, num_tasks: int,
                  action_normalizer: ActionNormalizer, state_normalizer: ActionNormalizer,
-                 width: int = 256) -> None:
+                 width: int = 256, image_size: int = 64) -> None:
         super().__init__()
         self.chunk, self.action_dim = chunk, action_dim
         self.conv = nn.Sequential(
             nn.Conv2d(3, 32, 5, stride=2, padding=2), nn.ReLU(),   # 32 x 32
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),  # 16 x 16
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),  # 8 x 8
-            nn.Flatten(), nn.Linear(64 * 8 * 8, width), nn.ReLU())
+            nn.Flatten(), nn.Linear(64 * (image_size // 8) ** 2, width), nn.ReLU())
         self.state = nn.Sequential(nn.Linear(state_dim, width), nn.ReLU())
         self.task = nn.Embedding(num_tasks, 32)
         self.mlp = nn.Sequential(nn.Linear(2 * width + 32, width), nn.ReLU(),

@@ -169,6 +169,7 @@ class LeRobotWriter:
                 row[key] = value[0] if self.features[key]["shape"] == [1] else value
             self._rows.append(row)
         episode = {"episode_index": episode_index, "tasks": [task], "length": length,
+                   "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
                    "data/chunk_index": 0, "data/file_index": 0,
                    "dataset_from_index": start, "dataset_to_index": start + length}
         for key in self.cameras:
