@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--eval-seed {args.eval_seed} overlaps the demonstrations' seeds "
                      f"0..{args.episodes - 1}: evaluation layouts must be held out")
     tasks = args.tasks.split(",")
-    work = args.work
+    work = args.work.resolve()  # the recipe runs in this folder: absolute paths
     if args.command == "smoke":
         args.episodes, args.eval_episodes, args.steps = 1, 1, 3
         tasks = tasks[:1]
