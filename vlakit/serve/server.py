@@ -257,15 +257,7 @@ class PolicyServer:
             raise ObservationError(f"{key!r} holds NaN or infinite values")
 
     def _check_state(self, key: str, state: Any) -> None:
-        expected = f"[{self.state_dim}] float" if self.state_dim else "a 1-d float array"
-        if not isinstance(state, np.ndarray) or state.dtype.kind not in "fiu":
-            raise ObservationError(f"{key!r} must be {expected}, got "
-                                   f"{getattr(state, 'dtype', type(state).__name__)}")
-        if state.ndim != 1 or (self.state_dim and state.shape[0] != self.state_dim):
-            raise ObservationError(f"{key!r} has shape {list(state.shape)}, expected "
-                                   f"{expected}")
-        if not np.isfinite(state).all():
-            raise ObservationError(f"{key!r} holds NaN or infinite values: {state.tolist()}")
+        check_state(key, state, self.state_dim)
 
     def _check_rtc(self, obs: Mapping) -> dict | None:
         given = [k for k in _RTC_KEYS if k in obs]
@@ -508,6 +500,22 @@ class PolicyServer:
             asyncio.run(self.serve_forever())
         except KeyboardInterrupt:
             pass
+
+
+def check_state(key: str, state: Any, state_dim: int | None) -> None:
+    """Raise an [ObservationError][vlakit.serve.ObservationError] naming ``key`` unless
+    ``state`` is a finite numeric array ``[state_dim]`` (any 1-d length when ``state_dim``
+    is ``None``): the robot state a request carries (this server and the vla-eval
+    adapter)."""
+    expected = f"[{state_dim}] float" if state_dim else "a 1-d float array"
+    if not isinstance(state, np.ndarray) or state.dtype.kind not in "fiu":
+        raise ObservationError(f"{key!r} must be {expected}, got "
+                               f"{getattr(state, 'dtype', type(state).__name__)}")
+    if state.ndim != 1 or (state_dim and state.shape[0] != state_dim):
+        raise ObservationError(f"{key!r} has shape {list(state.shape)}, expected "
+                               f"{expected}")
+    if not np.isfinite(state).all():
+        raise ObservationError(f"{key!r} holds NaN or infinite values: {state.tolist()}")
 
 
 def warm_up(bundle: PolicyBundle) -> float:

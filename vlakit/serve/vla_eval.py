@@ -47,7 +47,7 @@ from vla_eval.specs import (
 
 from vlakit.bundle import PolicyBundle
 from vlakit.heads import Sampling
-from vlakit.serve.server import ObservationError
+from vlakit.serve.server import ObservationError, check_state
 from vlakit.serve.server import warm_up as _warm_up
 
 __all__ = ["VlaEvalServer", "serve_vla_eval", "ACTION_SPECS", "main"]
@@ -344,15 +344,7 @@ class VlaEvalServer(PredictModelServer):
         state = obs[key]
         if isinstance(state, (list, tuple)):  # a benchmark that sends a plain list
             state = np.asarray(state)
-        expected = f"[{self.state_dim}] float" if self.state_dim else "a 1-d float array"
-        if not isinstance(state, np.ndarray) or state.dtype.kind not in "fiu":
-            raise ObservationError(f"{key!r} must be {expected}, got "
-                                   f"{getattr(state, 'dtype', type(state).__name__)}")
-        if state.ndim != 1 or (self.state_dim and state.shape[0] != self.state_dim):
-            raise ObservationError(f"{key!r} has shape {list(state.shape)}, expected "
-                                   f"{expected}")
-        if not np.isfinite(state).all():
-            raise ObservationError(f"{key!r} holds NaN or infinite values: {state.tolist()}")
+        check_state(key, state, self.state_dim)
         return state.astype(np.float32)
 
     # -- inference -------------------------------------------------------------------------------
