@@ -1,12 +1,19 @@
 """Tiny blocks and a tiny tokenizer shared by the assembly tests (nothing is downloaded)."""
 
+import torch
 import transformers
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from timm.models.vision_transformer import VisionTransformer
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from vlakit import VLA
 from vlakit import vision as V
+from vlakit.actions import ActionNormalizer
+from vlakit.core import ParallelDecodingMask
 from vlakit.decoders import HFDecoder, gemma, llama
+from vlakit.heads import FlowMatchingHead
+from vlakit.interleave import PrefixInterleaver
+from vlakit.projectors import LinearProjector, ProprioProjector
 
 WORDS = ("In : What action should the robot take to pick up the cup ? Out open drawer "
          "put block in box describe image a red green ▁").split()
@@ -66,3 +73,22 @@ def tiny_decoder(name: str, dim: int = 64):
             vocab_size=VOCAB_SIZE, hidden_size=dim, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2))
     raise KeyError(name)
+
+
+def tiny_flow_vla() -> VLA:
+    """A seeded tiny policy model in eval mode: two 28 px views, a 5-d state, a flow head
+    drawing chunks of 4 actions of 3 dims, both normalisers (the bundle and vla-eval
+    tests)."""
+    torch.manual_seed(0)
+    return VLA(
+        V.vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64),
+        LinearProjector(32, 64), PrefixInterleaver(bos_id=1, eos_id=2),
+        llama(vocab_size=128, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128),
+        ParallelDecodingMask(), head=FlowMatchingHead(64, action_dim=3, chunk_size=4,
+                                                      num_steps=3),
+        proprio_projector=ProprioProjector(5, 64),
+        action_normalizer=ActionNormalizer({"q01": [-1.0, 0.0, -2.0], "q99": [1.0, 1.0, 2.0]}),
+        proprio_normalizer=ActionNormalizer({"q01": [-1.0] * 5, "q99": [1.0] * 5},
+                                            name="proprio"),
+        num_views=2,
+    ).eval()

@@ -5,39 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_flow_vla
 from PIL import Image
 
-from vlakit import VLA
-from vlakit.actions import ActionNormalizer
 from vlakit.bundle import ObservationKeys, PolicyBundle
-from vlakit.core import ParallelDecodingMask
-from vlakit.decoders import llama
 from vlakit.distributed import oft_lora
-from vlakit.heads import FlowMatchingHead, Sampling
-from vlakit.interleave import PrefixInterleaver
+from vlakit.heads import Sampling
 from vlakit.processors import OPENVLA_PROMPT, OpenVLAProcessor, word_tokenizer
-from vlakit.projectors import LinearProjector, ProprioProjector
-from vlakit.vision import vit
 
 KEYS = ObservationKeys(images=("observation/image", "observation/wrist_image"),
                        state="observation/state", prompt="prompt")
 TASKS = ["pick up the red block", "open the drawer"]
 
 
-def _model():
-    torch.manual_seed(0)
-    return VLA(
-        vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64),
-        LinearProjector(32, 64), PrefixInterleaver(bos_id=1, eos_id=2),
-        llama(vocab_size=128, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128),
-        ParallelDecodingMask(), head=FlowMatchingHead(64, action_dim=3, chunk_size=4,
-                                                      num_steps=3),
-        proprio_projector=ProprioProjector(5, 64),
-        action_normalizer=ActionNormalizer({"q01": [-1.0, 0.0, -2.0], "q99": [1.0, 1.0, 2.0]}),
-        proprio_normalizer=ActionNormalizer({"q01": [-1.0] * 5, "q99": [1.0] * 5},
-                                            name="proprio"),
-        num_views=2,
-    ).eval()
+_model = tiny_flow_vla
 
 
 def _bundle(model=None):

@@ -10,23 +10,17 @@ import pytest
 import torch
 
 pytest.importorskip("vla_eval")
+from _tiny import tiny_flow_vla  # noqa: E402
 from vla_eval.api import evaluate  # noqa: E402
 from vla_eval.benchmarks.base import StepBenchmark, StepResult  # noqa: E402
 from vla_eval.model_servers.base import SessionContext  # noqa: E402
 from vla_eval.specs import IMAGE_RGB, LANGUAGE, DimSpec  # noqa: E402
 
-from vlakit import VLA  # noqa: E402
-from vlakit.actions import ActionNormalizer  # noqa: E402
 from vlakit.bundle import ObservationKeys, PolicyBundle  # noqa: E402
-from vlakit.core import ParallelDecodingMask  # noqa: E402
-from vlakit.decoders import llama  # noqa: E402
-from vlakit.heads import FlowMatchingHead, Sampling  # noqa: E402
-from vlakit.interleave import PrefixInterleaver  # noqa: E402
+from vlakit.heads import Sampling  # noqa: E402
 from vlakit.processors import OPENVLA_PROMPT, OpenVLAProcessor, word_tokenizer  # noqa: E402
-from vlakit.projectors import LinearProjector, ProprioProjector  # noqa: E402
 from vlakit.serve import ObservationError  # noqa: E402
 from vlakit.serve.vla_eval import VlaEvalServer, main  # noqa: E402
-from vlakit.vision import vit  # noqa: E402
 
 KEYS = ObservationKeys(images=("observation/image", "observation/wrist_image"),
                        state="observation/state", prompt="prompt")
@@ -36,19 +30,7 @@ CAMERAS = {"agentview": "observation/image", "wrist": "observation/wrist_image"}
 
 def _bundle() -> PolicyBundle:
     """Two cameras, a 5-d state, a flow head drawing chunks of 4 actions of 3 dims."""
-    torch.manual_seed(0)
-    model = VLA(
-        vit(img_size=28, patch_size=14, dim=32, depth=1, num_heads=4, mlp_dim=64),
-        LinearProjector(32, 64), PrefixInterleaver(bos_id=1, eos_id=2),
-        llama(vocab_size=128, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128),
-        ParallelDecodingMask(), head=FlowMatchingHead(64, action_dim=3, chunk_size=4,
-                                                      num_steps=3),
-        proprio_projector=ProprioProjector(5, 64),
-        action_normalizer=ActionNormalizer({"q01": [-1.0, 0.0, -2.0], "q99": [1.0, 1.0, 2.0]}),
-        proprio_normalizer=ActionNormalizer({"q01": [-1.0] * 5, "q99": [1.0] * 5},
-                                            name="proprio"),
-        num_views=2,
-    ).eval()
+    model = tiny_flow_vla()
     processor = OpenVLAProcessor.from_model(word_tokenizer([OPENVLA_PROMPT, *TASKS]), model)
     return PolicyBundle(model, processor, KEYS)
 
