@@ -229,9 +229,9 @@ class BaselinePolicy:
 def run_episode(env, policy, seed: int, replan: int) -> tuple[bool, int]:
     """One closed-loop episode: a new chunk every ``replan`` steps."""
     obs = env.reset(seed=seed)
-    chunk, used = None, replan
+    chunk, used = None, 0
     for t in range(1, env.max_steps + 1):
-        if used >= min(replan, len(chunk) if chunk is not None else replan):
+        if chunk is None or used >= min(replan, len(chunk)):
             chunk, used = policy(obs, env.instruction), 0
         obs, _, success, _ = env.step(chunk[used])
         used += 1
