@@ -136,6 +136,9 @@ def test_statistics_are_computed_or_read(tmp_path):
     actions = torch.tensor([[10.0 * e + t, -t] for e, n in enumerate(LENGTHS)
                             for t in range(n)], dtype=torch.float64)
     assert stats["action"]["max"] == actions.amax(0).tolist()
+    # the population deviation, as LeRobot's compute_stats and vlakit's writer
+    torch.testing.assert_close(torch.tensor(stats["action"]["std"], dtype=torch.float64),
+                               actions.std(0, correction=0))
     torch.testing.assert_close(torch.tensor(stats["action"]["q01"], dtype=torch.float64),
                                torch.quantile(actions, 0.01, dim=0))
     (tmp_path / "meta" / "stats.json").write_text(json.dumps(

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vlakit.data._stats import feature_statistics
+
 __all__ = ["LeRobotDataset", "InMemoryDataset", "collate_with", "DatasetError"]
 
 
@@ -187,11 +189,7 @@ class LeRobotDataset(Dataset):
             table = self._table(self._data_file(episode))
             rows = range(episode["dataset_from_index"], episode["dataset_to_index"])
             column.append(self._rows(table, key, rows))
-        x = torch.cat(column).double()
-        return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
-                "min": x.amin(0).tolist(), "max": x.amax(0).tolist(),
-                "q01": torch.quantile(x, 0.01, dim=0).tolist(),
-                "q99": torch.quantile(x, 0.99, dim=0).tolist()}
+        return feature_statistics(torch.cat(column).double().numpy())
 
     # -- samples -------------------------------------------------------------------------
 

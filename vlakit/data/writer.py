@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from vlakit.data._stats import feature_statistics
 from vlakit.data.lerobot import DatasetError
 
 __all__ = ["LeRobotWriter"]
@@ -264,19 +265,12 @@ class LeRobotWriter:
             # LeRobot's image statistics: per channel, in [0, 1], shaped [3, 1, 1]; from
             # every 10th frame of each episode
             x = np.concatenate(self._pixels[key]).reshape(-1, 3).astype(np.float64) / 255.0
-            stats[key] = {name: np.asarray(value).reshape(3, 1, 1).tolist() for name, value in
-                          (("mean", x.mean(0)), ("std", x.std(0)), ("min", x.min(0)),
-                           ("max", x.max(0)), ("q01", np.quantile(x, 0.01, axis=0)),
-                           ("q99", np.quantile(x, 0.99, axis=0)))}
+            stats[key] = {name: np.asarray(value).reshape(3, 1, 1).tolist()
+                          for name, value in feature_statistics(x).items()}
             stats[key]["count"] = [len(self._rows)]
         for key in self.vectors:
             x = np.asarray([row[key] for row in self._rows], dtype=np.float64)
-            x = x.reshape(len(x), -1)
-            stats[key] = {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
-                          "min": x.min(0).tolist(), "max": x.max(0).tolist(),
-                          "q01": np.quantile(x, 0.01, axis=0).tolist(),
-                          "q99": np.quantile(x, 0.99, axis=0).tolist(),
-                          "count": [len(x)]}
+            stats[key] = {**feature_statistics(x), "count": [len(x)]}
         return stats
 
     def _info(self) -> dict:
