@@ -155,3 +155,19 @@ def write_json(path: str | None, payload: dict) -> None:
         with open(path, "w") as f:
             json.dump(_finite(payload), f, indent=2, allow_nan=False)
         print(f"wrote {path}")
+
+
+def connect_when_listening(port: int, process, timeout: float, failure) -> object:
+    """An ``openpi_client`` ``WebsocketClientPolicy`` on ``127.0.0.1:port`` once the server
+    child ``process`` listens (polled every 0.3 s); ``SystemExit(failure())`` when it exits
+    or ``timeout`` seconds pass first (``failure`` says where its log is)."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return WebsocketClientPolicy(host="127.0.0.1", port=port)
+        except Exception:  # noqa: BLE001 - refused or cut off: not listening yet
+            if time.time() > deadline or process.poll() is not None:
+                raise SystemExit(failure()) from None
+            time.sleep(0.3)

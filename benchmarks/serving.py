@@ -77,7 +77,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_name, print_table, write_json  # noqa: E402
+from _common import connect_when_listening, machine_name, print_table, write_json  # noqa: E402
 
 from vlakit.actions import ActionNormalizer  # noqa: E402
 from vlakit.bundle import ObservationKeys, PolicyBundle  # noqa: E402
@@ -168,16 +168,8 @@ class Server:
     def connect(self, count: int, timeout: float = 180.0) -> list:
         from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-        deadline = time.time() + timeout
-        while True:
-            try:
-                first = WebsocketClientPolicy("127.0.0.1", self.port)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.time() > deadline or self.process.poll() is not None:
-                    raise SystemExit(f"the server did not start; its log:\n"
-                                     f"{self.log.read_text()[-3000:]}") from None
-                time.sleep(0.3)
+        first = connect_when_listening(self.port, self.process, timeout, lambda: (
+            f"the server did not start; its log:\n{self.log.read_text()[-3000:]}"))
         return [first] + [WebsocketClientPolicy("127.0.0.1", self.port)
                           for _ in range(count - 1)]
 

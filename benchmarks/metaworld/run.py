@@ -49,7 +49,8 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402, F401
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this folder's modules, benchmarks/_common
+from _common import connect_when_listening  # noqa: E402
 from collect import collect_episodes  # noqa: E402
 from env import TASKS, expert_success, make_env  # noqa: E402
 
@@ -172,8 +173,6 @@ class ServedPolicy:
     """The VLA behind ``vlakit serve`` (a child process), queried with openpi-client."""
 
     def __init__(self, bundle: Path, log, threads: int = 1) -> None:
-        from openpi_client.websocket_client_policy import WebsocketClientPolicy
-
         self.port = _free_port()
         code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
                 "from vlakit.cli import main; sys.exit(main(sys.argv[2:]))")
@@ -181,16 +180,8 @@ class ServedPolicy:
             [sys.executable, "-c", code, str(threads), "serve", str(bundle), "--host",
              "127.0.0.1", "--port", str(self.port)], env={**os.environ, "VLAKIT_TYPECHECK": "0"},
             stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while True:  # until the server listens
-            try:
-                self.client = WebsocketClientPolicy(host="127.0.0.1", port=self.port)
-                break
-            except OSError:
-                if time.time() > deadline or self.process.poll() is not None:
-                    raise SystemExit(f"vlakit serve {bundle} did not start (its log: "
-                                     f"{log.name})") from None
-                time.sleep(0.3)
+        self.client = connect_when_listening(self.port, self.process, 120, lambda: (
+            f"vlakit serve {bundle} did not start (its log: {log.name})"))
         self.metadata = self.client.get_server_metadata()
         self.keys = self.metadata["observation_keys"]
 
