@@ -2,9 +2,9 @@
 library's blocks (trained with ``vlakit train --model policy:build``) and the plain
 small-CNN behaviour-cloning baseline it is compared with (trained in ``run.py``).
 
-The VLA (OpenVLA-OFT-shaped, ~0.9 M parameters), one bidirectional pass::
+The VLA (OpenVLA-OFT-shaped, 0.94 M parameters), one bidirectional pass::
 
-    corner image [3, 64, 64] -> ViT (patch 8: 64 tokens, width 128, 2 blocks) -> linear
+    corner image [3, 64, 64] -> ViT (patch 16: 16 tokens, width 128, 2 blocks) -> linear
     "In: What action should the robot take to open the door?\\nOut:" -> word tokens
     state [39] (hand, gripper, objects, previous step, goal) -> proprio projector
     chunk x 4 action placeholders
@@ -36,7 +36,7 @@ def build(dataset, tokenizer) -> VLA:
     stats = dataset.statistics()
     (height, width) = _image_size(dataset)
     return VLA(
-        encoder=vit(img_size=height, patch_size=8, dim=WIDTH, depth=2, num_heads=4,
+        encoder=vit(img_size=height, patch_size=16, dim=WIDTH, depth=2, num_heads=4,
                     mlp_dim=2 * WIDTH),
         projector=LinearProjector(WIDTH, WIDTH),
         interleaver=PrefixInterleaver(bos_id=tokenizer.bos_token_id,

@@ -5,7 +5,7 @@ behaviour-cloning baseline trained for the same CPU time and the scripted expert
 
     python benchmarks/metaworld/run.py all        # collect, train, evaluate, report (~80 min)
     python benchmarks/metaworld/run.py collect    # 100 demonstrations per task (~7 min)
-    python benchmarks/metaworld/run.py train      # the VLA (8000 steps), then the baseline
+    python benchmarks/metaworld/run.py train      # the VLA (12000 steps), then the baseline
     python benchmarks/metaworld/run.py eval       # 50 held-out episodes per task and policy
     python benchmarks/metaworld/run.py eval --policies vla   # one policy
     python benchmarks/metaworld/run.py report     # the table, report.json, success.png
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="held-out episodes per task")
     parser.add_argument("--noise", type=float, default=0.1,
                         help="std of the Gaussian noise on the executed expert actions")
-    parser.add_argument("--steps", type=int, default=8000, help="VLA optimiser steps")
+    parser.add_argument("--steps", type=int, default=12_000, help="VLA optimiser steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--chunk", type=int, default=4)
