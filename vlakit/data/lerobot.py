@@ -189,7 +189,7 @@ class LeRobotDataset(Dataset):
             table = self._table(self._data_file(episode))
             rows = range(episode["dataset_from_index"], episode["dataset_to_index"])
             column.append(self._rows(table, key, rows))
-        return feature_statistics(torch.cat(column).double().numpy())
+        return feature_statistics(torch.cat(column).numpy())  # float64 inside
 
     # -- samples -------------------------------------------------------------------------
 
